@@ -1,0 +1,37 @@
+# The two commands a fresh machine needs: `make demo` and `make test`.
+PY := .venv/bin/python
+STAMP := .cache/setup.stamp
+# The demo's training budget in minutes (used once the trainer lands).
+DEMO_TRAIN_MINUTES ?= 3
+STORAGE ?= local
+
+.PHONY: setup demo test soak cluster-up cluster-down clean
+
+setup: $(STAMP)
+
+$(STAMP): scripts/setup.sh pyproject.toml conf/hadoop/pom.xml
+	bash scripts/setup.sh
+	@touch $@
+
+cluster-up: setup
+	$(PY) -m scripts.devcluster up
+
+cluster-down:
+	@if [ -x $(PY) ]; then $(PY) -m scripts.devcluster down; fi
+
+demo: setup
+	$(PY) -m scripts.demo --storage $(STORAGE)
+
+# Starts the local HDFS + Spark cluster, runs the suite, stops the cluster even on failure.
+test: setup
+	@$(PY) -m scripts.devcluster up || { $(PY) -m scripts.devcluster down; exit 2; }
+	@. .devcluster/env.sh && $(PY) -m pytest -m "not slow" $(PYTEST_ARGS); rc=$$?; \
+	  $(PY) -m scripts.devcluster down; exit $$rc
+
+soak: setup
+	@$(PY) -m scripts.devcluster up || { $(PY) -m scripts.devcluster down; exit 2; }
+	@. .devcluster/env.sh && $(PY) -m pytest -m slow $(PYTEST_ARGS); rc=$$?; \
+	  $(PY) -m scripts.devcluster down; exit $$rc
+
+clean: cluster-down
+	rm -rf .devcluster demo-out

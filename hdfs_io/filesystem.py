@@ -1,0 +1,143 @@
+"""Filesystems by URI: `hdfs://`, `file://` and plain paths, one handle per process.
+
+Everything else in the project takes a `pyarrow.fs.FileSystem` and a path that
+`open_filesystem` returned, or a `FilesystemRef` where an object crosses a
+process boundary (Spark tasks, DataLoader workers).
+
+HDFS is reached through libhdfs, which runs a JVM inside this process. A JVM
+does not survive fork: once one process has opened HDFS, a child forked from it
+hangs on its first HDFS call, even with a new handle. `open_filesystem` refuses
+that case with `ForkedJVMError` instead of hanging; open HDFS only inside
+workers, or start workers with `worker_start_method()`.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import xml.etree.ElementTree as ElementTree
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from pyarrow import fs as pafs
+
+_handles: dict[tuple, pafs.FileSystem] = {}
+_jvm_pid: int | None = None  # the process that started libhdfs's JVM, if any
+
+
+class ForkedJVMError(RuntimeError):
+    """HDFS was opened in a parent process before this one was forked from it."""
+
+
+class FilesystemUnavailable(OSError):
+    """A filesystem could not be reached; the message names it and says why."""
+
+
+def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Returns `(fs, path)` for a URI or a plain local path.
+
+    `hdfs://host:port/p` gives a HadoopFileSystem (cached per process) and `/p`;
+    `hdfs:///p` uses `fs.defaultFS` from `HADOOP_CONF_DIR`. `file:///p` and plain
+    paths give the local filesystem and an absolute path. Other schemes go to
+    `pyarrow.fs.FileSystem.from_uri`.
+
+    Raises:
+        ForkedJVMError: HDFS was opened in a parent process before a fork.
+        FilesystemUnavailable: HDFS could not be reached.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme == "hdfs":
+        return hdfs(parsed.hostname or "default", parsed.port or 0), parsed.path or "/"
+    if parsed.scheme in ("", "file"):
+        path = parsed.path if parsed.scheme == "file" else uri
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    fs, path = pafs.FileSystem.from_uri(uri)
+    return fs, path
+
+
+def hdfs(host: str = "default", port: int = 0) -> pafs.HadoopFileSystem:
+    """Returns this process's HadoopFileSystem for `host:port`, opening it once.
+
+    Replication and the Kerberos ticket cache come from the Hadoop configuration
+    and `KRB5CCNAME`, so files get the cluster's replication, not pyarrow's 3.
+    """
+    global _jvm_pid
+    pid = os.getpid()
+    if _jvm_pid is not None and _jvm_pid != pid:
+        raise ForkedJVMError(
+            f"HDFS was opened in process {_jvm_pid} before process {pid} was forked from it, "
+            "and a JVM does not survive fork. Open HDFS only inside the workers, or start them "
+            "with multiprocessing_context=hdfs_io.filesystem.worker_start_method()")
+    key = (host, port, os.environ.get("HADOOP_USER_NAME"))
+    if key not in _handles:
+        conf = hadoop_conf()
+        try:
+            handle = pafs.HadoopFileSystem(
+                host, port,
+                replication=int(conf.get("dfs.replication", 3)),
+                kerb_ticket=os.environ.get("KRB5CCNAME"),
+            )
+        except OSError as e:
+            where = f"{host}:{port}" if port else host
+            raise FilesystemUnavailable(f"cannot open HDFS at {where}: {first_line(e)}") from e
+        _jvm_pid = pid
+        _handles[key] = handle
+    return _handles[key]
+
+
+def jvm_started() -> bool:
+    """Returns True if this process (or a parent it was forked from) has opened HDFS."""
+    return _jvm_pid is not None
+
+
+def worker_start_method() -> str | None:
+    """Returns the multiprocessing start method that is safe for HDFS workers here.
+
+    None (the platform default, fork) while no JVM runs in this process;
+    "forkserver" once one does, so workers start from a clean interpreter.
+    """
+    return "forkserver" if jvm_started() else None
+
+
+@dataclass(frozen=True)
+class FilesystemRef:
+    """A picklable stand-in for `(fs, path)`: it opens the filesystem in whichever process uses it."""
+
+    uri: str
+
+    def open(self) -> tuple[pafs.FileSystem, str]:
+        return open_filesystem(self.uri)
+
+    def join(self, *parts: str) -> "FilesystemRef":
+        return FilesystemRef(join_uri(self.uri, *parts))
+
+
+def join_uri(uri: str, *parts: str) -> str:
+    """Returns `uri` with path parts appended, keeping its scheme and authority."""
+    return posixpath.join(uri.rstrip("/") if uri.rstrip("/") else "/", *parts)
+
+
+def hadoop_conf() -> dict[str, str]:
+    """Returns the properties of `$HADOOP_CONF_DIR/{core,hdfs}-site.xml` (empty if unset)."""
+    conf_dir = os.environ.get("HADOOP_CONF_DIR")
+    props: dict[str, str] = {}
+    if not conf_dir:
+        return props
+    for name in ("core-site.xml", "hdfs-site.xml"):
+        try:
+            root = ElementTree.parse(os.path.join(conf_dir, name)).getroot()
+        except (OSError, ElementTree.ParseError):
+            continue
+        for prop in root.iter("property"):
+            key, value = prop.findtext("name"), prop.findtext("value")
+            if key and value is not None:
+                props[key.strip()] = value.strip()
+    return props
+
+
+def first_line(error: BaseException) -> str:
+    """Returns the first non-empty line of an exception's message (libhdfs appends Java traces)."""
+    for line in str(error).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(error).__name__

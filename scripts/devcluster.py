@@ -1,0 +1,273 @@
+"""The local development cluster: a real HDFS and a real Spark standalone cluster on 127.0.0.1.
+
+    python -m scripts.devcluster up      # 1 NameNode, 3 DataNodes, Spark master + 2 workers
+    python -m scripts.devcluster down    # stops exactly the processes `up` started
+    python -m scripts.devcluster status
+
+`up` waits until HDFS has left safe mode with 3 live DataNodes and both Spark
+workers have registered, then writes `.devcluster/env.sh`. Both commands are
+idempotent. Everything lives under `.devcluster/` (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STATE_DIR = ROOT / ".devcluster"
+STATE_FILE = STATE_DIR / "state.json"
+ENV_FILE = STATE_DIR / "env.sh"
+LOG_DIR = STATE_DIR / "logs"
+HADOOP = ROOT / "scripts" / "hadoop"
+
+NAMENODE_PORT = 9820  # must match fs.defaultFS in conf/hadoop/core-site.xml
+NAMENODE_HTTP_PORT = 9870  # dfs.namenode.http-address
+DATANODES = 3
+SPARK_WORKERS = 2
+SPARK_WORKER_MEMORY = "4g"
+START_TIMEOUT_S = 180
+
+
+class ClusterError(Exception):
+    """The cluster could not be started or stopped; the message says why."""
+
+
+def hadoop_env() -> dict[str, str]:
+    """Returns the environment that scripts/hadoop_env.sh exports, on top of this one."""
+    env = dict(os.environ)
+    env.pop("HADOOP_HOME", None)
+    out = subprocess.run(
+        ["bash", "-c", f'. "{ROOT}/scripts/hadoop_env.sh" && env -0'],
+        env=env, check=True, capture_output=True,
+    ).stdout
+    return dict(item.split("=", 1) for item in out.decode().split("\0") if "=" in item)
+
+
+def spark_home() -> Path:
+    import pyspark
+
+    return Path(pyspark.__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def start_time(pid: int) -> str | None:
+    """Returns the kernel start time of `pid`, or None if it is gone; it tells a reused pid apart."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None if fields[0] == "Z" else fields[19]
+
+
+def alive(proc: dict) -> bool:
+    return start_time(proc["pid"]) == proc["start_time"]
+
+
+def launch(name: str, argv: list[str], env: dict[str, str]) -> dict:
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    log = open(LOG_DIR / f"{name}.log", "ab")
+    p = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
+                         stdin=subprocess.DEVNULL, start_new_session=True, cwd=ROOT)
+    time.sleep(0.05)
+    return {"name": name, "pid": p.pid, "start_time": start_time(p.pid), "argv": argv}
+
+
+def http_json(url: str) -> dict | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return json.load(r)
+    except (OSError, ValueError):
+        return None
+
+
+def wait_for(what: str, check, procs: list[dict], timeout_s: float = START_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        dead = [p["name"] for p in procs if not alive(p)]
+        if dead:
+            raise ClusterError(f"{', '.join(dead)} exited while waiting for {what}; "
+                               f"see {LOG_DIR}/{dead[0]}.log")
+        time.sleep(0.5)
+    raise ClusterError(f"timed out after {timeout_s:.0f}s waiting for {what}; see {LOG_DIR}")
+
+
+def hdfs_ready() -> bool:
+    jmx = http_json(f"http://127.0.0.1:{NAMENODE_HTTP_PORT}/jmx?qry=Hadoop:service=NameNode,name=NameNodeInfo")
+    if not jmx or not jmx.get("beans"):
+        return False
+    info = jmx["beans"][0]
+    live = json.loads(info.get("LiveNodes") or "{}")
+    return not info.get("Safemode") and len(live) >= DATANODES
+
+
+def start_hdfs(env: dict[str, str]) -> list[dict]:
+    for port in (NAMENODE_PORT, NAMENODE_HTTP_PORT):
+        if port_in_use(port):
+            raise ClusterError(f"port {port} on 127.0.0.1 is taken; stop whatever holds it "
+                               "(an old cluster: make cluster-down)")
+    name_dir = STATE_DIR / "hdfs" / "name"
+    daemon_env = dict(env, HADOOP_ROOT_LOGGER="INFO,console")
+    name_opt = ["-D", f"dfs.namenode.name.dir=file://{name_dir}"]
+    if not (name_dir / "current" / "VERSION").exists():
+        name_dir.mkdir(parents=True, exist_ok=True)
+        subprocess.run([str(HADOOP), "namenode", *name_opt, "-format", "-nonInteractive", "-force"],
+                       env=env, check=True, capture_output=True)
+    procs = [launch("namenode", [str(HADOOP), "namenode", *name_opt], daemon_env)]
+    for i in range(DATANODES):
+        data_dir = STATE_DIR / "hdfs" / f"data{i}"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        opts = [f"dfs.datanode.data.dir=file://{data_dir}",
+                "dfs.datanode.address=127.0.0.1:0",
+                "dfs.datanode.http.address=127.0.0.1:0",
+                "dfs.datanode.ipc.address=127.0.0.1:0",
+                "dfs.datanode.hostname=127.0.0.1"]
+        argv = [str(HADOOP), "datanode"] + [a for o in opts for a in ("-D", o)]
+        procs.append(launch(f"datanode{i}", argv, daemon_env))
+    return procs
+
+
+def start_spark(env: dict[str, str]) -> tuple[list[dict], str, int]:
+    spark_class = str(spark_home() / "bin" / "spark-class")
+    port, ui_port = free_port(), free_port()
+    spark_env = dict(env, SPARK_HOME=str(spark_home()), SPARK_LOCAL_IP="127.0.0.1",
+                     PYSPARK_PYTHON=sys.executable, SPARK_LOG_DIR=str(LOG_DIR))
+    master = f"spark://127.0.0.1:{port}"
+    procs = [launch("spark-master", [spark_class, "org.apache.spark.deploy.master.Master",
+                                     "--host", "127.0.0.1", "--port", str(port),
+                                     "--webui-port", str(ui_port)], spark_env)]
+    for i in range(SPARK_WORKERS):
+        work_dir = STATE_DIR / "spark" / f"worker{i}"
+        work_dir.mkdir(parents=True, exist_ok=True)
+        procs.append(launch(f"spark-worker{i}", [
+            spark_class, "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1",
+            "--cores", "1", "--memory", SPARK_WORKER_MEMORY, "--webui-port", "0",
+            "--work-dir", str(work_dir), master], spark_env))
+    return procs, master, ui_port
+
+
+def spark_ready(ui_port: int) -> bool:
+    status = http_json(f"http://127.0.0.1:{ui_port}/json/")
+    return bool(status) and sum(w.get("state") == "ALIVE" for w in status.get("workers", [])) >= SPARK_WORKERS
+
+
+def write_env(env: dict[str, str], master: str) -> None:
+    exports = {
+        "HDFS_URI": f"hdfs://127.0.0.1:{NAMENODE_PORT}",
+        "SPARK_MASTER": master,
+        "SPARK_HOME": str(spark_home()),
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "PYSPARK_PYTHON": sys.executable,
+        "PATH": f"{ROOT / 'scripts'}:{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+    }
+    for key in ("JAVA_HOME", "HADOOP_CONF_DIR", "CLASSPATH", "ARROW_LIBHDFS_DIR",
+                "HADOOP_OPTS", "LIBHDFS_OPTS", "HADOOP_JAVA17_OPENS"):
+        exports[key] = env[key]
+    lines = ["# Written by `make cluster-up`; source it: . .devcluster/env.sh"]
+    lines += [f"export {k}='{v}'" for k, v in exports.items()]
+    ENV_FILE.write_text("\n".join(lines) + "\n")
+
+
+def read_state() -> list[dict]:
+    try:
+        return json.loads(STATE_FILE.read_text())["processes"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return []
+
+
+def up() -> None:
+    procs = read_state()
+    if procs and all(alive(p) for p in procs) and ENV_FILE.exists():
+        print(f"devcluster: already up ({len(procs)} processes); . {ENV_FILE.relative_to(ROOT)}")
+        return
+    if procs:
+        down()
+    env = hadoop_env()
+    if not (Path(env["ARROW_LIBHDFS_DIR"]) / "libhdfs.so").exists():
+        raise ClusterError("libhdfs.so is missing; run 'make setup' first")
+    STATE_DIR.mkdir(exist_ok=True)
+    started: list[dict] = []
+    try:
+        started += start_hdfs(env)
+        STATE_FILE.write_text(json.dumps({"processes": started}, indent=1))
+        spark_procs, master, ui_port = start_spark(env)
+        started += spark_procs
+        STATE_FILE.write_text(json.dumps({"processes": started, "spark_master": master}, indent=1))
+        wait_for("HDFS to leave safe mode with 3 live DataNodes", hdfs_ready, started)
+        wait_for("2 Spark workers to register", lambda: spark_ready(ui_port), started)
+    except BaseException:
+        down()
+        raise
+    write_env(env, master)
+    print(f"devcluster: up (HDFS hdfs://127.0.0.1:{NAMENODE_PORT}, Spark {master}); "
+          f". {ENV_FILE.relative_to(ROOT)}")
+
+
+def down() -> None:
+    procs = read_state()
+    running = [p for p in procs if alive(p)]
+    for p in running:
+        try:
+            os.killpg(p["pid"], signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 20
+    while any(alive(p) for p in running) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for p in running:
+        if alive(p):
+            try:
+                os.killpg(p["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    STATE_FILE.unlink(missing_ok=True)
+    ENV_FILE.unlink(missing_ok=True)
+    print(f"devcluster: down (stopped {len(running)} processes)")
+
+
+def status() -> int:
+    procs = read_state()
+    for p in procs:
+        print(f"{p['name']:<14} pid {p['pid']:<8} {'running' if alive(p) else 'gone'}")
+    return 0 if procs and all(alive(p) for p in procs) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=["up", "down", "status"])
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "up":
+            up()
+        elif args.command == "down":
+            down()
+        else:
+            return status()
+    except (ClusterError, subprocess.CalledProcessError) as e:
+        print(f"devcluster: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Spark jobs: thin drivers over importable, testable functions."""

@@ -1,0 +1,75 @@
+"""Session fixtures for the real local cluster: HDFS (1 NameNode, 3 DataNodes) and Spark standalone.
+
+`make test` starts the cluster and sources `.devcluster/env.sh` before pytest. Run
+pytest alone and the `cluster` fixture starts it (and stops it at the end).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV_FILE = ROOT / ".devcluster" / "env.sh"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    hdfs_uri: str
+    spark_master: str
+    env: dict[str, str]
+
+    def hadoop(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """Runs the Hadoop CLI (scripts/hadoop) and returns the finished process."""
+        return subprocess.run([str(ROOT / "scripts" / "hadoop"), *args], env=self.env,
+                              capture_output=True, text=True, check=check, timeout=120)
+
+    def spark_submit(self, *args: str, master: str | None = None,
+                     check: bool = True) -> subprocess.CompletedProcess:
+        """Runs pyspark's spark-submit against `master` (the standalone master by default)."""
+        spark_submit = Path(self.env["SPARK_HOME"]) / "bin" / "spark-submit"
+        argv = [str(spark_submit), "--master", master or self.spark_master,
+                "--conf", "spark.ui.enabled=false", *args]
+        return subprocess.run(argv, env=self.env, capture_output=True, text=True,
+                              check=check, timeout=600)
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    env = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("export "):
+            key, _, value = line[len("export "):].partition("=")
+            env[key] = shlex.split(value)[0] if value else ""
+    return env
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Cluster:
+    started_here = False
+    if not os.environ.get("HDFS_URI"):
+        subprocess.run([sys.executable, "-m", "scripts.devcluster", "up"], cwd=ROOT, check=True)
+        started_here = True
+        # Must be in place before the first HDFS call starts libhdfs's JVM.
+        os.environ.update(read_env_file(ENV_FILE))
+    yield Cluster(os.environ["HDFS_URI"], os.environ["SPARK_MASTER"], dict(os.environ))
+    if started_here:
+        subprocess.run([sys.executable, "-m", "scripts.devcluster", "down"], cwd=ROOT, check=True)
+
+
+@pytest.fixture
+def hdfs_dir(cluster: Cluster) -> str:
+    """Returns a fresh `hdfs://` folder URI for one test, removed afterwards."""
+    from hdfs_io.filesystem import open_filesystem
+
+    uri = f"{cluster.hdfs_uri}/tests/{uuid.uuid4().hex[:12]}"
+    fs, path = open_filesystem(uri)
+    fs.create_dir(path)
+    yield uri
+    fs.delete_dir(path)

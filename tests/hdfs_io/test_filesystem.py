@@ -1,0 +1,125 @@
+"""hdfs_io.filesystem on the local filesystem and on the real local HDFS."""
+
+from __future__ import annotations
+
+import pickle
+
+import pyarrow.parquet as pq
+import pytest
+from pyarrow import fs as pafs
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from hdfs_io.filesystem import (FilesystemRef, ForkedJVMError, join_uri, open_filesystem,
+                                worker_start_method)
+
+
+class FileBytes(IterableDataset):
+    """Yields (worker id, bytes) for each file, each worker reading its share through its own handle."""
+
+    def __init__(self, folder: FilesystemRef, names: list[str]):
+        self.folder, self.names = folder, names
+
+    def __iter__(self):
+        info = get_worker_info()
+        fs, path = self.folder.open()
+        for name in self.names[info.id::info.num_workers]:
+            with fs.open_input_stream(f"{path}/{name}") as f:
+                yield info.id, name, f.read()
+
+
+def write_files(uri: str, count: int) -> dict[str, bytes]:
+    fs, path = open_filesystem(uri)
+    files = {f"utt-{i:04d}.bin": bytes([i]) * (100 + i) for i in range(count)}
+    for name, data in files.items():
+        with fs.open_output_stream(f"{path}/{name}") as f:
+            f.write(data)
+    return files
+
+
+def test_plain_path_and_file_uri_resolve_to_the_same_local_file(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"abc")
+
+    fs1, p1 = open_filesystem(str(tmp_path / "a.txt"))
+    fs2, p2 = open_filesystem(f"file://{tmp_path}/a.txt")
+
+    assert isinstance(fs1, pafs.LocalFileSystem) and isinstance(fs2, pafs.LocalFileSystem)
+    assert p1 == p2 == str(tmp_path / "a.txt")
+    assert fs2.open_input_stream(p2).read() == b"abc"
+
+
+def test_join_uri_keeps_scheme_and_authority():
+    assert join_uri("hdfs://nn:8020/data/", "shards", "part-00000.parquet") == \
+        "hdfs://nn:8020/data/shards/part-00000.parquet"
+    assert join_uri("/local/x", "y") == "/local/x/y"
+
+
+def test_hdfs_file_is_read_back_listed_and_seen_by_the_hadoop_cli(cluster, hdfs_dir):
+    fs, path = open_filesystem(f"{hdfs_dir}/hello.bin")
+    payload = bytes(range(256)) * 1000
+
+    with fs.open_output_stream(path) as f:
+        f.write(payload)
+
+    assert fs.open_input_stream(path).read() == payload
+    listed = fs.get_file_info(pafs.FileSelector(path.rsplit("/", 1)[0]))
+    assert [(i.base_name, i.size) for i in listed] == [("hello.bin", len(payload))]
+    ls = cluster.hadoop("dfs", "-ls", hdfs_dir).stdout
+    assert f"{len(payload)}" in ls and "hello.bin" in ls
+    # the cluster's replication (2), not pyarrow's default of 3
+    assert cluster.hadoop("dfs", "-stat", "%r", f"{hdfs_dir}/hello.bin").stdout.strip() == "2"
+
+
+def test_hadoop_cli_reports_three_live_datanodes(cluster):
+    report = cluster.hadoop("dfsadmin", "-report").stdout
+    assert "Live datanodes (3)" in report
+
+
+def test_spark_standalone_job_writes_parquet_to_hdfs(cluster, hdfs_dir, tmp_path):
+    job = tmp_path / "write_squares.py"
+    job.write_text(
+        "import sys\n"
+        "from pyspark.sql import SparkSession\n"
+        "spark = SparkSession.builder.appName('write_squares').getOrCreate()\n"
+        "spark.range(500).selectExpr('id', 'id * id AS square').write.parquet(sys.argv[1])\n"
+        "print('workers', spark.sparkContext.master)\n"
+        "spark.stop()\n")
+
+    cluster.spark_submit(str(job), f"{hdfs_dir}/squares")
+
+    fs, path = open_filesystem(f"{hdfs_dir}/squares")
+    table = pq.read_table(path, filesystem=fs).sort_by("id")
+    assert table.num_rows == 500
+    assert table.column("square").to_pylist() == [i * i for i in range(500)]
+
+
+def test_dataloader_workers_each_open_their_own_hdfs_handle(hdfs_dir):
+    files = write_files(hdfs_dir, 10)
+    open_filesystem(hdfs_dir)  # this process now runs a JVM, as a trainer would
+    dataset = FileBytes(FilesystemRef(hdfs_dir), sorted(files))
+
+    loader = DataLoader(dataset, batch_size=None, num_workers=2, timeout=120,
+                        multiprocessing_context=worker_start_method())
+    got = list(loader)
+
+    assert {name: data for _, name, data in got} == files
+    assert {worker for worker, _, _ in got} == {0, 1}
+
+
+def test_a_handle_inherited_through_fork_fails_fast_instead_of_hanging(hdfs_dir):
+    files = write_files(hdfs_dir, 2)
+    open_filesystem(hdfs_dir)
+    dataset = FileBytes(FilesystemRef(hdfs_dir), sorted(files))
+
+    loader = DataLoader(dataset, batch_size=None, num_workers=1, timeout=120,
+                        multiprocessing_context="fork")
+    with pytest.raises(ForkedJVMError, match="does not survive fork"):
+        list(loader)
+
+
+def test_filesystem_ref_pickles_without_a_handle(hdfs_dir):
+    ref = FilesystemRef(hdfs_dir)
+    open_filesystem(hdfs_dir)
+
+    restored = pickle.loads(pickle.dumps(ref))
+
+    assert restored == ref and len(pickle.dumps(ref)) < 200

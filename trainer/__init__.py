@@ -1,0 +1,1 @@
+"""The Deep Speech 2 trainer fed by the shard reader."""
