@@ -13,8 +13,10 @@ workers, or start workers with `worker_start_method()`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
+import tempfile
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -117,6 +119,17 @@ def join_uri(uri: str, *parts: str) -> str:
     return posixpath.join(uri.rstrip("/") if uri.rstrip("/") else "/", *parts)
 
 
+def uri_base(uri: str) -> str:
+    """Returns the scheme and authority of `uri` ('hdfs://nn:8020'); '' for local paths and file:// URIs.
+
+    `uri_base(uri) + path` rebuilds a URI from a path that open_filesystem returned.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        return ""
+    return f"{parsed.scheme}://{parsed.netloc}"
+
+
 def hadoop_conf() -> dict[str, str]:
     """Returns the properties of `$HADOOP_CONF_DIR/{core,hdfs}-site.xml` (empty if unset)."""
     conf_dir = os.environ.get("HADOOP_CONF_DIR")
@@ -133,6 +146,50 @@ def hadoop_conf() -> dict[str, str]:
             if key and value is not None:
                 props[key.strip()] = value.strip()
     return props
+
+
+def probe_uri(uri: str) -> tuple[pafs.FileSystem, str, pafs.FileInfo]:
+    """Returns `(fs, path, info)` for a URI, checking on the way that its filesystem answers.
+
+    libhdfs prints Java stack traces to stderr on every failed call; they are
+    kept out of the user's terminal here and boiled down to one line.
+
+    Raises:
+        FilesystemUnavailable: the filesystem cannot be reached.
+        ForkedJVMError: see `hdfs`.
+    """
+    with captured_stderr() as captured:
+        try:
+            fs, path = open_filesystem(uri)
+            return fs, path, fs.get_file_info(path)
+        except FilesystemUnavailable:
+            raise
+        except OSError as e:
+            cause = java_exception_line(captured.read()) or first_line(e)
+            raise FilesystemUnavailable(f"cannot reach {uri}: {cause}") from None
+
+
+@contextlib.contextmanager
+def captured_stderr():
+    """Redirects file descriptor 2 (where libhdfs writes) into a temp file, yielded for reading."""
+    with tempfile.TemporaryFile(mode="w+", errors="replace") as sink:
+        saved = os.dup(2)
+        try:
+            os.dup2(sink.fileno(), 2)
+            yield sink
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+
+
+def java_exception_line(text: str) -> str | None:
+    """Returns the first 'java...Exception: message' line of a captured libhdfs trace, if any."""
+    for line in text.splitlines():
+        head = line.split(":", 1)[0]
+        if "." in head and head.strip().endswith(("Exception", "Error")) and not line.startswith("\t"):
+            return line.strip()
+    return None
 
 
 def first_line(error: BaseException) -> str:

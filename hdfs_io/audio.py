@@ -1,0 +1,115 @@
+"""Encoded audio: probing headers, spotting truncation, decoding to float32, resampling, down-mixing."""
+
+from __future__ import annotations
+
+import io
+import re
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import soundfile as sf
+
+TAIL_FRAMES = 4096  # probing decodes only this many frames at the end of a file
+
+
+class BadAudio(ValueError):
+    """The bytes are not usable audio; the message is the quarantine reason."""
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    codec: str
+    sample_rate: int
+    channels: int
+    num_samples: int
+
+    @property
+    def duration_s(self) -> float:
+        return self.num_samples / self.sample_rate
+
+
+def probe(data: bytes) -> AudioInfo:
+    """Returns codec, rate, channels and length, reading the header and the last few frames only.
+
+    Raises:
+        BadAudio: zero bytes, not audio, no frames, or truncated.
+    """
+    if not data:
+        raise BadAudio("zero-byte audio")
+    try:
+        info = sf.info(io.BytesIO(data))
+    except (RuntimeError, sf.LibsndfileError) as e:
+        raise BadAudio(f"not audio: {_soundfile_reason(e)}") from None
+    if info.frames <= 0 or info.samplerate <= 0:
+        raise BadAudio(f"no audio frames in {info.format} file")
+    if info.format == "WAV":
+        _check_wav_data_chunk(data)
+    _check_tail_decodes(data, info.frames)
+    return AudioInfo(info.format, int(info.samplerate), int(info.channels), int(info.frames))
+
+
+def decode(data: bytes) -> tuple[np.ndarray, int]:
+    """Returns `(samples, sample_rate)`: float32 samples shaped (frames, channels).
+
+    Raises:
+        BadAudio: the bytes cannot be decoded.
+    """
+    try:
+        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except (RuntimeError, sf.LibsndfileError) as e:
+        raise BadAudio(f"cannot decode: {_soundfile_reason(e)}") from None
+    return samples, int(rate)
+
+
+def to_mono(samples: np.ndarray) -> np.ndarray:
+    """Returns the channel mean of (frames, channels) samples as a 1-D array."""
+    return samples.mean(axis=1) if samples.ndim == 2 else samples
+
+
+def resample(signal: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
+    """Returns a 1-D signal resampled from `rate` to `target_rate` (band-limited, FFT method)."""
+    if rate == target_rate or len(signal) == 0:
+        return signal.astype(np.float32, copy=False)
+    n_out = int(round(len(signal) * target_rate / rate))
+    spectrum = np.fft.rfft(signal)
+    n_bins = n_out // 2 + 1
+    if n_bins <= len(spectrum):
+        spectrum = spectrum[:n_bins]
+    else:
+        spectrum = np.concatenate([spectrum, np.zeros(n_bins - len(spectrum), spectrum.dtype)])
+    return (np.fft.irfft(spectrum, n_out) * (n_out / len(signal))).astype(np.float32)
+
+
+def _check_wav_data_chunk(data: bytes) -> None:
+    """Raises BadAudio if a RIFF/WAVE data chunk declares more bytes than the file holds."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return
+    pos = 12
+    while pos + 8 <= len(data):
+        chunk_id, size = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])[0]
+        if chunk_id == b"data":
+            available = len(data) - pos - 8
+            if size != 0xFFFFFFFF and size > available:
+                raise BadAudio(f"truncated audio: WAV data chunk declares {size} bytes, file holds {available}")
+            return
+        pos += 8 + size + (size & 1)
+
+
+def _check_tail_decodes(data: bytes, frames: int) -> None:
+    """Raises BadAudio if the last frames the header promises cannot be decoded."""
+    want = min(TAIL_FRAMES, frames)
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            f.seek(frames - want)
+            got = len(f.read(want, dtype="float32"))
+    except (RuntimeError, sf.LibsndfileError) as e:
+        raise BadAudio(f"truncated audio: {_soundfile_reason(e)}") from None
+    if got < want:
+        raise BadAudio(f"truncated audio: header promises {frames} frames, "
+                       f"only {frames - want + got} decode")
+
+
+def _soundfile_reason(error: Exception) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return re.sub(r"^Error opening <[^>]*>: ", "", text).strip()

@@ -1,0 +1,116 @@
+"""Acoustic features in numpy (log spectrogram or log-mel) and their per-bin mean/std statistics.
+
+The trainer computes the same features with torch.stft on its device; the
+config here, stored in dataset.json next to the statistics, is what both agree on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from hdfs_io.audio import decode, resample, to_mono
+
+LOG_FLOOR = 1e-6
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    kind: str = "log_mel"  # or "log_spectrogram"
+    sample_rate: int = 16000
+    window_ms: float = 25.0
+    hop_ms: float = 10.0
+    n_fft: int = 512
+    n_mels: int = 80
+
+    def __post_init__(self):
+        if self.kind not in ("log_mel", "log_spectrogram"):
+            raise ValueError(f"unknown feature kind {self.kind!r}: use log_mel or log_spectrogram")
+        if self.window_samples > self.n_fft:
+            raise ValueError(f"window of {self.window_samples} samples exceeds n_fft={self.n_fft}")
+
+    @property
+    def window_samples(self) -> int:
+        return int(round(self.sample_rate * self.window_ms / 1000))
+
+    @property
+    def hop_samples(self) -> int:
+        return int(round(self.sample_rate * self.hop_ms / 1000))
+
+    @property
+    def num_bins(self) -> int:
+        return self.n_mels if self.kind == "log_mel" else self.n_fft // 2 + 1
+
+    def digest(self) -> str:
+        """Returns a short stable hash of the config (names feature caches)."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@lru_cache(maxsize=8)
+def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
+    """Returns triangular HTK-mel filters, shaped (n_mels, n_fft // 2 + 1)."""
+    def hz_to_mel(hz):
+        return 2595.0 * np.log10(1.0 + np.asarray(hz) / 700.0)
+
+    def mel_to_hz(mel):
+        return 700.0 * (10.0 ** (np.asarray(mel) / 2595.0) - 1.0)
+
+    fft_hz = np.linspace(0, sample_rate / 2, n_fft // 2 + 1)
+    edges = mel_to_hz(np.linspace(hz_to_mel(0.0), hz_to_mel(sample_rate / 2), n_mels + 2))
+    lower, centre, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    rising = (fft_hz[None, :] - lower) / (centre - lower)
+    falling = (upper - fft_hz[None, :]) / (upper - centre)
+    return np.maximum(0.0, np.minimum(rising, falling)).astype(np.float32)
+
+
+def log_features(signal: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    """Returns features of a mono signal at `cfg.sample_rate`, shaped (frames, cfg.num_bins)."""
+    win, hop = cfg.window_samples, cfg.hop_samples
+    if len(signal) < win:
+        signal = np.pad(signal, (0, win - len(signal)))
+    frames = 1 + (len(signal) - win) // hop
+    idx = np.arange(win)[None, :] + hop * np.arange(frames)[:, None]
+    window = np.hanning(win + 1)[:-1].astype(np.float32)
+    power = np.abs(np.fft.rfft(signal[idx] * window, n=cfg.n_fft)) ** 2
+    if cfg.kind == "log_mel":
+        power = power @ mel_filterbank(cfg.sample_rate, cfg.n_fft, cfg.n_mels).T
+    return np.log(power + LOG_FLOOR).astype(np.float32)
+
+
+def features_from_bytes(data: bytes, cfg: FeatureConfig) -> np.ndarray:
+    """Returns the features of encoded audio, down-mixed and resampled to the config's rate."""
+    samples, rate = decode(data)
+    return log_features(resample(to_mono(samples), rate, cfg.sample_rate), cfg)
+
+
+@dataclass
+class FeatureMoments:
+    """Running per-bin sums of features, mergeable across Spark tasks."""
+
+    frames: int
+    total: np.ndarray
+    total_sq: np.ndarray
+
+    @classmethod
+    def empty(cls, num_bins: int) -> "FeatureMoments":
+        return cls(0, np.zeros(num_bins), np.zeros(num_bins))
+
+    def add(self, feats: np.ndarray) -> None:
+        self.frames += len(feats)
+        self.total += feats.sum(axis=0, dtype=np.float64)
+        self.total_sq += np.square(feats, dtype=np.float64).sum(axis=0)
+
+    def merge(self, other: "FeatureMoments") -> "FeatureMoments":
+        return FeatureMoments(self.frames + other.frames, self.total + other.total,
+                              self.total_sq + other.total_sq)
+
+    def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.frames == 0:
+            return np.zeros_like(self.total), np.ones_like(self.total)
+        mean = self.total / self.frames
+        var = np.maximum(self.total_sq / self.frames - mean ** 2, 0.0)
+        return mean, np.sqrt(var)

@@ -1,0 +1,202 @@
+"""Pack small audio files into large Parquet or SequenceFile shards, with an index, a quarantine and statistics.
+
+    spark-submit [--master local[*]|spark://HOST:7077|yarn] spark_jobs/pack.py \\
+        --input URI --output URI [--format parquet|sequencefile] [--shard-size-mb 256] \\
+        [--layout duration|shuffled] [--overwrite] [--stats-sample 2000 | --exact-stats]
+
+URIs may be `hdfs://`, `file://` or plain paths. The input is a LibriSpeech-layout
+tree, a DS2 JSON-lines manifest or a Kaldi folder (wav.scp + text). The output
+folder is written under a temporary name and renamed into place; its
+`dataset.json` appears only when the dataset is complete. See hdfs_io.dataset_format.
+
+Exit codes: 0 done, 2 a user error (one line on stderr, nothing written), 1 a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import posixpath
+import sys
+import tempfile
+import uuid
+import zipfile
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by spark-submit from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pyarrow.parquet as pq  # noqa: E402
+from pyarrow import fs as pafs  # noqa: E402
+
+from hdfs_io import dataset_format as F  # noqa: E402
+from hdfs_io.features import FeatureConfig, FeatureMoments  # noqa: E402
+from hdfs_io.filesystem import FilesystemUnavailable, probe_uri, uri_base  # noqa: E402
+from spark_jobs import packing, sources  # noqa: E402
+
+PROBE_FILES_PER_TASK = 500
+# Passed on to executors so libhdfs finds its jars and JVM there as it does here.
+EXECUTOR_ENV = ("CLASSPATH", "ARROW_LIBHDFS_DIR", "LIBHDFS_OPTS", "JAVA_HOME", "HADOOP_CONF_DIR",
+                "HADOOP_USER_NAME", "KRB5CCNAME")
+
+
+class UserError(Exception):
+    """A mistake in the command: reported in one line with exit code 2."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="pack.py", description=__doc__.split("\n")[0])
+    p.add_argument("--input", required=True, help="LibriSpeech tree, JSON-lines manifest or Kaldi folder")
+    p.add_argument("--output", required=True, help="dataset folder to create")
+    p.add_argument("--format", choices=sorted(F.FORMATS), default="parquet")
+    p.add_argument("--shard-size-mb", type=float, default=256.0, help="target shard size (default 256)")
+    p.add_argument("--row-group-mb", type=float, default=16.0,
+                   help="Parquet row group size: the unit a reader streams (default 16)")
+    p.add_argument("--layout", choices=["duration", "shuffled"], default="duration")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--seed", type=int, default=0, help="seeds the shuffled layout and the stats sample")
+    p.add_argument("--stats-sample", type=int, default=2000,
+                   help="utterances sampled for feature mean/std (default 2000)")
+    p.add_argument("--exact-stats", action="store_true", help="feature mean/std over every utterance")
+    p.add_argument("--feature", choices=["log_mel", "log_spectrogram"], default="log_mel")
+    p.add_argument("--master", default=None, help="Spark master when run without spark-submit")
+    args = p.parse_args(argv)
+    if args.shard_size_mb <= 0 or args.row_group_mb <= 0 or args.stats_sample < 0:
+        p.error("--shard-size-mb, --row-group-mb and --stats-sample must be positive")
+    return args
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Raises UserError if the input is missing, the output exists, or a filesystem is unreachable."""
+    try:
+        _, _, info = probe_uri(args.input)
+        if info.type == pafs.FileType.NotFound:
+            raise UserError(f"input {args.input} does not exist")
+        _, _, out = probe_uri(args.output)
+        if out.type != pafs.FileType.NotFound and not args.overwrite:
+            raise UserError(f"output {args.output} already exists (pass --overwrite to replace it)")
+    except FilesystemUnavailable as e:
+        raise UserError(str(e)) from None
+
+
+def ship_code(sc) -> None:
+    """Sends hdfs_io and spark_jobs to the executors as a zip, for clusters without this checkout."""
+    root = Path(__file__).resolve().parent.parent
+    bundle = Path(tempfile.mkdtemp(prefix="speechpack-")) / "speechpack_code.zip"
+    with zipfile.ZipFile(bundle, "w") as z:
+        for package in ("hdfs_io", "spark_jobs"):
+            for f in sorted((root / package).rglob("*.py")):
+                z.write(f, f.relative_to(root).as_posix())
+    sc.addPyFile(str(bundle))
+
+
+def spark_session(master: str | None):
+    from pyspark.sql import SparkSession
+
+    if not os.environ.get("PYSPARK_GATEWAY_PORT"):  # plain `python`: workers use this interpreter
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    builder = SparkSession.builder.appName("speechpack-pack").config("spark.ui.showConsoleProgress", "false")
+    if master:
+        builder = builder.master(master)
+    elif not os.environ.get("PYSPARK_GATEWAY_PORT"):  # plain `python`, not spark-submit
+        builder = builder.master("local[*]")
+    for key in EXECUTOR_ENV:
+        if os.environ.get(key):
+            builder = builder.config(f"spark.executorEnv.{key}", os.environ[key])
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    return spark
+
+
+def log(message: str) -> None:
+    print(f"pack: {message}", file=sys.stderr, flush=True)
+
+
+def pack(sc, args: argparse.Namespace, command: list[str]) -> dict:
+    """Runs the pack job on SparkContext `sc` and returns the manifest it wrote."""
+    found = sources.discover(args.input)
+    rejects = [{F.SOURCE: r.source, F.REASON: r.reason} for r in found.rejects]
+    log(f"{found.kind} input: {len(found.candidates)} candidates, {len(rejects)} rejected while reading lists")
+
+    candidates = [asdict(c) for c in found.candidates]
+    slices = max(sc.defaultParallelism, -(-len(candidates) // PROBE_FILES_PER_TASK), 1)
+    probed = sc.parallelize(candidates, slices).mapPartitions(packing.probe_partition).collect()
+    probed.sort(key=lambda r: r["order"])
+    valid = [r for r in probed if r["error"] is None]
+    rejects += [{F.SOURCE: r["uri"], F.REASON: r["error"]} for r in probed if r["error"] is not None]
+    log(f"probed {len(probed)} files: {len(valid)} usable")
+
+    feature_config = FeatureConfig(kind=args.feature)
+    sample = None if args.exact_stats else args.stats_sample
+    planned = packing.plan_shards(valid, args.layout, int(args.shard_size_mb * 2**20), args.seed, sample)
+
+    out_fs, out_path = probe_uri(args.output)[:2]
+    parent, name = posixpath.split(out_path.rstrip("/"))
+    tmp_path = posixpath.join(parent, f".{name}.pack-{uuid.uuid4().hex[:12]}")
+    tmp_uri = uri_base(args.output) + tmp_path
+    out_fs.create_dir(posixpath.join(tmp_path, F.SHARD_DIR), recursive=True)
+    try:
+        write = partial(packing.write_shard, dataset_uri=tmp_uri, fmt=args.format,
+                        row_group_bytes=int(args.row_group_mb * 2**20), feature_config=asdict(feature_config))
+        jobs = list(enumerate(planned))
+        results = sc.parallelize(jobs, max(len(jobs), 1)).map(write).collect() if jobs else []
+        for r in results:
+            rejects += r["failed"]
+        index = packing.build_index(planned, results, args.format)
+        moments = packing.merge_moments(results, feature_config.num_bins) if results \
+            else FeatureMoments.empty(feature_config.num_bins)
+        stats_utterances = sum(1 for rows in planned for row in rows if row["in_stats_sample"]) - \
+            sum(1 for r in results for f in r["failed"])
+        manifest = packing.build_manifest(
+            fmt=args.format, index=index, results=results, quarantined=len(rejects),
+            feature_config=feature_config, moments=moments, stats_utterances=max(stats_utterances, 0),
+            exact_stats=args.exact_stats, command=command,
+            config={k: v for k, v in vars(args).items() if k != "master"})
+        pq.write_table(index, posixpath.join(tmp_path, F.INDEX), filesystem=out_fs)
+        with out_fs.open_output_stream(posixpath.join(tmp_path, F.QUARANTINE)) as f:
+            f.write(packing.quarantine_lines(rejects))
+        with out_fs.open_output_stream(posixpath.join(tmp_path, F.MANIFEST)) as f:
+            f.write(json.dumps(manifest, indent=1).encode())
+        publish(out_fs, tmp_path, out_path)
+    except BaseException:
+        if out_fs.get_file_info(tmp_path).type != pafs.FileType.NotFound:
+            out_fs.delete_dir(tmp_path)
+        raise
+    log(f"wrote {manifest['utterances']} utterances ({manifest['hours']:.3f} h) in "
+        f"{len(manifest['shards'])} shards to {args.output}; quarantined {len(rejects)}")
+    return manifest
+
+
+def publish(fs: pafs.FileSystem, tmp_path: str, out_path: str) -> None:
+    """Renames the finished temporary folder into place, replacing an old output if there is one."""
+    old = None
+    if fs.get_file_info(out_path).type != pafs.FileType.NotFound:
+        old = f"{tmp_path}.old"
+        fs.move(out_path, old)
+    fs.move(tmp_path, out_path)
+    if old:
+        fs.delete_dir(old)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = ["spark_jobs/pack.py", *(sys.argv[1:] if argv is None else argv)]
+    try:
+        check_paths(args)
+        spark = spark_session(args.master)
+        try:
+            ship_code(spark.sparkContext)
+            pack(spark.sparkContext, args, command)
+        finally:
+            spark.stop()
+    except (UserError, sources.InputError, FilesystemUnavailable) as e:
+        print(f"pack: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
