@@ -66,6 +66,7 @@ INDEX_SCHEMA = pa.schema([
     pa.field(OFFSET, pa.int64()),  # SequenceFile shards: byte offset of the record; else -1
     pa.field(NUM_BYTES, pa.int64()),
     *_META_FIELDS,
+    pa.field(SOURCE, pa.string()),  # where the audio came from, for audits
 ])
 
 # Parquet: the audio column is stored uncompressed (FLAC does not compress

@@ -161,6 +161,9 @@ def probe_uri(uri: str) -> tuple[pafs.FileSystem, str, pafs.FileInfo]:
     with captured_stderr() as captured:
         try:
             fs, path = open_filesystem(uri)
+            # libhdfs reports an unreachable NameNode as "not found"; the root always exists.
+            if isinstance(fs, pafs.HadoopFileSystem) and fs.get_file_info("/").type != pafs.FileType.Directory:
+                raise OSError("the NameNode did not answer (is HDFS running at that host and port?)")
             return fs, path, fs.get_file_info(path)
         except FilesystemUnavailable:
             raise

@@ -199,6 +199,7 @@ def build_index(planned: list[list[dict]], results: list[dict], fmt: str) -> pa.
             row = by_key[key]
             for name in columns:
                 columns[name].append(row.get(name))
+            columns[F.SOURCE][-1] = row["uri"]
             columns[F.SHARD][-1] = result["shard"]
             columns[F.ROW][-1] = row_number
             columns[F.ROW_GROUP][-1] = location if fmt == "parquet" else -1

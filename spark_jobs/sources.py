@@ -221,7 +221,7 @@ def join(found: Discovery, transcripts: dict[str, tuple[str, str]], audio: dict[
             continue
         text, source = transcripts[key]
         if not text:
-            found.rejects.append(Reject(source, f"empty transcript for {key!r}"))
+            found.rejects.append(Reject(uri, f"empty transcript (at {source})"))
             continue
         found.candidates.append(Candidate(len(found.candidates), key, uri, text, speaker_of(key, uri)))
     for key, (_, source) in transcripts.items():

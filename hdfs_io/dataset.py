@@ -1,0 +1,73 @@
+"""An opened packed dataset: its manifest, index and quarantine, and whole-shard reads."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyarrow import fs as pafs
+
+from hdfs_io import dataset_format as F
+from hdfs_io.filesystem import open_filesystem
+from hdfs_io.sequencefile import SequenceFileReader
+
+
+@dataclass
+class Dataset:
+    uri: str
+    fs: pafs.FileSystem
+    path: str
+    manifest: dict
+
+    def _file(self, name: str) -> str:
+        return posixpath.join(self.path, name)
+
+    def index(self, columns: list[str] | None = None) -> pa.Table:
+        """Returns index.parquet (optionally only `columns`)."""
+        return pq.read_table(self._file(F.INDEX), filesystem=self.fs, columns=columns)
+
+    def quarantine(self) -> list[dict]:
+        """Returns quarantine.jsonl's records."""
+        with self.fs.open_input_stream(self._file(F.QUARANTINE)) as f:
+            return [json.loads(line) for line in f.read().decode("utf-8").splitlines() if line.strip()]
+
+    def shard_file(self, shard: int) -> str:
+        return self._file(self.manifest["shards"][shard]["path"])
+
+    def shard_records(self, shard: int) -> Iterator[tuple[str, bytes]]:
+        """Yields `(key, audio bytes)` for every record of a shard, in row order."""
+        path = self.shard_file(shard)
+        if self.manifest["format"] == "parquet":
+            parquet = pq.ParquetFile(self.fs.open_input_file(path))
+            for batch in parquet.iter_batches(columns=[F.KEY, F.AUDIO]):
+                yield from zip(batch.column(F.KEY).to_pylist(), batch.column(F.AUDIO).to_pylist())
+        else:
+            with self.fs.open_input_file(path) as f:
+                reader = SequenceFileReader(f, name=path)
+                for key, value in reader.records():
+                    yield key.decode("utf-8"), value
+
+    def shard_table(self, shard: int) -> pa.Table:
+        """Returns a Parquet shard as a table."""
+        return pq.read_table(self.shard_file(shard), filesystem=self.fs)
+
+
+def open_dataset(uri: str) -> Dataset:
+    """Returns the dataset at `uri` after checking that dataset.json is there and valid.
+
+    Raises:
+        hdfs_io.dataset_format.DatasetError: incomplete (no dataset.json) or malformed.
+        hdfs_io.filesystem.FilesystemUnavailable: the filesystem cannot be reached.
+    """
+    fs, path = open_filesystem(uri)
+    manifest_path = posixpath.join(path, F.MANIFEST)
+    try:
+        with fs.open_input_stream(manifest_path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise F.DatasetError(f"{uri} has no {F.MANIFEST}: not a dataset, or its packing did not finish") from None
+    return Dataset(uri, fs, path, F.parse_manifest(text))

@@ -1,0 +1,231 @@
+"""spark_jobs/pack.py end to end: spark-submit on local[2] and on the standalone master, file:// and HDFS."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from pyarrow import fs as pafs
+
+from hdfs_io import dataset_format as F
+from hdfs_io.dataset import open_dataset
+from hdfs_io.filesystem import open_filesystem
+from tests.corpora import Expected, bad_librispeech, ds2_manifest, good_librispeech, kaldi_folder
+
+ROOT = Path(__file__).resolve().parents[2]
+PACK = str(ROOT / "spark_jobs" / "pack.py")
+
+
+@pytest.fixture(scope="module")
+def bad_corpus(tmp_path_factory) -> tuple[Path, Expected]:
+    root = tmp_path_factory.mktemp("bad_corpus")
+    return root, bad_librispeech(root)
+
+
+def to_hdfs(local: Path, hdfs_uri: str) -> str:
+    fs, path = open_filesystem(hdfs_uri)
+    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    return hdfs_uri
+
+
+def run_pack(cluster, master: str, *args: str, check: bool = True):
+    return cluster.spark_submit(PACK, *args, master=master, check=check)
+
+
+def transcript_lines(root: Path) -> list[tuple[str, int, str]]:
+    out = []
+    for trans in sorted(root.rglob("*.trans.txt")):
+        for n, raw in enumerate(trans.read_bytes().split(b"\n"), 1):
+            if raw.strip():
+                out.append((str(trans), n, raw.split(b" ", 1)[0].decode("utf-8", "replace")))
+    return out
+
+
+def check_dataset(uri: str, expected: Expected, source_root: Path | None = None,
+                  layout: str = "duration") -> dict:
+    """Asserts everything a user would check on a packed dataset; returns its manifest."""
+    ds = open_dataset(uri)
+    index = ds.index().to_pylist()
+    by_key = {r[F.KEY]: r for r in index}
+    manifest = ds.manifest
+
+    # every expected key packed, byte for byte, with its normalized transcript
+    assert sorted(by_key) == sorted(expected.packed)
+    seen = {}
+    for shard in range(len(manifest["shards"])):
+        for row, (key, audio) in enumerate(ds.shard_records(shard)):
+            assert key not in seen, f"{key} packed twice"
+            seen[key] = audio
+            assert (by_key[key][F.SHARD], by_key[key][F.ROW]) == (shard, row)
+            assert audio == expected.packed[key][0], f"{key}: packed bytes differ from the source"
+            assert by_key[key][F.CHECKSUM] == zlib.crc32(audio)
+            assert by_key[key][F.NUM_BYTES] == len(audio)
+            assert by_key[key][F.TRANSCRIPT] == expected.packed[key][1]
+    assert set(seen) == set(by_key)
+
+    # the manifest's totals agree with the shards
+    assert manifest["utterances"] == len(index) == sum(s["rows"] for s in manifest["shards"])
+    assert manifest["hours"] == pytest.approx(sum(r[F.DURATION_S] for r in index) / 3600)
+    for shard, info in enumerate(manifest["shards"]):
+        with ds.fs.open_input_stream(ds.shard_file(shard)) as f:
+            data = f.read()
+        assert info["bytes"] == len(data)
+        assert info["checksum"] == f"crc32:{zlib.crc32(data):08x}"
+        durations = [r[F.DURATION_S] for r in index if r[F.SHARD] == shard]
+        assert info["rows"] == len(durations)
+        assert (info["min_duration_s"], info["max_duration_s"]) == (min(durations), max(durations))
+    assert sum(manifest["stats"]["duration_histogram"]["counts"]) == len(index)
+    assert len(manifest["stats"]["features"]["mean"]) == 80
+    assert set(manifest["vocabulary"]) == set("".join(t for _, t in expected.packed.values()))
+
+    if layout == "duration":  # shard i is shorter than shard i+1, each sorted by (duration, key)
+        ordered = sorted(index, key=lambda r: (r[F.SHARD], r[F.ROW]))
+        assert [(r[F.DURATION_S], r[F.KEY]) for r in ordered] == \
+            sorted((r[F.DURATION_S], r[F.KEY]) for r in index)
+
+    # every bad input is quarantined with its reason
+    quarantine = ds.quarantine()
+    assert manifest["quarantined"] == len(quarantine)
+    for needle, reason in expected.quarantined:
+        assert any((needle in q[F.SOURCE] or needle in q[F.REASON]) and reason in q[F.REASON]
+                   for q in quarantine), f"no quarantine record for {needle!r} with {reason!r}: {quarantine}"
+
+    # nothing silently dropped: every audio file and transcript line is packed or quarantined
+    if source_root is not None:
+        mentioned = "\n".join(f"{q[F.SOURCE]} {q[F.REASON]}" for q in quarantine)
+        packed_sources = {r[F.SOURCE].rsplit("/", 1)[-1] for r in index}
+        for audio in source_root.rglob("*"):
+            if audio.is_file() and not audio.name.endswith(".trans.txt"):
+                assert audio.name in packed_sources or str(audio.relative_to(source_root)) in mentioned, audio
+        for trans, n, key in transcript_lines(source_root):
+            assert key in by_key or key in mentioned or f"{Path(trans).name}:{n}" in mentioned, (trans, n)
+    return manifest
+
+
+def test_pack_local_files_on_local2(cluster, bad_corpus, tmp_path):
+    root, expected = bad_corpus
+    out = f"file://{tmp_path}/dataset"
+
+    run_pack(cluster, "local[2]", "--input", str(root), "--output", out, "--shard-size-mb", "0.1")
+
+    manifest = check_dataset(out, expected, root)
+    assert len(manifest["shards"]) > 2
+    stereo = [r for r in open_dataset(out).index().to_pylist() if r[F.KEY] == "900-9000-0007"][0]
+    assert (stereo[F.SAMPLE_RATE], stereo[F.CHANNELS], stereo[F.CODEC]) == (44100, 2, "WAV")
+
+
+def test_pack_hdfs_on_standalone_master(cluster, bad_corpus, hdfs_dir):
+    root, expected = bad_corpus
+    source = to_hdfs(root, f"{hdfs_dir}/corpus")
+
+    run_pack(cluster, cluster.spark_master, "--input", source, "--output", f"{hdfs_dir}/dataset",
+             "--shard-size-mb", "0.1")
+
+    check_dataset(f"{hdfs_dir}/dataset", expected, root)
+
+
+def test_pack_hdfs_on_local2_and_files_on_standalone(cluster, bad_corpus, hdfs_dir, tmp_path):
+    root, expected = bad_corpus
+    source = to_hdfs(root, f"{hdfs_dir}/corpus")
+
+    run_pack(cluster, "local[2]", "--input", source, "--output", f"{hdfs_dir}/dataset")
+    run_pack(cluster, cluster.spark_master, "--input", f"file://{root}", "--output", str(tmp_path / "ds"))
+
+    check_dataset(f"{hdfs_dir}/dataset", expected, root)
+    check_dataset(str(tmp_path / "ds"), expected, root)
+
+
+def test_rerun_gives_the_same_keys_in_the_same_shards(cluster, bad_corpus, tmp_path):
+    root, _ = bad_corpus
+    args = ["--input", str(root), "--shard-size-mb", "0.1", "--layout", "shuffled"]
+
+    run_pack(cluster, "local[2]", *args, "--output", str(tmp_path / "a"))
+    run_pack(cluster, "local[2]", *args, "--output", str(tmp_path / "a"), "--overwrite")
+    run_pack(cluster, "local[2]", *args, "--output", str(tmp_path / "b"))
+
+    a, b = (open_dataset(str(tmp_path / n)).index([F.KEY, F.SHARD, F.ROW]).to_pylist() for n in "ab")
+    assert a == b
+    assert len({r[F.SHARD] for r in a}) > 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folders left behind"
+
+
+def test_manifest_and_kaldi_inputs_pack_the_same_utterances(cluster, tmp_path):
+    corpus = tmp_path / "corpus"
+    expected = good_librispeech(corpus, 6, seed=3)
+    manifest, kaldi = ds2_manifest(corpus, expected), kaldi_folder(corpus, expected)
+
+    run_pack(cluster, "local[2]", "--input", str(manifest), "--output", str(tmp_path / "m"))
+    run_pack(cluster, "local[2]", "--input", str(kaldi), "--output", str(tmp_path / "k"))
+
+    # manifest keys are the audio paths without extension, relative to the manifest
+    m_index = open_dataset(str(tmp_path / "m")).index().to_pylist()
+    by_stem = {r[F.KEY].rsplit("/", 1)[-1]: r for r in m_index}
+    assert sorted(by_stem) == sorted(expected.packed)
+    assert all(by_stem[k][F.TRANSCRIPT] == t for k, (_, t) in expected.packed.items())
+    check_dataset(str(tmp_path / "k"), expected)
+
+
+def test_sequencefile_shards_read_by_spark_and_the_hadoop_cli(cluster, bad_corpus, hdfs_dir, tmp_path):
+    root, expected = bad_corpus
+    out = f"{hdfs_dir}/seq"
+    run_pack(cluster, cluster.spark_master, "--input", str(root), "--output", out,
+             "--format", "sequencefile", "--shard-size-mb", "0.1")
+    check_dataset(out, expected, root)
+    job = tmp_path / "read_seq.py"
+    job.write_text(
+        "import sys, zlib\n"
+        "from pyspark import SparkContext\n"
+        "sc = SparkContext.getOrCreate()\n"
+        "for k, v in sorted(sc.sequenceFile(sys.argv[1]).collect()):\n"
+        "    print('REC', k, len(v), zlib.crc32(bytes(v)))\n")
+
+    spark_out = cluster.spark_submit(str(job), f"{out}/shards").stdout
+    text = cluster.hadoop("dfs", "-text", f"{out}/shards/part-00000.seq").stdout
+
+    records = {line.split()[1]: (int(line.split()[2]), int(line.split()[3]))
+               for line in spark_out.splitlines() if line.startswith("REC ")}
+    assert records == {k: (len(b), zlib.crc32(b)) for k, (b, _) in expected.packed.items()}
+    first_key = open_dataset(out).index().to_pylist()[0][F.KEY]
+    assert text.splitlines()[0].startswith(first_key + "\t")
+
+
+def test_parquet_audio_column_is_uncompressed_and_row_groups_bounded(cluster, bad_corpus, tmp_path):
+    root, _ = bad_corpus
+    out = tmp_path / "ds"
+
+    run_pack(cluster, "local[2]", "--input", str(root), "--output", str(out), "--row-group-mb", "0.05")
+
+    meta = pq.ParquetFile(out / "shards" / "part-00000.parquet").metadata
+    audio_col = F.SHARD_SCHEMA.get_field_index(F.AUDIO)
+    assert meta.num_row_groups > 1
+    assert all(meta.row_group(i).column(audio_col).compression == "UNCOMPRESSED"
+               for i in range(meta.num_row_groups))
+    index = open_dataset(str(out)).index().to_pylist()
+    shard0 = [r for r in index if r[F.SHARD] == 0]
+    starts = [0]
+    for i in range(meta.num_row_groups):
+        starts.append(starts[-1] + meta.row_group(i).num_rows)
+    assert all(starts[r[F.ROW_GROUP]] <= r[F.ROW] < starts[r[F.ROW_GROUP] + 1] for r in shard0)
+
+
+@pytest.mark.parametrize("case", ["missing input", "existing output", "unreachable hdfs"])
+def test_user_errors_exit_2_with_one_line_and_write_nothing(cluster, case, bad_corpus, tmp_path):
+    root, _ = bad_corpus
+    (tmp_path / "exists").mkdir()
+    args = {
+        "missing input": ["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "out")],
+        "existing output": ["--input", str(root), "--output", str(tmp_path / "exists")],
+        "unreachable hdfs": ["--input", "hdfs://127.0.0.1:1/corpus", "--output", str(tmp_path / "out")],
+    }[case]
+
+    result = run_pack(cluster, "local[2]", *args, check=False)
+
+    output = result.stdout + result.stderr  # spark-submit sends the driver's stderr to stdout
+    errors = [line for line in output.splitlines() if line.startswith("pack: ")]
+    assert result.returncode == 2
+    assert len(errors) == 1 and errors[0].startswith("pack: error: ")
+    assert "Traceback" not in output and "\tat " not in output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]
+    assert list((tmp_path / "exists").iterdir()) == []
