@@ -16,6 +16,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pyarrow import fs as pafs
 
 from hdfs_io import dataset_format as F
 from hdfs_io.audio import BadAudio, probe
@@ -27,8 +28,15 @@ HISTOGRAM_BIN_S = 1.0
 
 
 def read_audio(uri: str) -> bytes:
-    """Returns the bytes of the file at `uri` (any filesystem open_filesystem knows)."""
+    """Returns the bytes of the file at `uri` (any filesystem open_filesystem knows).
+
+    Raises:
+        FileNotFoundError: no such file (checked first: libhdfs prints a Java trace
+            for every failed open, but not for a failed stat).
+    """
     fs, path = open_filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise FileNotFoundError(path)
     with fs.open_input_file(path) as f:
         return f.read()
 

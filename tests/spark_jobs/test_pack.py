@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from pyarrow import fs as pafs
 
 from hdfs_io import dataset_format as F
 from hdfs_io.dataset import open_dataset
-from hdfs_io.filesystem import open_filesystem
+from hdfs_io.upload import upload
 from tests.corpora import Expected, bad_librispeech, ds2_manifest, good_librispeech, kaldi_folder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,8 +24,8 @@ def bad_corpus(tmp_path_factory) -> tuple[Path, Expected]:
 
 
 def to_hdfs(local: Path, hdfs_uri: str) -> str:
-    fs, path = open_filesystem(hdfs_uri)
-    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    summary = upload(str(local), hdfs_uri, workers=4, progress=False)
+    assert not summary.failed
     return hdfs_uri
 
 
