@@ -104,7 +104,7 @@ def read_librispeech(fs: pafs.FileSystem, root: str, base: str) -> Discovery:
                 found.rejects.append(Reject(f"{base}{p}", "not an audio file name (unknown extension)"))
             continue
         if stem in audio:
-            found.rejects.append(Reject(f"{base}{p}", f"duplicate key {stem!r}: first seen at {base}{audio[stem]}"))
+            found.rejects.append(Reject(f"{base}{p}", f"duplicate key: {stem!r} first seen at {base}{audio[stem]}"))
             continue
         audio[stem] = p
     join(found, transcripts, {k: f"{base}{p}" for k, p in audio.items()},
@@ -134,15 +134,15 @@ def read_manifest(fs: pafs.FileSystem, path: str, base: str) -> Discovery:
             continue
         audio_path = entry["audio_filepath"]
         if not audio_path:
-            found.rejects.append(Reject(source, "empty 'audio_filepath'"))
+            found.rejects.append(Reject(source, "manifest line has an empty 'audio_filepath'"))
             continue
         text = normalize_transcript(entry["text"])
         key = posixpath.splitext(audio_path)[0]
         if not text:
-            found.rejects.append(Reject(source, f"empty transcript for {key!r}"))
+            found.rejects.append(Reject(source, f"empty transcript: {key!r}"))
             continue
         if key in seen:
-            found.rejects.append(Reject(source, f"duplicate key {key!r}"))
+            found.rejects.append(Reject(source, f"duplicate key: {key!r}"))
             continue
         uri = audio_path if urlparse(audio_path).scheme else f"{base}{posixpath.join(folder, audio_path)}"
         speaker = entry.get("speaker")
@@ -167,10 +167,10 @@ def read_kaldi(fs: pafs.FileSystem, folder: str, base: str) -> Discovery:
     for key, where, source in parse_keyed_lines(lines("wav.scp"), f"{base}{folder}/wav.scp", found.rejects,
                                                 allow_empty=False):
         if where.endswith("|"):
-            found.rejects.append(Reject(source, f"piped wav.scp entry for {key!r} is not supported; "
+            found.rejects.append(Reject(source, f"piped wav.scp entry not supported: {key!r}; "
                                                 "write the audio to files first"))
         elif key in audio:
-            found.rejects.append(Reject(source, f"duplicate key {key!r}"))
+            found.rejects.append(Reject(source, f"duplicate key: {key!r}"))
         else:
             audio[key] = where if urlparse(where).scheme else f"{base}{posixpath.join(folder, where)}"
     speakers: dict[str, str] = {}
@@ -199,7 +199,7 @@ def parse_keyed_lines(data: bytes, source: str, rejects: list[Reject],
         key, _, rest = line.strip().partition(" ")
         rest = rest.strip()
         if not rest and not allow_empty:
-            rejects.append(Reject(where, f"no value for key {key!r}"))
+            rejects.append(Reject(where, f"line has no value: key {key!r}"))
             continue
         out.append((key, rest, where))
     return out
@@ -208,7 +208,7 @@ def parse_keyed_lines(data: bytes, source: str, rejects: list[Reject],
 def add_transcript(transcripts: dict[str, tuple[str, str]], key: str, text: str, source: str,
                    rejects: list[Reject]) -> None:
     if key in transcripts:
-        rejects.append(Reject(source, f"duplicate key {key!r}: first seen at {transcripts[key][1]}"))
+        rejects.append(Reject(source, f"duplicate key: {key!r} first seen at {transcripts[key][1]}"))
         return
     transcripts[key] = (normalize_transcript(text), source)
 
@@ -221,9 +221,9 @@ def join(found: Discovery, transcripts: dict[str, tuple[str, str]], audio: dict[
             continue
         text, source = transcripts[key]
         if not text:
-            found.rejects.append(Reject(uri, f"empty transcript (at {source})"))
+            found.rejects.append(Reject(uri, f"empty transcript: at {source}"))
             continue
         found.candidates.append(Candidate(len(found.candidates), key, uri, text, speaker_of(key, uri)))
     for key, (_, source) in transcripts.items():
         if key not in audio:
-            found.rejects.append(Reject(source, f"transcript line with no audio for {key!r}"))
+            found.rejects.append(Reject(source, f"transcript line with no audio: {key!r}"))

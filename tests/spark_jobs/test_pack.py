@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -113,6 +116,19 @@ def test_pack_local_files_on_local2(cluster, bad_corpus, tmp_path):
     assert len(manifest["shards"]) > 2
     stereo = [r for r in open_dataset(out).index().to_pylist() if r[F.KEY] == "900-9000-0007"][0]
     assert (stereo[F.SAMPLE_RATE], stereo[F.CHANNELS], stereo[F.CODEC]) == (44100, 2, "WAV")
+
+    as_json = subprocess.run([sys.executable, "-m", "hdfs_io.inspect", out, "--json"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout
+    as_text = subprocess.run([sys.executable, "-m", "hdfs_io.inspect", out], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout
+    summary = json.loads(as_json)
+    assert (summary["utterances"], summary["shards"]) == (manifest["utterances"], len(manifest["shards"]))
+    assert summary["quarantine_by_reason"] == {
+        "duplicate key": 3, "audio with no transcript line": 2, "line is not valid UTF-8": 1,
+        "empty transcript": 1, "transcript line with no audio": 1, "truncated audio": 1,
+        "zero-byte audio": 1, "not audio": 1}
+    assert f"utterances   {manifest['utterances']}" in as_text and "duplicate key" in as_text
+    assert "#" in as_text.split("duration histogram")[1]
 
 
 def test_pack_hdfs_on_standalone_master(cluster, bad_corpus, hdfs_dir):
