@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -186,6 +187,16 @@ def write_env(env: dict[str, str], master: str) -> None:
     lines = ["# Written by `make cluster-up`; source it: . .devcluster/env.sh"]
     lines += [f"export {k}='{v}'" for k, v in exports.items()]
     ENV_FILE.write_text("\n".join(lines) + "\n")
+
+
+def read_env_file(path: Path = ENV_FILE) -> dict[str, str]:
+    """Returns the variables that an env.sh written by `write_env` exports."""
+    env = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("export "):
+            key, _, value = line[len("export "):].partition("=")
+            env[key] = shlex.split(value)[0] if value else ""
+    return env
 
 
 def read_state() -> list[dict]:

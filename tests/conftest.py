@@ -7,7 +7,6 @@ pytest alone and the `cluster` fixture starts it (and stops it at the end).
 from __future__ import annotations
 
 import os
-import shlex
 import subprocess
 import sys
 import uuid
@@ -15,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from scripts.devcluster import read_env_file
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV_FILE = ROOT / ".devcluster" / "env.sh"
@@ -39,15 +40,6 @@ class Cluster:
                 "--conf", "spark.ui.enabled=false", *args]
         return subprocess.run(argv, env=self.env, capture_output=True, text=True,
                               check=check, timeout=600)
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    env = {}
-    for line in path.read_text().splitlines():
-        if line.startswith("export "):
-            key, _, value = line[len("export "):].partition("=")
-            env[key] = shlex.split(value)[0] if value else ""
-    return env
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.conftest import ENV_FILE, ROOT, read_env_file
+from scripts.devcluster import ENV_FILE, ROOT, read_env_file
 
 
 def test_cluster_up_twice_is_a_no_op_and_env_file_names_everything(cluster):
