@@ -49,7 +49,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 if [ ! -e "$CACHE/venv.stamp" ] || [ pyproject.toml -nt "$CACHE/venv.stamp" ]; then
   say "installing the project into .venv (torch, pyspark, pyarrow: a few minutes the first time)"
-  .venv/bin/pip install -q --upgrade "pip>=23" "setuptools>=61,<70" wheel
+  .venv/bin/pip install -q --upgrade "pip>=23" wheel
   .venv/bin/pip install -q -e ".[dev]"
   touch "$CACHE/venv.stamp"
 fi
@@ -106,6 +106,8 @@ fi
 # 5. pydoop (its setup.py asks `hadoop classpath`: scripts/hadoop answers)
 if ! .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('pydoop') is None)"; then
   say "building pydoop against the Maven Hadoop classpath"
+  # pydoop's setup.py imports pkg_resources, which newer setuptools (pulled in by torch) no longer has.
+  .venv/bin/pip install -q "setuptools>=61,<70"
   (cd "$src/pydoop-$PYDOOP_VERSION" && PATH="$ROOT/scripts:$PATH" \
      CFLAGS="-I/usr/include/tirpc" LDFLAGS="-ltirpc" \
      "$ROOT/.venv/bin/pip" install -q --no-build-isolation .)

@@ -20,6 +20,7 @@ import os
 import posixpath
 import sys
 import tempfile
+import time
 import uuid
 import zipfile
 from dataclasses import asdict
@@ -117,6 +118,7 @@ def log(message: str) -> None:
 
 def pack(sc, args: argparse.Namespace, command: list[str]) -> dict:
     """Runs the pack job on SparkContext `sc` and returns the manifest it wrote."""
+    started = time.perf_counter()
     found = sources.discover(args.input)
     rejects = [{F.SOURCE: r.source, F.REASON: r.reason} for r in found.rejects]
     log(f"{found.kind} input: {len(found.candidates)} candidates, {len(rejects)} rejected while reading lists")
@@ -128,6 +130,7 @@ def pack(sc, args: argparse.Namespace, command: list[str]) -> dict:
     valid = [r for r in probed if r["error"] is None]
     rejects += [{F.SOURCE: r["uri"], F.REASON: r["error"]} for r in probed if r["error"] is not None]
     log(f"probed {len(probed)} files: {len(valid)} usable")
+    probed_at = time.perf_counter()
 
     feature_config = FeatureConfig(kind=args.feature)
     sample = None if args.exact_stats else args.stats_sample
@@ -150,11 +153,14 @@ def pack(sc, args: argparse.Namespace, command: list[str]) -> dict:
             else FeatureMoments.empty(feature_config.num_bins)
         stats_utterances = sum(1 for rows in planned for row in rows if row["in_stats_sample"]) - \
             sum(1 for r in results for f in r["failed"])
+        written_at = time.perf_counter()
         manifest = packing.build_manifest(
             fmt=args.format, index=index, results=results, quarantined=len(rejects),
             feature_config=feature_config, moments=moments, stats_utterances=max(stats_utterances, 0),
             exact_stats=args.exact_stats, command=command,
-            config={k: v for k, v in vars(args).items() if k != "master"})
+            config={k: v for k, v in vars(args).items() if k != "master"},
+            timing_s={"discover_and_probe": probed_at - started, "write_shards": written_at - probed_at,
+                      "total_in_spark": written_at - started})
         pq.write_table(index, posixpath.join(tmp_path, F.INDEX), filesystem=out_fs)
         with out_fs.open_output_stream(posixpath.join(tmp_path, F.QUARANTINE)) as f:
             f.write(packing.quarantine_lines(rejects))

@@ -234,8 +234,8 @@ def merge_moments(results: list[dict], num_bins: int) -> FeatureMoments:
 
 def build_manifest(*, fmt: str, index: pa.Table, results: list[dict], quarantined: int,
                    feature_config: FeatureConfig, moments: FeatureMoments, stats_utterances: int,
-                   exact_stats: bool, command: list[str], config: dict) -> dict:
-    """Returns dataset.json's content."""
+                   exact_stats: bool, command: list[str], config: dict, timing_s: dict) -> dict:
+    """Returns dataset.json's content; `timing_s` is how long the job's phases took (JVM start excluded)."""
     durations = index.column(F.DURATION_S).to_pylist()
     transcripts = index.column(F.TRANSCRIPT).to_pylist()
     mean, std = moments.mean_std()
@@ -264,6 +264,7 @@ def build_manifest(*, fmt: str, index: pa.Table, results: list[dict], quarantine
         },
         "command": command,
         "config": config,
+        "timing_s": timing_s,
     }
 
 

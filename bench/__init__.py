@@ -1,0 +1,1 @@
+"""Benchmarks: each writes bench/results/NAME.json; bench/README.md summarizes them."""

@@ -1,0 +1,62 @@
+"""What the benchmarks share: the corpus they run on and how results are written."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyspark
+
+from scripts.synth_corpus import DEFAULT_VOICES, librispeech_tree
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "bench" / "work"
+RESULTS = ROOT / "bench" / "results"
+SPARK_SUBMIT = Path(pyspark.__file__).parent / "bin" / "spark-submit"
+
+
+def corpus(utterances: int, seed: int = 7) -> Path:
+    """Returns a synthetic LibriSpeech tree of `utterances` espeak utterances, made once and kept."""
+    root = WORK / f"corpus-{utterances}"
+    done = root / ".complete"
+    if not done.exists():
+        subprocess.run(["rm", "-rf", str(root)], check=True)
+        started = time.perf_counter()
+        librispeech_tree(root, utterances, DEFAULT_VOICES, seed=seed, per_chapter=100, workers=2)
+        done.write_text(f"{time.perf_counter() - started:.1f}s\n")
+    return root
+
+
+def tree_bytes(root: Path) -> tuple[int, int]:
+    """Returns (audio files, bytes) under root."""
+    files = [p for p in root.rglob("*.flac")]
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+def spark_pack(master: str, input_uri: str, output_uri: str, *extra: str, env: dict | None = None) -> dict:
+    """Runs the pack job with spark-submit and returns its dataset.json."""
+    from hdfs_io.dataset import open_dataset
+
+    subprocess.run([str(SPARK_SUBMIT), "--master", master, "--conf", "spark.ui.enabled=false",
+                    str(ROOT / "spark_jobs" / "pack.py"), "--input", input_uri, "--output", output_uri,
+                    "--overwrite", *extra], check=True, capture_output=True, env=env)
+    return open_dataset(output_uri).manifest
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def write_result(name: str, result: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result = dict(result, machine={"python": sys.version.split()[0], "platform": platform.platform(),
+                                   "cpus": __import__("os").cpu_count()},
+                  recorded=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return path
