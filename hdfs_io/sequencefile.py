@@ -16,6 +16,7 @@ Layout (org.apache.hadoop.io.SequenceFile):
 from __future__ import annotations
 
 import hashlib
+import io
 import struct
 import zlib
 from typing import BinaryIO, Iterator
@@ -224,7 +225,40 @@ class SequenceFileReader:
         value, _ = read_vint(first + self._read(extra), 0)
         return value
 
+    def over(self, source: BinaryIO) -> "SequenceFileReader":
+        """Returns a reader of this file's header over another source (e.g. a byte range in memory)."""
+        other = object.__new__(SequenceFileReader)
+        other.__dict__.update(self.__dict__, source=source)
+        return other
+
+    def iter_range(self, start: int, last: int) -> Iterator[tuple[bytes, bytes, int]]:
+        """Yields `(key_raw, value_raw, offset)` for the records at offsets start..last (non-block files)."""
+        self.source.seek(start)
+        while True:
+            length = self._record_or_sync()
+            if length is None:
+                return
+            offset = self.source.tell() - 4
+            if offset > last:
+                return
+            key, value = self._record(length)
+            yield key, value, offset
+
     def records(self) -> Iterator[tuple[bytes, bytes]]:
         """Yields `(key, value)` payloads, unwrapped from Text/BytesWritable."""
         for key, value, _ in self:
             yield writable_bytes(self.key_class, key), writable_bytes(self.value_class, value)
+
+
+class OffsetBytes(io.BytesIO):
+    """An in-memory byte range [start, start + len) that seeks and tells in file offsets."""
+
+    def __init__(self, data: bytes, start: int):
+        super().__init__(data)
+        self.start = start
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return super().seek(pos - self.start if whence == 0 else pos, whence) + self.start
+
+    def tell(self) -> int:
+        return super().tell() + self.start

@@ -41,6 +41,10 @@ class Cluster:
         return subprocess.run(argv, env=self.env, capture_output=True, text=True,
                               check=check, timeout=600)
 
+    def pack(self, *args: str, master: str = "local[2]", check: bool = True) -> subprocess.CompletedProcess:
+        """Runs `spark-submit spark_jobs/pack.py ARGS` (on local[2] unless told otherwise)."""
+        return self.spark_submit(str(ROOT / "spark_jobs" / "pack.py"), *args, master=master, check=check)
+
 
 @pytest.fixture(scope="session")
 def cluster() -> Cluster:

@@ -17,7 +17,6 @@ from hdfs_io.upload import upload
 from tests.corpora import Expected, bad_librispeech, ds2_manifest, good_librispeech, kaldi_folder
 
 ROOT = Path(__file__).resolve().parents[2]
-PACK = str(ROOT / "spark_jobs" / "pack.py")
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +32,7 @@ def to_hdfs(local: Path, hdfs_uri: str) -> str:
 
 
 def run_pack(cluster, master: str, *args: str, check: bool = True):
-    return cluster.spark_submit(PACK, *args, master=master, check=check)
+    return cluster.pack(*args, master=master, check=check)
 
 
 def transcript_lines(root: Path) -> list[tuple[str, int, str]]:

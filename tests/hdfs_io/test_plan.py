@@ -1,0 +1,87 @@
+"""hdfs_io.plan: property tests of the epoch planner."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from hdfs_io.plan import PlanConfig, deal, plan_epoch
+
+corpora = st.lists(st.floats(0.2, 20.0, allow_nan=False), min_size=1, max_size=400)
+
+
+def layout(durations: list[float], shard_rows: int = 37):
+    d = np.sort(np.asarray(durations))  # a duration-layout index: sorted, cut into shards
+    ids = np.arange(len(d))
+    return d, ids // shard_rows, ids % shard_rows
+
+
+configs = st.builds(PlanConfig, batch_seconds=st.sampled_from([20.0, 60.0]),
+                    batch_size=st.sampled_from([0, 0, 3]), window_utterances=st.sampled_from([16, 64, 4096]),
+                    segment_batches=st.sampled_from([1, 4, 32]), seed=st.integers(0, 3))
+
+
+@settings(max_examples=150, deadline=None)
+@given(corpora, st.integers(1, 64), st.integers(0, 3), configs)
+def test_equal_batch_counts_and_every_key_exactly_once_apart_from_counted_repeats(durations, world, epoch, cfg):
+    d, shards, rows = layout(durations)
+
+    plan = plan_epoch(d, shards, rows, world, epoch, cfg)
+
+    assert len({len(r.batches) for r in plan.ranks}) == 1
+    seen = Counter(int(u) for r in plan.ranks for b, rep in zip(r.batches, r.repeated) if not rep for u in b)
+    assert seen == Counter(range(len(d)))
+    assert plan.repeated_batches <= world - 1
+    assert plan.repeated_utterances == sum(len(b) for r in plan.ranks for b, rep in zip(r.batches, r.repeated) if rep)
+    for r in plan.ranks:
+        for b in r.batches:
+            assert len(b) >= 1
+            if cfg.batch_size == 0 and len(b) > 1:
+                assert len(b) * d[b].max() <= cfg.batch_seconds + 1e-9
+
+
+@settings(max_examples=100, deadline=None)
+@given(corpora, st.integers(1, 64), configs)
+def test_epoch_zero_batches_come_in_non_decreasing_duration_on_every_rank(durations, world, cfg):
+    d, shards, rows = layout(durations)
+
+    plan = plan_epoch(d, shards, rows, world, 0, cfg)
+
+    for r in plan.ranks:
+        longest = [d[b].max() for b in r.batches]
+        shortest = [d[b].min() for b in r.batches]
+        assert longest == sorted(longest) and shortest == sorted(shortest)
+
+
+@settings(max_examples=60, deadline=None)
+@given(corpora, st.integers(1, 16), st.integers(0, 4), configs)
+def test_plans_are_deterministic_in_seed_and_epoch(durations, world, epoch, cfg):
+    d, shards, rows = layout(durations)
+
+    a = plan_epoch(d, shards, rows, world, epoch, cfg)
+    b = plan_epoch(d.copy(), shards.copy(), rows.copy(), world, epoch, cfg)
+
+    assert [[x.tolist() for x in r.batches] for r in a.ranks] == [[x.tolist() for x in r.batches] for r in b.ranks]
+
+
+def test_later_epochs_reorder_and_differ_between_epochs():
+    d, shards, rows = layout(list(np.linspace(1, 15, 500)), shard_rows=50)
+    cfg = PlanConfig(batch_seconds=30, window_utterances=100)
+
+    e1, e2 = (plan_epoch(d, shards, rows, 2, e, cfg) for e in (1, 2))
+
+    first = [int(b[0]) for b in e1.ranks[0].batches]
+    assert first != sorted(first)
+    assert [b.tolist() for b in e1.ranks[0].batches] != [b.tolist() for b in e2.ranks[0].batches]
+
+
+@given(st.integers(0, 500), st.integers(1, 64), st.integers(1, 40))
+def test_deal_gives_equal_counts_and_covers_every_position_once(n, world, segment):
+    dealt = deal(n, world, segment)
+
+    assert len({len(p) for p in dealt}) == 1
+    flat = sorted(p for ps in dealt for p in ps)
+    assert flat == list(range(len(flat)))
+    assert 0 <= len(flat) - n < world

@@ -1,0 +1,191 @@
+"""hdfs_io.shard_reader on packed datasets: file:// and the real HDFS, Parquet and SequenceFile shards."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from hdfs_io.dataset import open_dataset
+from hdfs_io.plan import PlanConfig
+from hdfs_io.sequencefile import SequenceFileReader
+from hdfs_io.shard_reader import CorruptRecord, ReaderConfig, ShardDataset, ShardLoader
+from hdfs_io.filesystem import open_filesystem
+from tests.corpora import good_librispeech
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ReaderConfig(plan=PlanConfig(batch_seconds=12.0, segment_batches=2, window_utterances=8))
+
+
+@pytest.fixture(scope="module")
+def packed(cluster, tmp_path_factory):
+    """Returns (expected, {name: dataset URI}) for one corpus packed four ways."""
+    root = tmp_path_factory.mktemp("reader")
+    expected = good_librispeech(root / "corpus", 24, seed=5)
+    hdfs_base = f"{cluster.hdfs_uri}/tests/reader-{root.name}"
+    uris = {"local-parquet": f"file://{root}/parquet", "local-seq": str(root / "seq"),
+            "hdfs-parquet": f"{hdfs_base}/parquet", "hdfs-seq": f"{hdfs_base}/seq"}
+    small = ["--shard-size-mb", "0.3", "--row-group-mb", "0.05"]
+    for name, uri in uris.items():
+        fmt = "sequencefile" if name.endswith("seq") else "parquet"
+        cluster.pack("--input", str(root / "corpus"), "--output", uri, "--format", fmt, *small)
+    yield expected, uris
+    fs, path = open_filesystem(hdfs_base)
+    fs.delete_dir(path)
+
+
+def read_all(uri: str, world: int, epoch: int, workers: int, config: ReaderConfig = CONFIG) -> list[list[dict]]:
+    out = []
+    for rank in range(world):
+        ds = ShardDataset(uri, rank, world, config)
+        loader = ShardLoader(ds, num_workers=workers, timeout=300 if workers else 0)
+        loader.set_epoch(epoch)
+        out.append(list(loader))
+    return out
+
+
+@pytest.mark.parametrize("name", ["local-parquet", "hdfs-parquet", "local-seq", "hdfs-seq"])
+def test_every_utterance_read_once_per_epoch_with_two_workers(packed, name):
+    expected, uris = packed
+
+    ranks = read_all(uris[name], world=3, epoch=1, workers=2)
+
+    assert len({len(r) for r in ranks}) == 1, "ranks got different batch counts"
+    counts = Counter(k for r in ranks for b in r if not b["repeated"] for k in b["keys"])
+    assert counts == Counter(list(expected.packed))
+    for batch in (b for r in ranks for b in r):
+        assert batch["features"].shape[0] == len(batch["keys"]) and batch["features"].shape[2] == 80
+        assert batch["lengths"].max() == batch["features"].shape[1]
+        assert batch["transcripts"] == [expected.packed[k][1] for k in batch["keys"]]
+
+
+def test_output_is_the_same_whatever_the_number_of_workers(packed):
+    _, uris = packed
+
+    runs = [read_all(uris["hdfs-parquet"], world=2, epoch=2, workers=w) for w in (0, 1, 2)]
+
+    keys = [[[b["keys"] for b in r] for r in run] for run in runs]
+    assert keys[0] == keys[1] == keys[2]
+    for a, b in zip(runs[0][0], runs[2][0]):
+        assert (a["features"] == b["features"]).all()
+
+
+def test_epoch_zero_is_sortagrad_and_matches_the_plan_cli(packed):
+    _, uris = packed
+    ranks = read_all(uris["local-parquet"], world=2, epoch=0, workers=2)
+
+    plan = json.loads(subprocess.run(
+        [sys.executable, "-m", "hdfs_io.plan", uris["local-parquet"], "--world-size", "2", "--epoch", "0",
+         "--batch-seconds", "12"], cwd=ROOT, capture_output=True, text=True, check=True).stdout)
+
+    for rank in ranks:
+        longest = [max(b["durations"]) for b in rank]
+        assert longest == sorted(longest)
+    cli_cfg = ReaderConfig(plan=PlanConfig(batch_seconds=12.0))
+    assert plan["ranks"] == [[b["keys"] for b in r] for r in read_all(uris["local-parquet"], 2, 0, 0, cli_cfg)]
+
+
+def test_resume_mid_epoch_yields_exactly_the_remaining_batches(packed):
+    _, uris = packed
+    uri = uris["hdfs-seq"]
+    whole = read_all(uri, world=2, epoch=3, workers=2)[1]
+
+    first = ShardLoader(ShardDataset(uri, 1, 2, CONFIG), num_workers=2, timeout=300)
+    first.set_epoch(3)
+    seen = []
+    for batch in first:
+        seen.append(batch["keys"])
+        if len(seen) == 2:
+            break
+    state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint would store it
+    second = ShardLoader(ShardDataset(uri, 1, 2, CONFIG), num_workers=2, timeout=300)
+    second.load_state_dict(state)
+    rest = [b["keys"] for b in second]
+
+    assert seen + rest == [b["keys"] for b in whole]
+    assert rest and not set(map(tuple, seen)) & set(map(tuple, rest))
+
+
+def test_get_returns_the_source_bytes_through_the_index(packed):
+    expected, uris = packed
+    key = sorted(expected.packed)[7]
+    for name in ("hdfs-parquet", "local-seq"):
+        got = ShardDataset(uris[name], 0, 1).get(key)
+        assert got["audio"] == expected.packed[key][0]
+        assert got["transcript"] == expected.packed[key][1]
+        assert got["samples"].shape[0] > 0
+
+
+@pytest.mark.parametrize("fmt", ["local-parquet", "local-seq"])
+def test_a_flipped_byte_is_named_with_fail_and_counted_with_skip(packed, tmp_path, fmt):
+    expected, uris = packed
+    copy = tmp_path / "ds"
+    shutil.copytree(open_filesystem(uris[fmt])[1], copy)
+    ds = open_dataset(str(copy))
+    victim = ds.index().to_pylist()[5]
+    shard_file = copy / ds.manifest["shards"][victim["shard"]]["path"]
+    data = bytearray(shard_file.read_bytes())
+    audio = expected.packed[victim["key"]][0]
+    at = data.find(audio) + len(audio) // 2
+    data[at] ^= 0xFF
+    shard_file.write_bytes(bytes(data))
+
+    with pytest.raises(CorruptRecord, match=rf"{ds.manifest['shards'][victim['shard']]['path']} row {victim['row']}"):
+        read_all(str(copy), world=1, epoch=0, workers=2)
+    skip = ReaderConfig(plan=CONFIG.plan, on_error="skip")
+    batches = read_all(str(copy), world=1, epoch=0, workers=2, config=skip)[0]
+
+    assert sum(len(b["skipped"]) for b in batches) == 1
+    assert sorted(k for b in batches for k in b["keys"]) == sorted(set(expected.packed) - {victim["key"]})
+
+
+def test_sequencefiles_written_by_hadoop_are_read_with_every_supported_compression(cluster, tmp_path):
+    job = tmp_path / "write_seq.py"
+    job.write_text(
+        "import sys\n"
+        "from pyspark import SparkContext\n"
+        "sc = SparkContext.getOrCreate()\n"
+        "records = [('utt-%04d' % i, bytearray([i % 251]) * (100 + 37 * i)) for i in range(300)]\n"
+        "kind, codec, out = sys.argv[1:4]\n"
+        "conf = {'mapreduce.output.fileoutputformat.compress.type': kind} if codec != 'none' else {}\n"
+        "rdd = sc.parallelize(records, 2)\n"
+        "if codec == 'none':\n"
+        "    rdd.saveAsSequenceFile(out)\n"
+        "else:\n"
+        "    rdd.saveAsNewAPIHadoopFile(out, 'org.apache.hadoop.mapreduce.lib.output.SequenceFileOutputFormat',\n"
+        "        'org.apache.hadoop.io.Text', 'org.apache.hadoop.io.BytesWritable',\n"
+        "        conf=dict(conf, **{'mapreduce.output.fileoutputformat.compress': 'true',\n"
+        "                   'mapreduce.output.fileoutputformat.compress.codec': codec}))\n")
+    expected = {f"utt-{i:04d}": bytes([i % 251]) * (100 + 37 * i) for i in range(300)}
+    cases = [("NONE", "none"), ("RECORD", "org.apache.hadoop.io.compress.DefaultCodec"),
+             ("BLOCK", "org.apache.hadoop.io.compress.DefaultCodec"),
+             ("RECORD", "org.apache.hadoop.io.compress.GzipCodec"),
+             ("BLOCK", "org.apache.hadoop.io.compress.GzipCodec")]
+    for kind, codec in cases:
+        out = tmp_path / f"{kind}-{codec.rsplit('.', 1)[-1]}"
+        cluster.spark_submit(str(job), kind, codec, f"file://{out}", master="local[2]")
+        got = {}
+        for part in sorted(out.glob("part-*")):
+            with open(part, "rb") as f:
+                reader = SequenceFileReader(f, name=str(part))
+                assert reader.compressed == (codec != "none")
+                assert reader.block_compressed == (kind == "BLOCK")
+                got.update((k.decode(), v) for k, v in reader.records())
+        assert got == expected, (kind, codec)
+
+
+def test_read_cli_reports_throughput(packed):
+    _, uris = packed
+
+    result = subprocess.run([sys.executable, "-m", "hdfs_io.read", uris["hdfs-parquet"], "--rank", "0",
+                             "--world-size", "2", "--epoch", "1", "--json"], cwd=ROOT, capture_output=True,
+                            text=True, check=True)
+
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["utterances"] > 0 and report["audio_seconds_per_s"] > 0 and report["skipped"] == 0
