@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyspark
 
+from scripts.devcluster import local_spark_env
 from scripts.synth_corpus import DEFAULT_VOICES, librispeech_tree
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +45,7 @@ def spark_pack(master: str, input_uri: str, output_uri: str, *extra: str, env: d
 
     subprocess.run([str(SPARK_SUBMIT), "--master", master, "--conf", "spark.ui.enabled=false",
                     str(ROOT / "spark_jobs" / "pack.py"), "--input", input_uri, "--output", output_uri,
-                    "--overwrite", *extra], check=True, capture_output=True, env=env)
+                    "--overwrite", *extra], check=True, capture_output=True, env=local_spark_env(env))
     return open_dataset(output_uri).manifest
 
 

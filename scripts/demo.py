@@ -21,16 +21,12 @@ from pathlib import Path
 from hdfs_io import dataset_format as F
 from hdfs_io.dataset import open_dataset
 from hdfs_io.features import FeatureConfig, features_from_bytes
+from scripts.devcluster import local_spark_env, read_env_file
 from scripts.synth_corpus import librispeech_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-us+f3", "en-gb-x-rp+m3")
 HELDOUT_VOICES = ("en-us", "en-029")  # a training voice on new sentences, and a voice never trained on
-
-
-def spark_env() -> dict[str, str]:
-    env = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable)
-    return env
 
 
 def pack(input_uri: str, output_uri: str, master: str, env: dict[str, str]) -> float:
@@ -85,11 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         librispeech_tree(corpus / "train", args.utterances, TRAIN_VOICES, seed=1)
         librispeech_tree(corpus / "heldout", max(20, args.utterances // 8), HELDOUT_VOICES, seed=2)
 
-    env = spark_env()
+    env = local_spark_env()
     if args.storage == "hdfs":
         subprocess.run([sys.executable, "-m", "scripts.devcluster", "up"], cwd=ROOT, check=True)
-        from scripts.devcluster import read_env_file
-
         env.update(read_env_file())
         os.environ.update(env)
         from hdfs_io.upload import upload

@@ -167,6 +167,12 @@ def start_spark(env: dict[str, str]) -> tuple[list[dict], str, int]:
     return procs, master, ui_port
 
 
+def local_spark_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """Returns `base` (default: this environment) with what pyspark's spark-submit needs on this machine."""
+    return dict(os.environ if base is None else base, SPARK_HOME=str(spark_home()), SPARK_LOCAL_IP="127.0.0.1",
+                PYSPARK_PYTHON=sys.executable)
+
+
 def spark_ready(ui_port: int) -> bool:
     status = http_json(f"http://127.0.0.1:{ui_port}/json/")
     return bool(status) and sum(w.get("state") == "ALIVE" for w in status.get("workers", [])) >= SPARK_WORKERS

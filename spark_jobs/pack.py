@@ -34,7 +34,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from pyarrow import fs as pafs  # noqa: E402
 
 from hdfs_io import dataset_format as F  # noqa: E402
-from hdfs_io.features import FeatureConfig, FeatureMoments  # noqa: E402
+from hdfs_io.features import FeatureConfig  # noqa: E402
 from hdfs_io.filesystem import FilesystemUnavailable, probe_uri, uri_base  # noqa: E402
 from spark_jobs import packing, sources  # noqa: E402
 
@@ -123,18 +123,21 @@ def pack(sc, args: argparse.Namespace, command: list[str]) -> dict:
     rejects = [{F.SOURCE: r.source, F.REASON: r.reason} for r in found.rejects]
     log(f"{found.kind} input: {len(found.candidates)} candidates, {len(rejects)} rejected while reading lists")
 
-    candidates = [asdict(c) for c in found.candidates]
+    feature_config = FeatureConfig(kind=args.feature)
+    sampled = packing.choose_stats_sample(len(found.candidates), None if args.exact_stats else args.stats_sample,
+                                          args.seed)
+    candidates = [dict(asdict(c), in_stats_sample=i in sampled) for i, c in enumerate(found.candidates)]
     slices = max(sc.defaultParallelism, -(-len(candidates) // PROBE_FILES_PER_TASK), 1)
-    probed = sc.parallelize(candidates, slices).mapPartitions(packing.probe_partition).collect()
+    probe = partial(packing.probe_partition, feature_config=asdict(feature_config))
+    probed = sc.parallelize(candidates, slices).mapPartitions(probe).collect()
     probed.sort(key=lambda r: r["order"])
     valid = [r for r in probed if r["error"] is None]
     rejects += [{F.SOURCE: r["uri"], F.REASON: r["error"]} for r in probed if r["error"] is not None]
     log(f"probed {len(probed)} files: {len(valid)} usable")
     probed_at = time.perf_counter()
 
-    feature_config = FeatureConfig(kind=args.feature)
-    sample = None if args.exact_stats else args.stats_sample
-    planned = packing.plan_shards(valid, args.layout, int(args.shard_size_mb * 2**20), args.seed, sample)
+    moments, stats_utterances = packing.merge_moments(valid, feature_config.num_bins)
+    planned = packing.plan_shards(valid, args.layout, int(args.shard_size_mb * 2**20), args.seed)
 
     out_fs, out_path = probe_uri(args.output)[:2]
     parent, name = posixpath.split(out_path.rstrip("/"))
@@ -143,20 +146,16 @@ def pack(sc, args: argparse.Namespace, command: list[str]) -> dict:
     out_fs.create_dir(posixpath.join(tmp_path, F.SHARD_DIR), recursive=True)
     try:
         write = partial(packing.write_shard, dataset_uri=tmp_uri, fmt=args.format,
-                        row_group_bytes=int(args.row_group_mb * 2**20), feature_config=asdict(feature_config))
+                        row_group_bytes=int(args.row_group_mb * 2**20))
         jobs = list(enumerate(planned))
         results = sc.parallelize(jobs, max(len(jobs), 1)).map(write).collect() if jobs else []
         for r in results:
             rejects += r["failed"]
         index = packing.build_index(planned, results, args.format)
-        moments = packing.merge_moments(results, feature_config.num_bins) if results \
-            else FeatureMoments.empty(feature_config.num_bins)
-        stats_utterances = sum(1 for rows in planned for row in rows if row["in_stats_sample"]) - \
-            sum(1 for r in results for f in r["failed"])
         written_at = time.perf_counter()
         manifest = packing.build_manifest(
             fmt=args.format, index=index, results=results, quarantined=len(rejects),
-            feature_config=feature_config, moments=moments, stats_utterances=max(stats_utterances, 0),
+            feature_config=feature_config, moments=moments, stats_utterances=stats_utterances,
             exact_stats=args.exact_stats, command=command,
             config={k: v for k, v in vars(args).items() if k != "master"},
             timing_s={"discover_and_probe": probed_at - started, "write_shards": written_at - probed_at,

@@ -41,9 +41,13 @@ def read_audio(uri: str) -> bytes:
         return f.read()
 
 
-def probe_one(candidate: dict) -> dict:
-    """Returns the candidate with its audio probed: size, checksum, codec, rate, length, or `error`."""
-    out = dict(candidate, error=None)
+def probe_one(candidate: dict, feature_config: dict | None = None) -> dict:
+    """Returns the candidate with its audio probed: size, checksum, codec, rate, length, or `error`.
+
+    A candidate marked `in_stats_sample` also gets `moments`: the per-bin sums of
+    its features under `feature_config`, for the dataset statistics.
+    """
+    out = dict(candidate, error=None, moments=None)
     try:
         data = read_audio(candidate["uri"])
     except FileNotFoundError:
@@ -54,6 +58,11 @@ def probe_one(candidate: dict) -> dict:
         return out
     try:
         info = probe(data)
+        if candidate.get("in_stats_sample") and feature_config is not None:
+            cfg = FeatureConfig(**feature_config)
+            moments = FeatureMoments.empty(cfg.num_bins)
+            moments.add(features_from_bytes(data, cfg))
+            out["moments"] = (moments.frames, moments.total.tolist(), moments.total_sq.tolist())
     except BadAudio as e:
         out["error"] = str(e)
         return out
@@ -63,21 +72,25 @@ def probe_one(candidate: dict) -> dict:
     return out
 
 
-def probe_partition(candidates: Iterable[dict]) -> Iterator[dict]:
+def probe_partition(candidates: Iterable[dict], feature_config: dict | None = None) -> Iterator[dict]:
     """Spark task: probes each candidate of a partition."""
     for candidate in candidates:
-        yield probe_one(candidate)
+        yield probe_one(candidate, feature_config)
 
 
-def plan_shards(probed: list[dict], layout: str, shard_bytes: int, seed: int,
-                stats_sample: int | None) -> list[list[dict]]:
+def choose_stats_sample(count: int, sample: int | None, seed: int) -> set[int]:
+    """Returns the positions of `sample` candidates picked at random (all of them if None)."""
+    if sample is None or sample >= count:
+        return set(range(count))
+    return set(np.random.default_rng(seed + 1).choice(count, sample, replace=False).tolist())
+
+
+def plan_shards(probed: list[dict], layout: str, shard_bytes: int, seed: int) -> list[list[dict]]:
     """Returns the utterances grouped into shards, each in row order, ready for `write_shard`.
 
     `duration` layout sorts by (duration, key) and cuts runs of about `shard_bytes`,
     so shard i holds shorter utterances than shard i+1 and each shard is sorted.
-    `shuffled` cuts the same way through a seeded random permutation. Rows picked
-    for feature statistics (`stats_sample` of them at random, all if None) carry
-    `in_stats_sample`.
+    `shuffled` cuts the same way through a seeded random permutation.
     """
     if layout == "duration":
         ordered = sorted(probed, key=lambda r: (r[F.DURATION_S], r[F.KEY]))
@@ -89,17 +102,13 @@ def plan_shards(probed: list[dict], layout: str, shard_bytes: int, seed: int,
     sizes = np.array([r[F.NUM_BYTES] for r in ordered], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     shard_of = starts // max(shard_bytes, 1)
-    if stats_sample is None or stats_sample >= len(ordered):
-        sampled = set(range(len(ordered)))
-    else:
-        sampled = set(np.random.default_rng(seed + 1).choice(len(ordered), stats_sample, replace=False).tolist())
     shards: list[list[dict]] = []
     previous = None
-    for i, (row, shard) in enumerate(zip(ordered, shard_of.tolist())):
+    for row, shard in zip(ordered, shard_of.tolist()):
         if shard != previous:
             shards.append([])
             previous = shard
-        shards[-1].append(dict(row, in_stats_sample=i in sampled))
+        shards[-1].append({k: v for k, v in row.items() if k != "moments"})
     return shards
 
 
@@ -131,18 +140,15 @@ class ChecksummingSink:
         return True
 
 
-def write_shard(job: tuple[int, list[dict]], *, dataset_uri: str, fmt: str, row_group_bytes: int,
-                feature_config: dict) -> dict:
+def write_shard(job: tuple[int, list[dict]], *, dataset_uri: str, fmt: str, row_group_bytes: int) -> dict:
     """Spark task: writes one shard from its planned rows and returns what was written.
 
     Each row's audio is read again and checked against the probe's checksum; a
     file that changed or vanished since is reported in `failed`, not written.
-    Returns shard facts (path, rows, bytes, checksum, durations, row groups or
-    record offsets) and the feature moments of the rows marked for statistics.
+    Returns shard facts: path, rows, bytes, checksum, durations, and the row
+    group (Parquet) or byte offset (SequenceFile) of each written key.
     """
     shard, rows = job
-    cfg = FeatureConfig(**feature_config)
-    moments = FeatureMoments.empty(cfg.num_bins)
     rel_path = F.shard_path(shard, fmt)
     fs, path = open_filesystem(join_uri(dataset_uri, rel_path))
     written, failed, locations = [], [], []
@@ -164,12 +170,6 @@ def write_shard(job: tuple[int, list[dict]], *, dataset_uri: str, fmt: str, row_
             if zlib.crc32(data) != row[F.CHECKSUM] or len(data) != row[F.NUM_BYTES]:
                 failed.append({F.SOURCE: row["uri"], F.REASON: "audio changed between probing and packing"})
                 continue
-            if row["in_stats_sample"]:
-                try:
-                    moments.add(features_from_bytes(data, cfg))
-                except BadAudio as e:
-                    failed.append({F.SOURCE: row["uri"], F.REASON: str(e)})
-                    continue
             written.append(row)
             if fmt == "parquet":
                 pending.append(dict({f.name: row[f.name] for f in F.SHARD_SCHEMA if f.name != F.AUDIO},
@@ -194,7 +194,6 @@ def write_shard(job: tuple[int, list[dict]], *, dataset_uri: str, fmt: str, row_
         "min_duration_s": min(durations, default=0.0), "max_duration_s": max(durations, default=0.0),
         "audio_seconds": float(sum(durations)),
         "keys": [r[F.KEY] for r in written], "locations": locations, "failed": failed,
-        "moments": (moments.frames, moments.total.tolist(), moments.total_sq.tolist()),
     }
 
 
@@ -224,12 +223,15 @@ def duration_histogram(durations: list[float], bin_s: float = HISTOGRAM_BIN_S) -
     return {"bin_s": bin_s, "edges_s": edges, "counts": [int(c) for c in counts]}
 
 
-def merge_moments(results: list[dict], num_bins: int) -> FeatureMoments:
-    total = FeatureMoments.empty(num_bins)
-    for r in results:
-        frames, s, sq = r["moments"]
-        total = total.merge(FeatureMoments(frames, np.asarray(s), np.asarray(sq)))
-    return total
+def merge_moments(probed: list[dict], num_bins: int) -> tuple[FeatureMoments, int]:
+    """Returns the summed feature moments of the probed utterances that carry them, and their count."""
+    total, count = FeatureMoments.empty(num_bins), 0
+    for r in probed:
+        if r.get("moments"):
+            frames, s, sq = r["moments"]
+            total = total.merge(FeatureMoments(frames, np.asarray(s), np.asarray(sq)))
+            count += 1
+    return total, count
 
 
 def build_manifest(*, fmt: str, index: pa.Table, results: list[dict], quarantined: int,

@@ -1,0 +1,69 @@
+"""bench/reader: end-to-end reader throughput per core against a decode-and-features ceiling.
+
+    python -m bench.reader [--utterances 5000] [--repeats 3]
+
+One process, one core, side by side on the same packed corpus (local disk, page-cached):
+- reader: ShardDataset iterated in-process (read row groups, verify CRC32, decode,
+  features, pad and collate batches), with its prefetch thread;
+- ceiling: a bare loop over audio bytes already in memory: decode + features only.
+Goals: reader >= 90% of the ceiling, and >= 1000x real time per core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from bench.common import WORK, corpus, median, spark_pack, write_result
+from hdfs_io.dataset import open_dataset
+from hdfs_io.features import FeatureConfig, features_from_bytes
+from hdfs_io.shard_reader import ReaderConfig, ShardDataset
+
+
+def run_reader(uri: str) -> tuple[float, float]:
+    ds = ShardDataset(uri, 0, 1, ReaderConfig())
+    started = time.perf_counter()
+    audio = sum(sum(b["durations"]) for b in ds)
+    return audio, time.perf_counter() - started
+
+
+def run_ceiling(records: list[bytes], audio: float) -> tuple[float, float]:
+    cfg = FeatureConfig()
+    started = time.perf_counter()
+    for data in records:
+        features_from_bytes(data, cfg)
+    return audio, time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--utterances", type=int, default=5000)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    root = corpus(args.utterances)
+    uri = str(WORK / f"packed-{args.utterances}")
+    if not os.path.exists(f"{uri}/dataset.json"):
+        spark_pack("local[2]", str(root), uri)
+    ds = open_dataset(uri)
+    records = [audio for shard in range(len(ds.manifest["shards"])) for _, audio in ds.shard_records(shard)]
+    total_audio = ds.manifest["hours"] * 3600
+    os.environ["OMP_NUM_THREADS"] = "1"
+    runs = {"reader": [], "ceiling": []}
+    for _ in range(args.repeats):
+        runs["reader"].append(run_reader(uri)[1])
+        runs["ceiling"].append(run_ceiling(records, total_audio)[1])
+    rows = {name: {"median_s": median(t), "runs_s": t, "audio_seconds_per_s": total_audio / median(t)}
+            for name, t in runs.items()}
+    result = {"utterances": ds.manifest["utterances"], "audio_hours": ds.manifest["hours"], "rows": rows,
+              "reader_vs_ceiling": rows["ceiling"]["median_s"] / rows["reader"]["median_s"],
+              "goal": "reader >= 90% of ceiling and >= 1000x real time per core"}
+    path = write_result("reader", result)
+    for name, r in rows.items():
+        print(f"{name:8s} {r['median_s']:7.2f} s  {r['audio_seconds_per_s']:7.0f} audio-s/s (x real time)")
+    print(f"reader / ceiling = {100 * result['reader_vs_ceiling']:.1f}% -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
