@@ -68,14 +68,21 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
 
 
 def log_features(signal: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
-    """Returns features of a mono signal at `cfg.sample_rate`, shaped (frames, cfg.num_bins)."""
-    win, hop = cfg.window_samples, cfg.hop_samples
-    if len(signal) < win:
-        signal = np.pad(signal, (0, win - len(signal)))
-    frames = 1 + (len(signal) - win) // hop
-    idx = np.arange(win)[None, :] + hop * np.arange(frames)[:, None]
-    window = np.hanning(win + 1)[:-1].astype(np.float32)
-    power = np.abs(np.fft.rfft(signal[idx] * window, n=cfg.n_fft)) ** 2
+    """Returns features of a mono signal at `cfg.sample_rate`, shaped (frames, cfg.num_bins).
+
+    Framed as torch.stft(center=False) frames them, so the trainer's on-device
+    features equal these: frames of n_fft samples every hop, the periodic Hann
+    window of `window_samples` zero-padded to n_fft in the middle.
+    """
+    win, hop, n_fft = cfg.window_samples, cfg.hop_samples, cfg.n_fft
+    if len(signal) < n_fft:
+        signal = np.pad(signal, (0, n_fft - len(signal)))
+    frames = 1 + (len(signal) - n_fft) // hop
+    left = (n_fft - win) // 2
+    window = np.zeros(n_fft, np.float32)
+    window[left:left + win] = np.hanning(win + 1)[:-1]
+    idx = np.arange(n_fft)[None, :] + hop * np.arange(frames)[:, None]
+    power = np.abs(np.fft.rfft(signal[idx] * window, n=n_fft)) ** 2
     if cfg.kind == "log_mel":
         power = power @ mel_filterbank(cfg.sample_rate, cfg.n_fft, cfg.n_mels).T
     return np.log(power + LOG_FLOOR).astype(np.float32)

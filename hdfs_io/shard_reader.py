@@ -18,11 +18,14 @@ CorruptRecord naming shard and row, "skip" drops the record and counts it.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
+import time
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Iterator
 
 import numpy as np
@@ -297,6 +300,35 @@ class ChunkFetcher:
                 pass
 
 
+def process_alive(pid: int) -> bool:
+    """Returns False once `pid` has exited, zombie included (its parent may not have reaped it yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: fall back to a signal-0 probe
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+
+def exit_with_parent(parent_pid: int, _worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: exits this worker when the training process is gone.
+
+    Workers started by a forkserver see the forkserver as their parent, so
+    DataLoader's own check never notices that the trainer died; this does.
+    """
+    def watch() -> None:
+        while process_alive(parent_pid):
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 class ShardLoader:
     """A DataLoader over a ShardDataset that records how far the consumer got, for exact resume."""
 
@@ -314,8 +346,10 @@ class ShardLoader:
     def __iter__(self) -> Iterator[dict]:
         self.dataset.start_position = self.next_position
         context = worker_start_method() if self.num_workers else None
+        init = partial(exit_with_parent, os.getpid()) if self.num_workers else None
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                            multiprocessing_context=context, persistent_workers=False, **self.kwargs)
+                            multiprocessing_context=context, persistent_workers=False, worker_init_fn=init,
+                            **self.kwargs)
         for batch in loader:
             self.next_position = batch["position"] + 1
             yield batch

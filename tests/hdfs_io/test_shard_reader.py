@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import uuid
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -28,7 +29,7 @@ def packed(cluster, tmp_path_factory):
     """Returns (expected, {name: dataset URI}) for one corpus packed four ways."""
     root = tmp_path_factory.mktemp("reader")
     expected = good_librispeech(root / "corpus", 24, seed=5)
-    hdfs_base = f"{cluster.hdfs_uri}/tests/reader-{root.name}"
+    hdfs_base = f"{cluster.hdfs_uri}/tests/reader-{uuid.uuid4().hex[:12]}"
     uris = {"local-parquet": f"file://{root}/parquet", "local-seq": str(root / "seq"),
             "hdfs-parquet": f"{hdfs_base}/parquet", "hdfs-seq": f"{hdfs_base}/seq"}
     small = ["--shard-size-mb", "0.3", "--row-group-mb", "0.05"]

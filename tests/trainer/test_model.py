@@ -1,0 +1,48 @@
+"""trainer.model and trainer.config: features on device match the packer's, shapes, strict config."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hdfs_io.features import FeatureConfig, log_features
+from trainer.config import ConfigError, load_config
+from trainer.model import DeepSpeech2, LogMel, ModelConfig
+
+ROOT_CONF = "conf/ds2_tiny.yaml"
+
+
+def test_torch_features_match_the_numpy_features_used_for_statistics():
+    cfg = FeatureConfig()
+    rng = np.random.default_rng(0)
+    signal = (0.1 * rng.standard_normal(16000)).astype(np.float32)
+
+    ours, frames = LogMel(cfg)(torch.from_numpy(signal)[None], torch.tensor([16000]))
+
+    reference = log_features(signal, cfg)
+    assert ours.shape[1] == reference.shape[0] == frames.item()
+    np.testing.assert_allclose(ours[0].numpy(), reference, atol=2e-3, rtol=1e-3)
+
+
+def test_model_outputs_ctc_log_probs_with_lengths_within_the_output():
+    model = DeepSpeech2(ModelConfig(conv_channels=4, rnn_layers=2, rnn_hidden=16), FeatureConfig(), list(" AB"))
+    wave = torch.randn(3, 24000)
+    lengths = torch.tensor([24000, 16000, 8000])
+
+    log_probs, out_lengths = model(wave, lengths)
+
+    assert log_probs.shape[1:] == (3, 4)
+    assert out_lengths.tolist() == sorted(out_lengths.tolist(), reverse=True)
+    assert out_lengths.max().item() == log_probs.shape[0]
+    assert torch.allclose(log_probs.exp().sum(-1), torch.ones(log_probs.shape[:2]), atol=1e-4)
+
+
+def test_config_rejects_unknown_keys_and_applies_overrides():
+    cfg = load_config(ROOT_CONF, ["--train.lr=3e-4", "--model.rnn_layers=4"])
+    assert (cfg.train.lr, cfg.model.rnn_layers) == (3e-4, 4)
+
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(ROOT_CONF, ["--train.learning_rate=1"])
+    with pytest.raises(ConfigError, match="not a int"):
+        load_config(ROOT_CONF, ["--model.rnn_layers=many"])

@@ -1,0 +1,88 @@
+"""trainer.train end to end: torchrun on 2 processes reading the real HDFS, resume, NaN skip, evaluate."""
+
+from __future__ import annotations
+
+import json
+import uuid
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hdfs_io.filesystem import open_filesystem
+from tests.corpora import good_librispeech
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["--conf", "conf/ds2_tiny.yaml", "--train.batch_seconds=12", "--train.checkpoint_every_steps=3",
+        "--train.num_workers=1", "--model.rnn_hidden=32", "--model.conv_channels=4", "--model.rnn_layers=2"]
+
+
+@pytest.fixture(scope="module")
+def hdfs_dataset(cluster, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    good_librispeech(root / "corpus", 24, seed=11)
+    uri = f"{cluster.hdfs_uri}/tests/train-{uuid.uuid4().hex[:12]}/dataset"
+    cluster.pack("--input", str(root / "corpus"), "--output", uri, "--shard-size-mb", "0.3")
+    yield uri
+    fs, path = open_filesystem(uri.rsplit("/", 1)[0])
+    fs.delete_dir(path)
+
+
+def train(cluster, *args: str, procs: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] \
+        if procs > 1 else [sys.executable]
+    return subprocess.run([*launcher, "-m", "trainer.train", *TINY, *args], cwd=ROOT, env=cluster.env,
+                          capture_output=True, text=True, timeout=900, check=check)
+
+
+def metrics(log_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_process_torchrun_trains_from_hdfs_and_checkpoints_there(cluster, hdfs_dataset, hdfs_dir, tmp_path):
+    out = f"{hdfs_dir}/run"
+
+    result = train(cluster, "--dataset", hdfs_dataset, "--out", out, "--max-steps", "4",
+                   "--eval-dataset", hdfs_dataset, "--log-dir", str(tmp_path / "log"), procs=2)
+
+    final = json.loads(result.stdout.strip().splitlines()[-1])
+    assert final["step"] == 4 and final["utterances"] == 24 and 0 <= final["cer"]
+    steps = metrics(tmp_path / "log")
+    assert [m["step"] for m in steps] == [1, 2, 3, 4]
+    assert all(m["loss"] > 0 and 0 <= m["data_wait_fraction"] <= 1 for m in steps)
+    ls = cluster.hadoop("dfs", "-ls", out).stdout
+    assert "checkpoint.pt" in ls and "metrics.jsonl" in ls and ".tmp" not in ls
+
+    evaluated = subprocess.run([sys.executable, "-m", "trainer.evaluate", "--checkpoint", out,
+                                "--dataset", hdfs_dataset], cwd=ROOT, env=cluster.env, capture_output=True,
+                               text=True, timeout=300, check=True)
+    assert json.loads(evaluated.stdout) == {k: final[k] for k in ("wer", "cer", "utterances")}
+
+
+def test_resume_after_a_crash_continues_with_the_same_batches_and_losses(cluster, hdfs_dataset, tmp_path):
+    common = ["--dataset", hdfs_dataset, "--max-steps", "8", "--epochs", "3"]
+    train(cluster, *common, "--out", str(tmp_path / "whole"), "--log-dir", str(tmp_path / "whole-log"))
+
+    crashed = train(cluster, *common, "--out", str(tmp_path / "cut"), "--log-dir", str(tmp_path / "cut-log"),
+                    "--train.crash_after_step=4", check=False)
+    assert crashed.returncode == 17
+    train(cluster, *common, "--out", str(tmp_path / "cut"), "--log-dir", str(tmp_path / "cut-log2"), "--resume")
+
+    whole, first, second = (metrics(tmp_path / d) for d in ("whole-log", "cut-log", "cut-log2"))
+    assert [m["step"] for m in first] == [1, 2, 3, 4] and [m["step"] for m in second] == [4, 5, 6, 7, 8]
+    # the checkpoint was written at step 3, so step 4 runs again after the restart
+    assert [m["keys"] for m in first[:3] + second] == [m["keys"] for m in whole]
+    for a, b in zip(first[:3] + second, whole):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+def test_an_inf_loss_on_one_rank_makes_every_rank_skip_that_step(cluster, hdfs_dataset, tmp_path):
+    result = train(cluster, "--dataset", hdfs_dataset, "--out", str(tmp_path / "out"), "--max-steps", "4",
+                   "--log-dir", str(tmp_path / "log"), "--train.inject_inf_at_step=2", "--train.inject_inf_on_rank=1",
+                   procs=2)
+
+    steps = metrics(tmp_path / "log")  # rank 0's log: its own loss at step 3 was finite
+    assert [m["skipped_steps"] for m in steps] == [0, 0, 1, 1]
+    assert all(m["loss"] < float("inf") for m in steps)
+    assert json.loads(result.stdout.strip().splitlines()[-1])["skipped_steps"] == 1
