@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -47,6 +48,16 @@ def spark_pack(master: str, input_uri: str, output_uri: str, *extra: str, env: d
                     str(ROOT / "spark_jobs" / "pack.py"), "--input", input_uri, "--output", output_uri,
                     "--overwrite", *extra], check=True, capture_output=True, env=local_spark_env(env))
     return open_dataset(output_uri).manifest
+
+
+def bench_args(doc: str, argv: list[str] | None, utterances: int = 5000, **extra: int) -> argparse.Namespace:
+    """Returns the parsed common options (--utterances, --repeats) plus integer `extra` ones."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--utterances", type=int, default=utterances)
+    p.add_argument("--repeats", type=int, default=3)
+    for name, default in extra.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
+    return p.parse_args(argv)
 
 
 def median(values: list[float]) -> float:

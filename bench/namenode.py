@@ -9,14 +9,13 @@ size (256 MB), counts objects with `hdfs fsck`, and extrapolates to a corpus of
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
 import subprocess
 import sys
 
-from bench.common import ROOT, corpus, spark_pack, tree_bytes, write_result
+from bench.common import bench_args, ROOT, corpus, spark_pack, tree_bytes, write_result
 from hdfs_io.upload import upload
 
 SHARD_MB = 256
@@ -36,9 +35,7 @@ def fsck_objects(path: str, env: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--utterances", type=int, default=5000)
-    args = p.parse_args(argv)
+    args = bench_args(__doc__, argv)
     if not os.environ.get("HDFS_URI"):
         sys.exit("bench.namenode: start the cluster and load its environment first: "
                  "make cluster-up && . .devcluster/env.sh")

@@ -14,14 +14,13 @@ Goal: Spark local[2] steady state >= 2x tar_probe.
 
 from __future__ import annotations
 
-import argparse
 import io
 import tarfile
 import time
 import zlib
 from pathlib import Path
 
-from bench.common import WORK, corpus, median, spark_pack, tree_bytes, write_result
+from bench.common import bench_args, WORK, corpus, median, spark_pack, tree_bytes, write_result
 from hdfs_io.audio import probe
 
 # 270 MB of corpus in 16 MB shards: 17 write tasks, enough to keep 2 cores busy to the end.
@@ -45,10 +44,7 @@ def tar_pack(root: Path, out: Path, with_probe: bool) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--utterances", type=int, default=5000)
-    p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args(argv)
+    args = bench_args(__doc__, argv)
     sizes = (args.utterances // 2, args.utterances)
     roots = {n: corpus(n) for n in sizes}
     out = WORK / "pack-out"

@@ -8,12 +8,11 @@ of the audio seconds each rank reads, at most 1%.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 
-from bench.common import median, write_result
+from bench.common import bench_args, median, write_result
 from hdfs_io.plan import PlanConfig, plan_epoch
 
 
@@ -26,11 +25,7 @@ def synthetic_index(n: int, seed: int = 0, shard_rows: int = 20000):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--utterances", type=int, default=3_000_000)
-    p.add_argument("--world-size", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args(argv)
+    args = bench_args(__doc__, argv, utterances=3_000_000, world_size=64)
     durations, shards, rows = synthetic_index(args.utterances)
     cfg = PlanConfig(batch_seconds=60.0)
     rows_out = {}

@@ -11,11 +11,10 @@ Goals: reader >= 90% of the ceiling, and >= 1000x real time per core.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
-from bench.common import WORK, corpus, median, spark_pack, write_result
+from bench.common import bench_args, WORK, corpus, median, spark_pack, write_result
 from hdfs_io.dataset import open_dataset
 from hdfs_io.features import FeatureConfig, features_from_bytes
 from hdfs_io.shard_reader import ReaderConfig, ShardDataset
@@ -37,10 +36,7 @@ def run_ceiling(records: list[bytes], audio: float) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--utterances", type=int, default=5000)
-    p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args(argv)
+    args = bench_args(__doc__, argv)
     root = corpus(args.utterances)
     uri = str(WORK / f"packed-{args.utterances}")
     if not os.path.exists(f"{uri}/dataset.json"):

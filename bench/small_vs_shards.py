@@ -10,7 +10,6 @@ DataLoader workers producing waveform batches. Goal: shards >= 50x faster.
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import os
 import sys
@@ -18,7 +17,7 @@ import time
 
 from pyarrow import fs as pafs
 
-from bench.common import corpus, median, spark_pack, write_result
+from bench.common import bench_args, corpus, median, spark_pack, write_result
 from hdfs_io.audio import decode, resample, to_mono
 from hdfs_io.filesystem import open_filesystem
 from hdfs_io.plan import PlanConfig
@@ -53,10 +52,7 @@ def run_shards(uri: str, expected: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--utterances", type=int, default=5000)
-    p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args(argv)
+    args = bench_args(__doc__, argv)
     if not os.environ.get("HDFS_URI"):
         sys.exit("bench.small_vs_shards: make cluster-up && . .devcluster/env.sh first")
     hdfs = os.environ["HDFS_URI"]
