@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         raw_objects = n * (1 + max(1, math.ceil(mean_bytes / (BLOCK_MB * 2**20))))
         shards = math.ceil(n * mean_bytes / (SHARD_MB * 2**20))
         index_mb = n * packed_index_bytes_per_utt / 2**20
-        packed_objects = shards * (1 + math.ceil(SHARD_MB / BLOCK_MB)) + 3 + 3 + math.ceil(index_mb / BLOCK_MB)
+        metadata = 3 + 2 + max(1, math.ceil(index_mb / BLOCK_MB))  # 3 files; 1 block each, more for the index
+        packed_objects = shards * (1 + math.ceil(SHARD_MB / BLOCK_MB)) + metadata
         return {"utterances": n, "raw_objects": raw_objects, "packed_objects": packed_objects,
                 "ratio": raw_objects / packed_objects}
 

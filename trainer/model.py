@@ -128,10 +128,9 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def cosine_with_warmup(step: int, total: int, warmup_fraction: float) -> float:
-    """Returns the LR multiplier: linear warm-up, then cosine decay to zero at `total`."""
-    warmup = max(1, int(total * warmup_fraction))
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+def cosine_with_warmup(progress: float, warmup_fraction: float) -> float:
+    """Returns the LR multiplier at `progress` (0 to 1) of training: linear warm-up, then cosine decay to zero."""
+    progress = min(max(progress, 0.0), 1.0)
+    if progress < warmup_fraction:
+        return max(progress / warmup_fraction, 1e-3)
+    return 0.5 * (1.0 + math.cos(math.pi * (progress - warmup_fraction) / max(1e-9, 1.0 - warmup_fraction)))

@@ -160,8 +160,18 @@ def main(argv: list[str] | None = None) -> int:
         optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=0.9, nesterov=True,
                                     weight_decay=t.weight_decay)
     total_steps = t.max_steps or t.epochs * len(reader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_with_warmup(s, total_steps, t.warmup_fraction))
+    clock = {"started": time.perf_counter(), "before_resume_s": 0.0}
+
+    def elapsed() -> float:
+        """Training wall time in seconds, counting the runs before a resume."""
+        return clock["before_resume_s"] + time.perf_counter() - clock["started"]
+
+    def progress(step_count: int) -> float:
+        """Fraction of training done: by steps, or by wall time when a time budget ends the run first."""
+        by_steps = step_count / max(total_steps, 1)
+        return max(by_steps, elapsed() / (60 * t.max_minutes)) if t.max_minutes else by_steps
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(progress(s), t.warmup_fraction))
     ctc = nn.CTCLoss(blank=0, zero_infinity=True)
     precision = {"auto": "bf16" if device.type == "cuda" else "fp32"}.get(t.precision, t.precision)
     autocast = (torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
@@ -178,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         step, epoch, skipped = ckpt["step"], ckpt["epoch"], ckpt["skipped_steps"]
+        clock["before_resume_s"] = ckpt.get("wall_s", 0.0)
         loader.load_state_dict(ckpt["readers"][rank])
         resumed = True
 
@@ -204,13 +215,13 @@ def main(argv: list[str] | None = None) -> int:
             buf = io.BytesIO()
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
-                        "skipped_steps": skipped, "config": to_dict(cfg), "vocabulary": model.vocabulary,
+                        "skipped_steps": skipped, "wall_s": elapsed(), "config": to_dict(cfg),
+                        "vocabulary": model.vocabulary,
                         "dataset": dataset_identity(manifest, args.dataset), "readers": states}, buf)
             write_bytes(checkpoint_uri, buf.getvalue())
             metrics_file.flush()
             write_bytes(f"{args.out.rstrip('/')}/metrics.jsonl", (log_dir / "metrics.jsonl").read_bytes())
 
-    started = time.perf_counter()
     done = False
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, unit="step", file=sys.stderr)
     while epoch < t.epochs and not done:
@@ -251,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                           "utterances_per_s": len(batch["keys"]) * world / step_s,
                           "audio_seconds_per_s": audio_s * world / step_s,
                           "data_wait_fraction": (got_at - waited_from) / step_s, "skipped_steps": skipped,
-                          "wall_s": step_end - started, "keys": batch["keys"]}
+                          "wall_s": elapsed(), "keys": batch["keys"]}
                 metrics_file.write(json.dumps(record) + "\n")
                 if writer:
                     for k in ("loss", "lr", "audio_seconds_per_s", "data_wait_fraction", "skipped_steps"):
@@ -262,14 +273,14 @@ def main(argv: list[str] | None = None) -> int:
                 save()
             if args.eval_dataset and t.eval_every_steps and step % t.eval_every_steps == 0 and rank == 0:
                 rates = evaluate(model, args.eval_dataset, cfg, device)
-                metrics_file.write(json.dumps({"step": step, "eval": rates, "wall_s": time.perf_counter() - started})
+                metrics_file.write(json.dumps({"step": step, "eval": rates, "wall_s": elapsed()})
                                    + "\n")
                 if writer:
                     writer.add_scalar("eval/cer", rates["cer"], step)
                     writer.add_scalar("eval/wer", rates["wer"], step)
             if step == t.crash_after_step and rank == t.crash_on_rank:
                 os._exit(17)
-            out_of_time = t.max_minutes and (time.perf_counter() - started) / 60 >= t.max_minutes
+            out_of_time = t.max_minutes and elapsed() / 60 >= t.max_minutes
             if world > 1 and t.max_minutes:  # ranks must agree to stop at the same step
                 flag = torch.tensor([float(bool(out_of_time))])
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -283,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
     save()
     if rank == 0:
-        result = {"step": step, "epoch": epoch, "skipped_steps": skipped, "wall_s": time.perf_counter() - started}
+        result = {"step": step, "epoch": epoch, "skipped_steps": skipped, "wall_s": elapsed()}
         if args.eval_dataset:
             result.update(evaluate(model, args.eval_dataset, cfg, device))
         print(json.dumps(result))

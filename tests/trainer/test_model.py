@@ -46,3 +46,12 @@ def test_config_rejects_unknown_keys_and_applies_overrides():
         load_config(ROOT_CONF, ["--train.learning_rate=1"])
     with pytest.raises(ConfigError, match="not a int"):
         load_config(ROOT_CONF, ["--model.rnn_layers=many"])
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    from trainer.model import cosine_with_warmup
+
+    values = [cosine_with_warmup(p / 100, 0.1) for p in range(101)]
+
+    assert values[:10] == sorted(values[:10]) and values[10] == pytest.approx(1.0)
+    assert values[10:] == sorted(values[10:], reverse=True) and values[-1] == pytest.approx(0.0)
