@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             write_bytes(f"{args.out.rstrip('/')}/metrics.jsonl", (log_dir / "metrics.jsonl").read_bytes())
 
     done = False
-    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, unit="step", file=sys.stderr)
+    bar = tqdm(total=None if t.max_minutes and not t.max_steps else total_steps, initial=step,
+               disable=rank != 0, unit="step", file=sys.stderr)
     while epoch < t.epochs and not done:
         if not resumed:
             loader.set_epoch(epoch)
