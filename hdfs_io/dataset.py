@@ -51,10 +51,6 @@ class Dataset:
                 for key, value in reader.records():
                     yield key.decode("utf-8"), value
 
-    def shard_table(self, shard: int) -> pa.Table:
-        """Returns a Parquet shard as a table."""
-        return pq.read_table(self.shard_file(shard), filesystem=self.fs)
-
 
 def open_dataset(uri: str) -> Dataset:
     """Returns the dataset at `uri` after checking that dataset.json is there and valid.

@@ -110,9 +110,6 @@ class FilesystemRef:
     def open(self) -> tuple[pafs.FileSystem, str]:
         return open_filesystem(self.uri)
 
-    def join(self, *parts: str) -> "FilesystemRef":
-        return FilesystemRef(join_uri(self.uri, *parts))
-
 
 def join_uri(uri: str, *parts: str) -> str:
     """Returns `uri` with path parts appended, keeping its scheme and authority."""

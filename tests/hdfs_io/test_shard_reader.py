@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 import uuid
-import zlib
 from collections import Counter
 from pathlib import Path
 
