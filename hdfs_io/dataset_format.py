@@ -5,6 +5,7 @@ A dataset folder holds:
     index.parquet        one row per packed utterance: key -> (shard, row, duration, ...)
     quarantine.jsonl     one JSON object per rejected input: {"source", "reason"}
     dataset.json         written last; its presence means the dataset is complete
+    features-<digest>/   optional feature cache (spark_jobs/cache_features.py), cache.json written last
 
 Writers (spark_jobs) and readers (hdfs_io) import the names and schemas from here.
 """
@@ -76,6 +77,29 @@ PARQUET_COMPRESSION = {f.name: ("NONE" if f.name == AUDIO else "ZSTD") for f in 
 # SequenceFile shards: key Text = utterance key, value BytesWritable = audio bytes.
 SEQ_KEY_CLASS = "org.apache.hadoop.io.Text"
 SEQ_VALUE_CLASS = "org.apache.hadoop.io.BytesWritable"
+
+
+# Feature cache: features-<FeatureConfig.digest()>/part-NNNNN.parquet beside the audio shards, row i of
+# part-NNNNN holding the features of row i of the audio shard, one row group per reader chunk; cache.json last.
+FEATURE_CACHE_PREFIX = "features-"
+FEATURE_CACHE_MANIFEST = "cache.json"
+FEATURES = "features"  # float16 little-endian, frames x bins, un-normalized
+FRAMES = "frames"
+FEATURE_SCHEMA = pa.schema([pa.field(KEY, pa.string()), pa.field(FRAMES, pa.int32()),
+                            pa.field(FEATURES, pa.binary()), pa.field(CHECKSUM, pa.int64())])
+
+
+SEQ_CHUNK_BYTES = 16 * 2**20  # readers fetch SequenceFile shards in byte ranges of about this size
+
+
+def chunk_ids(fmt: str, row_groups, offsets):
+    """Returns each utterance's read unit within its shard: the Parquet row group, or offset // 16 MB."""
+    return row_groups.astype("int64") if fmt == "parquet" else (offsets // SEQ_CHUNK_BYTES).astype("int64")
+
+
+def feature_cache_dir(digest: str) -> str:
+    """Returns the feature cache folder for a feature config digest, relative to the dataset folder."""
+    return f"{FEATURE_CACHE_PREFIX}{digest}"
 
 
 class DatasetError(ValueError):

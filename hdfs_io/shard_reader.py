@@ -10,7 +10,7 @@
 The pipeline, per DataLoader worker: plan (hdfs_io.plan, from the index alone)
 -> this worker's batches (every k-th position, so the output order does not depend
 on k) -> chunks to read, in order of first use (Parquet row groups; byte ranges
-of about CHUNK_BYTES in SequenceFiles) -> a background thread prefetching a
+of about 16 MB in SequenceFiles) -> a background thread prefetching a
 bounded number of chunks -> verify each record's CRC32 -> decode -> down-mix and
 resample -> features -> collate. Errors follow one policy: "fail" raises
 CorruptRecord naming shard and row, "skip" drops the record and counts it.
@@ -18,6 +18,7 @@ CorruptRecord naming shard and row, "skip" drops the record and counts it.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import threading
@@ -41,9 +42,6 @@ from hdfs_io.filesystem import FilesystemRef, worker_start_method
 from hdfs_io.plan import PlanConfig, index_columns, plan_epoch
 from hdfs_io.sequencefile import OffsetBytes, SequenceFileReader, writable_bytes
 
-CHUNK_BYTES = 16 * 2**20  # SequenceFile read unit, as the pack job's default Parquet row group
-
-
 class CorruptRecord(RuntimeError):
     """A record failed its checksum or could not be decoded; the message names shard and row."""
 
@@ -55,6 +53,7 @@ class ReaderConfig:
     output: str = "features"  # "features": normalized features on the CPU; "waveform": for on-device features
     on_error: str = "fail"  # or "skip"
     prefetch_chunks: int = 4
+    use_feature_cache: bool = True  # read features-<digest>/ instead of decoding, when it matches `feature`
 
     def __post_init__(self):
         if self.on_error not in ("fail", "skip"):
@@ -80,21 +79,32 @@ class ShardDataset(IterableDataset):
         self.row_groups = index.column(F.ROW_GROUP).to_numpy()
         self.offsets = index.column(F.OFFSET).to_numpy()
         self.num_bytes = index.column(F.NUM_BYTES).to_numpy()
-        self.chunks = self._chunk_ids()
+        self.chunks = F.chunk_ids(self.manifest["format"], self.row_groups, self.offsets)
         stats = self.manifest["stats"]["features"]
         same = FeatureConfig(**stats["config"]) == config.feature
         self.mean = np.asarray(stats["mean"], np.float32) if same else None
         self.std = np.maximum(np.asarray(stats["std"], np.float32), 1e-5) if same else None
+        self.cache_dir = self._feature_cache(ds) if config.output == "features" and config.use_feature_cache else None
         self.epoch, self.start_position = 0, 0
         self._plans: dict[int, object] = {}
         self._by_key: dict[str, int] | None = None
 
-    # -- planning and position ------------------------------------------------
+    def _feature_cache(self, ds) -> str | None:
+        """Returns the feature cache folder for this reader's feature config, if a complete one exists."""
+        folder = F.feature_cache_dir(self.config.feature.digest())
+        try:
+            with ds.fs.open_input_stream(f"{ds.path}/{folder}/{F.FEATURE_CACHE_MANIFEST}") as f:
+                cache = json.loads(f.read())
+        except (FileNotFoundError, ValueError):
+            return None
+        return folder if cache.get("utterances") == len(self.keys) else None
 
-    def _chunk_ids(self) -> np.ndarray:
-        if self.manifest["format"] == "parquet":
-            return self.row_groups.astype(np.int64)
-        return (self.offsets // CHUNK_BYTES).astype(np.int64)
+    def chunk_row_group(self, shard: int, chunk: int) -> int:
+        """Returns the feature-cache row group of a chunk: its rank among the shard's chunk ids."""
+        ids = np.unique(self.chunks[self.shards == shard])
+        return int(np.searchsorted(ids, chunk))
+
+    # -- planning and position ------------------------------------------------
 
     def plan(self, epoch: int):
         if epoch not in self._plans:
@@ -163,10 +173,16 @@ class ShardDataset(IterableDataset):
         return collate(position, self.epoch, [(self.keys[u], self.transcripts[u], float(self.durations[u]), x)
                                               for u, x in items], repeated, skipped, self.config.output)
 
-    def _prepare(self, u: int, data: bytes | None) -> np.ndarray:
+    def _prepare(self, u: int, data: bytes | tuple[bytes, int] | None) -> np.ndarray:
         where = f"shard {self.manifest['shards'][self.shards[u]]['path']} row {self.rows[u]}"
         if data is None:
             raise CorruptRecord(f"{where}: record missing from its chunk")
+        if isinstance(data, tuple):  # from the feature cache: float16 features and their CRC32
+            feats, crc = data
+            if zlib.crc32(feats) != crc:
+                raise CorruptRecord(f"{self.cache_dir}/ {where}: feature checksum mismatch (key {self.keys[u]})")
+            feats = np.frombuffer(feats, "<f2").reshape(-1, self.config.feature.num_bins).astype(np.float32)
+            return (feats - self.mean) / self.std if self.mean is not None else feats
         if zlib.crc32(data) != self.checksums[u]:
             raise CorruptRecord(f"{where}: checksum mismatch (key {self.keys[u]})")
         try:
@@ -262,6 +278,12 @@ class ChunkFetcher:
         path = f"{self.root}/{ds.manifest['shards'][shard]['path']}"
         members = np.nonzero((ds.shards == shard) & (ds.chunks == chunk_id))[0]
         by_row = {int(ds.rows[u]): int(u) for u in members}
+        if ds.cache_dir:
+            name = ds.manifest["shards"][shard]["path"].rsplit("/", 1)[1].rsplit(".", 1)[0]
+            cached = pq.ParquetFile(self.fs.open_input_file(f"{self.root}/{ds.cache_dir}/{name}.parquet"))
+            group = cached.read_row_group(ds.chunk_row_group(shard, chunk_id), columns=[F.FEATURES, F.CHECKSUM])
+            feats, crcs = group.column(F.FEATURES), group.column(F.CHECKSUM).to_pylist()
+            return {u: (feats[i].as_py(), crcs[i]) for i, (_, u) in enumerate(sorted(by_row.items()))}
         if ds.manifest["format"] == "parquet":
             parquet = pq.ParquetFile(self.fs.open_input_file(path))
             group_start = sum(parquet.metadata.row_group(i).num_rows for i in range(chunk_id))

@@ -19,6 +19,7 @@ import json
 import multiprocessing
 import posixpath
 import signal
+import subprocess
 import sys
 import time
 import zlib
@@ -72,7 +73,11 @@ class PydoopClient:
     """Destination operations through pydoop.hdfs (HDFS only)."""
 
     def __init__(self, uri: str):
-        import pydoop.hdfs as phdfs
+        try:
+            import pydoop.hdfs as phdfs
+        except (ImportError, subprocess.CalledProcessError) as e:
+            raise ValueError("--client pydoop needs pydoop and the `hadoop` command on PATH "
+                             f"(here: . .devcluster/env.sh or scripts/hadoop_env.sh): {e}") from None
 
         parsed = urlparse(uri)
         self.fs = phdfs.hdfs(parsed.hostname or "default", parsed.port or 0)

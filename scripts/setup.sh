@@ -106,10 +106,15 @@ fi
 # 5. pydoop (its setup.py asks `hadoop classpath`: scripts/hadoop answers)
 if ! .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('pydoop') is None)"; then
   say "building pydoop against the Maven Hadoop classpath"
-  # pydoop's setup.py imports pkg_resources, which newer setuptools (pulled in by torch) no longer has.
-  .venv/bin/pip install -q "setuptools>=61,<70"
+  # pydoop's setup.py imports pkg_resources, gone from the setuptools torch wants: build the wheel
+  # in a separate build environment with an old setuptools, then install only the wheel.
+  buildenv="$CACHE/pydoop/buildenv"
+  [ -x "$buildenv/bin/python" ] || .venv/bin/python -m venv "$buildenv"
+  "$buildenv/bin/pip" install -q "setuptools>=61,<70" wheel
+  rm -rf "$CACHE/pydoop/wheel"
   (cd "$src/pydoop-$PYDOOP_VERSION" && PATH="$ROOT/scripts:$PATH" \
      CFLAGS="-I/usr/include/tirpc" LDFLAGS="-ltirpc" \
-     "$ROOT/.venv/bin/pip" install -q --no-build-isolation .)
+     "$buildenv/bin/pip" wheel -q --no-build-isolation --no-deps -w "$CACHE/pydoop/wheel" .)
+  .venv/bin/pip install -q --no-deps "$CACHE"/pydoop/wheel/pydoop-*.whl
 fi
 say "ready"

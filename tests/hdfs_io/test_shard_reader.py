@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from hdfs_io.dataset import open_dataset
+from hdfs_io.features import FeatureConfig
 from hdfs_io.plan import PlanConfig
 from hdfs_io.sequencefile import SequenceFileReader
 from hdfs_io.shard_reader import CorruptRecord, ReaderConfig, ShardDataset, ShardLoader
@@ -189,3 +190,31 @@ def test_read_cli_reports_throughput(packed):
 
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["utterances"] > 0 and report["audio_seconds_per_s"] > 0 and report["skipped"] == 0
+
+
+@pytest.mark.parametrize("name", ["local-parquet", "hdfs-seq"])
+def test_feature_cache_serves_the_same_features_without_touching_audio(cluster, packed, tmp_path, name):
+    _, uris = packed
+    if name.startswith("local"):
+        uri = str(tmp_path / "ds")
+        shutil.copytree(open_filesystem(uris[name])[1], uri)
+    else:
+        uri = f"{uris[name]}-cached-{uuid.uuid4().hex[:8]}"
+        cluster.hadoop("dfs", "-cp", uris[name], uri)
+    cluster.spark_submit(str(ROOT / "spark_jobs" / "cache_features.py"), "--dataset", uri, master="local[2]")
+    decoded = read_all(uri, 1, 1, 2, ReaderConfig(plan=CONFIG.plan, use_feature_cache=False))[0]
+
+    cached = read_all(uri, 1, 1, 2, CONFIG)[0]
+
+    assert ShardDataset(uri, 0, 1, CONFIG).cache_dir is not None
+    assert [b["keys"] for b in cached] == [b["keys"] for b in decoded]
+    for a, b in zip(cached, decoded):
+        assert a["features"].shape == b["features"].shape
+        assert (a["features"] - b["features"]).abs().max() < 0.02  # float16 storage
+    fs, path = open_filesystem(uri)
+    for shard in open_dataset(uri).manifest["shards"]:  # ruin the audio: the cache must not need it
+        with fs.open_output_stream(f"{path}/{shard['path']}") as f:
+            f.write(b"gone")
+    assert [b["keys"] for b in read_all(uri, 1, 1, 2, CONFIG)[0]] == [b["keys"] for b in decoded]
+    other = ReaderConfig(plan=CONFIG.plan, feature=FeatureConfig(n_mels=40))
+    assert ShardDataset(uri, 0, 1, other).cache_dir is None  # another config falls back to decoding
