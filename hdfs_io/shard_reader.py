@@ -42,6 +42,7 @@ from hdfs_io.filesystem import FilesystemRef, worker_start_method
 from hdfs_io.plan import PlanConfig, index_columns, plan_epoch
 from hdfs_io.sequencefile import OffsetBytes, SequenceFileReader, writable_bytes
 
+
 class CorruptRecord(RuntimeError):
     """A record failed its checksum or could not be decoded; the message names shard and row."""
 
