@@ -89,6 +89,7 @@ class ShardDataset(IterableDataset):
         self.epoch, self.start_position = 0, 0
         self._plans: dict[int, object] = {}
         self._by_key: dict[str, int] | None = None
+        self._members: dict[tuple[int, int], np.ndarray] | None = None
 
     def _feature_cache(self, ds) -> str | None:
         """Returns the feature cache folder for this reader's feature config, if a complete one exists."""
@@ -100,10 +101,20 @@ class ShardDataset(IterableDataset):
             return None
         return folder if cache.get("utterances") == len(self.keys) else None
 
+    def chunk_members(self, shard: int, chunk: int) -> np.ndarray:
+        """Returns the utterance ids in one chunk, from a grouping of the index built once per process."""
+        if self._members is None:
+            order = np.lexsort((self.chunks, self.shards))
+            keys = np.stack([self.shards[order], self.chunks[order]], axis=1)
+            starts = np.flatnonzero(np.r_[True, (keys[1:] != keys[:-1]).any(axis=1)])
+            self._members = {(int(keys[a, 0]), int(keys[a, 1])): order[a:b]
+                             for a, b in zip(starts, np.r_[starts[1:], len(order)])}
+        return self._members.get((shard, chunk), np.empty(0, np.int64))
+
     def chunk_row_group(self, shard: int, chunk: int) -> int:
         """Returns the feature-cache row group of a chunk: its rank among the shard's chunk ids."""
-        ids = np.unique(self.chunks[self.shards == shard])
-        return int(np.searchsorted(ids, chunk))
+        self.chunk_members(shard, chunk)
+        return sorted(c for s, c in self._members if s == shard).index(chunk)
 
     # -- planning and position ------------------------------------------------
 
@@ -257,6 +268,7 @@ class ChunkFetcher:
             remaining[c] += 1
         self.remaining = remaining
         self.ready: dict[tuple[int, int], dict[int, bytes] | BaseException] = {}
+        self.files: dict[str, pq.ParquetFile] = {}  # used by the prefetch thread only
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, ds.config.prefetch_chunks))
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -272,21 +284,27 @@ class ChunkFetcher:
                 result = e
             self.queue.put((chunk, result))
 
+    def _parquet(self, path: str) -> pq.ParquetFile:
+        """Returns the shard's ParquetFile, opened once per fetcher so its footer is read once."""
+        if path not in self.files:
+            self.files[path] = pq.ParquetFile(self.fs.open_input_file(path))
+        return self.files[path]
+
     def _read(self, chunk: tuple[int, int]) -> dict[int, bytes]:
         """Returns {utterance id: audio bytes} for one chunk."""
         shard, chunk_id = chunk
         ds = self.ds
         path = f"{self.root}/{ds.manifest['shards'][shard]['path']}"
-        members = np.nonzero((ds.shards == shard) & (ds.chunks == chunk_id))[0]
+        members = ds.chunk_members(shard, chunk_id)
         by_row = {int(ds.rows[u]): int(u) for u in members}
         if ds.cache_dir:
             name = ds.manifest["shards"][shard]["path"].rsplit("/", 1)[1].rsplit(".", 1)[0]
-            cached = pq.ParquetFile(self.fs.open_input_file(f"{self.root}/{ds.cache_dir}/{name}.parquet"))
+            cached = self._parquet(f"{self.root}/{ds.cache_dir}/{name}.parquet")
             group = cached.read_row_group(ds.chunk_row_group(shard, chunk_id), columns=[F.FEATURES, F.CHECKSUM])
             feats, crcs = group.column(F.FEATURES), group.column(F.CHECKSUM).to_pylist()
             return {u: (feats[i].as_py(), crcs[i]) for i, (_, u) in enumerate(sorted(by_row.items()))}
         if ds.manifest["format"] == "parquet":
-            parquet = pq.ParquetFile(self.fs.open_input_file(path))
+            parquet = self._parquet(path)
             group_start = sum(parquet.metadata.row_group(i).num_rows for i in range(chunk_id))
             audio = parquet.read_row_group(chunk_id, columns=[F.AUDIO]).column(F.AUDIO)
             return {u: audio[row - group_start].as_py() for row, u in by_row.items()}
