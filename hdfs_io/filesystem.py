@@ -14,6 +14,7 @@ workers, or start workers with `worker_start_method()`.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import os
 import posixpath
 import tempfile
@@ -153,6 +154,7 @@ def probe_uri(uri: str) -> tuple[pafs.FileSystem, str, pafs.FileInfo]:
 
     Raises:
         FilesystemUnavailable: the filesystem cannot be reached.
+        PermissionError: HDFS refused this user access to the path.
         ForkedJVMError: see `hdfs`.
     """
     with captured_stderr() as captured:
@@ -161,12 +163,34 @@ def probe_uri(uri: str) -> tuple[pafs.FileSystem, str, pafs.FileInfo]:
             # libhdfs reports an unreachable NameNode as "not found"; the root always exists.
             if isinstance(fs, pafs.HadoopFileSystem) and fs.get_file_info("/").type != pafs.FileType.Directory:
                 raise OSError("the NameNode did not answer (is HDFS running at that host and port?)")
-            return fs, path, fs.get_file_info(path)
-        except FilesystemUnavailable:
+            info = fs.get_file_info(path)
+            if isinstance(fs, pafs.HadoopFileSystem) and info.type == pafs.FileType.NotFound:
+                refuse_if_denied(fs, path, uri)
+            return fs, path, info
+        except (FilesystemUnavailable, PermissionError):
             raise
         except OSError as e:
             cause = java_exception_line(captured.read()) or first_line(e)
             raise FilesystemUnavailable(f"cannot reach {uri}: {cause}") from None
+
+
+def refuse_if_denied(fs: pafs.FileSystem, path: str, uri: str) -> None:
+    """Raises PermissionError if `path` looked missing only because HDFS denied access to it.
+
+    libhdfs reports a path under a folder this user may not enter as "not found";
+    listing the path tells the two apart.
+    """
+    try:
+        fs.get_file_info(pafs.FileSelector(path))
+    except PermissionError:
+        raise PermissionError(f"permission denied: HDFS refuses user {hdfs_user()} access to {uri}") from None
+    except OSError:
+        pass
+
+
+def hdfs_user() -> str:
+    """Returns the user name HDFS sees under simple authentication: HADOOP_USER_NAME, else the login name."""
+    return os.environ.get("HADOOP_USER_NAME") or getpass.getuser()
 
 
 @contextlib.contextmanager

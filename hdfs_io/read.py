@@ -15,7 +15,8 @@ from tqdm import tqdm
 from hdfs_io import dataset_format as F
 from hdfs_io.filesystem import FilesystemUnavailable, probe_uri
 from hdfs_io.plan import PlanConfig
-from hdfs_io.shard_reader import CorruptRecord, ReaderConfig, ShardDataset, ShardLoader
+from hdfs_io.shard_reader import (CorruptRecord, ReaderConfig, ShardDataset, ShardLoader, StorageUnavailable,
+                                  error_message)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,15 +29,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-seconds", type=float, default=PlanConfig.batch_seconds)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--on-error", choices=["fail", "skip"], default="fail")
+    p.add_argument("--retry-seconds", type=float, default=ReaderConfig.retry_seconds,
+                   help="how long to retry a failing read before giving up (default %(default)s)")
+    p.add_argument("--stall-seconds", type=float, default=ReaderConfig.stall_seconds,
+                   help="how long a read may hang beyond the retries before giving up (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--keys-out", type=argparse.FileType("w"),
+                   help="write every key read, one JSON string per line, for auditing")
     args = p.parse_args(argv)
     if not 0 <= args.rank < args.world_size:
         p.error("--rank must be in [0, --world-size)")
-    config = ReaderConfig(plan=PlanConfig(batch_seconds=args.batch_seconds, seed=args.seed), on_error=args.on_error)
     try:
+        config = ReaderConfig(plan=PlanConfig(batch_seconds=args.batch_seconds, seed=args.seed),
+                              on_error=args.on_error, retry_seconds=args.retry_seconds,
+                              stall_seconds=args.stall_seconds)
         probe_uri(args.dataset)
         ds = ShardDataset(args.dataset, args.rank, args.world_size, config)
-    except (F.DatasetError, FilesystemUnavailable, ValueError) as e:
+    except (F.DatasetError, FilesystemUnavailable, PermissionError, ValueError) as e:
         print(f"read: error: {e}", file=sys.stderr)
         return 2
     ds.set_epoch(args.epoch)
@@ -47,11 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for batch in tqdm(loader, total=len(loader), unit="batch", file=sys.stderr, desc=f"rank {args.rank}"):
             utterances += len(batch["keys"])
+            if args.keys_out:
+                args.keys_out.writelines(json.dumps(k) + "\n" for k in batch["keys"])
             audio_s += sum(batch["durations"])
             skipped += len(batch["skipped"])
             repeated += len(batch["keys"]) if batch["repeated"] else 0
-    except CorruptRecord as e:
-        print(f"read: error: {e}", file=sys.stderr)
+    except (CorruptRecord, StorageUnavailable) as e:
+        print(f"read: error: {error_message(e)}", file=sys.stderr)
         return 1
     wall = time.perf_counter() - started
     result = {"rank": args.rank, "world_size": args.world_size, "epoch": args.epoch, "batches": len(loader),

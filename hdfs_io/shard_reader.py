@@ -14,6 +14,14 @@ of about 16 MB in SequenceFiles) -> a background thread prefetching a
 bounded number of chunks -> verify each record's CRC32 -> decode -> down-mix and
 resample -> features -> collate. Errors follow one policy: "fail" raises
 CorruptRecord naming shard and row, "skip" drops the record and counts it.
+
+A read that fails with an I/O error (a NameNode restarting, a DataNode gone
+with no replica left yet) is retried with exponential backoff for
+`retry_seconds`, then raises StorageUnavailable naming the filesystem,
+whatever the policy: skipping would silently drop every record behind it.
+A read that never returns (a NameNode that accepts connections but does not
+answer) fails the same way once nothing has arrived for `retry_seconds +
+stall_seconds`, so a reader never hangs.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
+from pyarrow.fs import FileType
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -38,13 +47,32 @@ from hdfs_io import dataset_format as F
 from hdfs_io.audio import BadAudio, decode, resample, to_mono
 from hdfs_io.dataset import open_dataset
 from hdfs_io.features import FeatureConfig, log_features
-from hdfs_io.filesystem import FilesystemRef, worker_start_method
+from hdfs_io.filesystem import FilesystemRef, first_line, worker_start_method
 from hdfs_io.plan import PlanConfig, index_columns, plan_epoch
 from hdfs_io.sequencefile import OffsetBytes, SequenceFileReader, writable_bytes
 
 
 class CorruptRecord(RuntimeError):
     """A record failed its checksum or could not be decoded; the message names shard and row."""
+
+
+class StorageUnavailable(RuntimeError):
+    """A shard could not be read within the retry budget; the message names the filesystem and shard."""
+
+
+def error_message(error: BaseException) -> str:
+    """Returns the one-line message of a reader error, also when a DataLoader worker re-raised it.
+
+    DataLoader re-raises a worker's exception in the trainer with the worker's
+    traceback folded into the message; the user needs its last line only.
+    """
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    last = lines[-1] if lines else type(error).__name__
+    for cls in (CorruptRecord, StorageUnavailable):
+        prefix = f"{cls.__module__}.{cls.__name__}: "
+        if last.startswith(prefix):
+            return last[len(prefix):]
+    return last
 
 
 @dataclass(frozen=True)
@@ -54,6 +82,8 @@ class ReaderConfig:
     output: str = "features"  # "features": normalized features on the CPU; "waveform": for on-device features
     on_error: str = "fail"  # or "skip"
     prefetch_chunks: int = 4
+    retry_seconds: float = 60.0  # how long a failing read is retried, with backoff, before StorageUnavailable
+    stall_seconds: float = 120.0  # how long a read may hang (beyond retry_seconds) before StorageUnavailable
     use_feature_cache: bool = True  # read features-<digest>/ instead of decoding, when it matches `feature`
 
     def __post_init__(self):
@@ -61,6 +91,8 @@ class ReaderConfig:
             raise ValueError(f"on_error must be 'fail' or 'skip', not {self.on_error!r}")
         if self.output not in ("features", "waveform"):
             raise ValueError(f"output must be 'features' or 'waveform', not {self.output!r}")
+        if self.retry_seconds < 0 or self.stall_seconds <= 0:
+            raise ValueError("retry_seconds must be >= 0 and stall_seconds > 0")
 
 
 class ShardDataset(IterableDataset):
@@ -279,10 +311,42 @@ class ChunkFetcher:
             if self.stop.is_set():
                 return
             try:
-                result = self._read(chunk)
+                result = self._read_retrying(chunk)
             except BaseException as e:  # handed to the consumer, which applies the policy
                 result = e
             self.queue.put((chunk, result))
+
+    def _where(self, chunk: tuple[int, int]) -> str:
+        return f"shard {self.ds.manifest['shards'][chunk[0]]['path']} chunk {chunk[1]}"
+
+    def _read_retrying(self, chunk: tuple[int, int]) -> dict[int, bytes]:
+        """Returns `_read(chunk)`, retrying I/O errors with exponential backoff for `retry_seconds`.
+
+        Raises:
+            StorageUnavailable: the read still failed when the retry budget ran out.
+        """
+        deadline = time.monotonic() + self.ds.config.retry_seconds
+        delay, attempts = 0.5, 0
+        while True:
+            attempts += 1
+            try:
+                return self._read(chunk)
+            except OSError as e:
+                if isinstance(e, FileNotFoundError) and self._root_answers():
+                    raise  # the filesystem answers, so the shard really is missing: no use retrying
+                if self.stop.is_set() or time.monotonic() + delay > deadline:
+                    raise StorageUnavailable(
+                        f"{self._where(chunk)}: {self.ds.ref.uri} did not serve it after {attempts} attempt(s) "
+                        f"in {self.ds.config.retry_seconds:g} s: {first_line(e)}") from e
+                self.files.clear()  # handles may be bound to a dead connection
+                self.stop.wait(delay)
+                delay = min(delay * 2, 8.0)
+
+    def _root_answers(self) -> bool:
+        try:
+            return self.fs.get_file_info("/").type == FileType.Directory
+        except OSError:
+            return False
 
     def _parquet(self, path: str) -> pq.ParquetFile:
         """Returns the shard's ParquetFile, opened once per fetcher so its footer is read once."""
@@ -320,25 +384,40 @@ class ChunkFetcher:
                 for _, value, offset in reader.iter_range(start, last) if offset in by_offset}
 
     def get(self, chunk: tuple[int, int], u: int) -> bytes | None:
+        """Returns the bytes of utterance `u` from `chunk`, waiting for the prefetch thread if needed.
+
+        Raises:
+            StorageUnavailable: the chunk could not be read, or nothing arrived for too long.
+            CorruptRecord: the chunk was read but could not be parsed.
+        """
+        patience = self.ds.config.retry_seconds + self.ds.config.stall_seconds
         while chunk not in self.ready:
-            got, result = self.queue.get()
+            try:
+                got, result = self.queue.get(timeout=patience)
+            except queue.Empty:
+                raise StorageUnavailable(f"{self._where(chunk)}: no data from {self.ds.ref.uri} for "
+                                         f"{patience:g} s; a read is hanging (is the NameNode or a DataNode "
+                                         "stopped?)") from None
             self.ready[got] = result
         result = self.ready[chunk]
         self.remaining[chunk] -= 1
         if self.remaining[chunk] == 0:
             del self.ready[chunk]
+        if isinstance(result, StorageUnavailable):
+            raise result
         if isinstance(result, BaseException):
-            where = f"shard {self.ds.manifest['shards'][chunk[0]]['path']} chunk {chunk[1]}"
-            raise CorruptRecord(f"{where}: cannot read: {result}") from result
+            raise CorruptRecord(f"{self._where(chunk)}: cannot read: {first_line(result)}") from result
         return result.get(u)
 
     def close(self) -> None:
         self.stop.set()
+        deadline = time.monotonic() + 1.0
         while self.thread.is_alive():
             try:
                 self.queue.get(timeout=0.1)
             except queue.Empty:
-                pass
+                if time.monotonic() > deadline:
+                    return  # stuck in a read that hangs; it is a daemon thread, so leave it behind
 
 
 def process_alive(pid: int) -> bool:

@@ -32,7 +32,7 @@ from urllib.parse import urlparse
 from pyarrow import fs as pafs
 from tqdm import tqdm
 
-from hdfs_io.filesystem import FilesystemUnavailable, first_line, probe_uri
+from hdfs_io.filesystem import FilesystemUnavailable, first_line, hdfs_user, probe_uri
 
 CHUNK_BYTES = 8 * 2**20
 TMP_SUFFIX = "._COPYING_"
@@ -267,7 +267,10 @@ def upload(src: str, dest: str, workers: int = 8, client_name: str = "pyarrow", 
         client = ArrowClient(fs)
         pool = ThreadPoolExecutor(max(1, workers))
         submit = partial(pool.submit, transfer, client)
-    client.makedirs(dest_root)
+    try:
+        client.makedirs(dest_root)
+    except PermissionError:
+        raise PermissionError(f"permission denied: user {hdfs_user()} may not create {dest}") from None
     remote = client.sizes(dest_root)
     recorded = read_recorded(client, dest_root) if CHECKSUMS in remote else {}
     jobs = [j for j in plan(src_root, remote, recorded) if j[0] != CHECKSUMS]
@@ -308,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         s = upload(args.src, args.dest, args.workers, args.client, args.retries, progress=not args.quiet)
-    except (ValueError, FilesystemUnavailable) as e:
+    except (ValueError, FilesystemUnavailable, PermissionError) as e:
         print(f"upload: error: {e}", file=sys.stderr)
         return 2
     print(f"upload: {s.files} files ({s.bytes} bytes) copied, {s.skipped} skipped, "

@@ -3,6 +3,8 @@
     python -m scripts.devcluster up      # 1 NameNode, 3 DataNodes, Spark master + 2 workers
     python -m scripts.devcluster down    # stops exactly the processes `up` started
     python -m scripts.devcluster status
+    python -m scripts.devcluster kill datanode1 [--signal STOP]   # fault injection
+    python -m scripts.devcluster restart datanode1                # and recovery
 
 `up` waits until HDFS has left safe mode with 3 live DataNodes and both Spark
 workers have registered, then writes `.devcluster/env.sh`. Both commands are
@@ -83,13 +85,14 @@ def alive(proc: dict) -> bool:
     return start_time(proc["pid"]) == proc["start_time"]
 
 
-def launch(name: str, argv: list[str], env: dict[str, str]) -> dict:
+def launch(name: str, argv: list[str], env: dict[str, str], kind: str) -> dict:
+    """Starts one daemon in its own process group; `kind` ("hdfs" or "spark") says which environment it needs."""
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     log = open(LOG_DIR / f"{name}.log", "ab")
     p = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                          stdin=subprocess.DEVNULL, start_new_session=True, cwd=ROOT)
     time.sleep(0.05)
-    return {"name": name, "pid": p.pid, "start_time": start_time(p.pid), "argv": argv}
+    return {"name": name, "pid": p.pid, "start_time": start_time(p.pid), "argv": argv, "kind": kind}
 
 
 def http_json(url: str) -> dict | None:
@@ -128,13 +131,13 @@ def start_hdfs(env: dict[str, str]) -> list[dict]:
             raise ClusterError(f"port {port} on 127.0.0.1 is taken; stop whatever holds it "
                                "(an old cluster: make cluster-down)")
     name_dir = STATE_DIR / "hdfs" / "name"
-    daemon_env = dict(env, HADOOP_ROOT_LOGGER="INFO,console")
+    daemon_env = hdfs_daemon_env(env)
     name_opt = ["-D", f"dfs.namenode.name.dir=file://{name_dir}"]
     if not (name_dir / "current" / "VERSION").exists():
         name_dir.mkdir(parents=True, exist_ok=True)
         subprocess.run([str(HADOOP), "namenode", *name_opt, "-format", "-nonInteractive", "-force"],
                        env=env, check=True, capture_output=True)
-    procs = [launch("namenode", [str(HADOOP), "namenode", *name_opt], daemon_env)]
+    procs = [launch("namenode", [str(HADOOP), "namenode", *name_opt], daemon_env, "hdfs")]
     for i in range(DATANODES):
         data_dir = STATE_DIR / "hdfs" / f"data{i}"
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -144,26 +147,34 @@ def start_hdfs(env: dict[str, str]) -> list[dict]:
                 "dfs.datanode.ipc.address=127.0.0.1:0",
                 "dfs.datanode.hostname=127.0.0.1"]
         argv = [str(HADOOP), "datanode"] + [a for o in opts for a in ("-D", o)]
-        procs.append(launch(f"datanode{i}", argv, daemon_env))
+        procs.append(launch(f"datanode{i}", argv, daemon_env, "hdfs"))
     return procs
+
+
+def hdfs_daemon_env(env: dict[str, str]) -> dict[str, str]:
+    return dict(env, HADOOP_ROOT_LOGGER="INFO,console")
+
+
+def spark_daemon_env(env: dict[str, str]) -> dict[str, str]:
+    return dict(env, SPARK_HOME=str(spark_home()), SPARK_LOCAL_IP="127.0.0.1",
+                PYSPARK_PYTHON=sys.executable, SPARK_LOG_DIR=str(LOG_DIR))
 
 
 def start_spark(env: dict[str, str]) -> tuple[list[dict], str, int]:
     spark_class = str(spark_home() / "bin" / "spark-class")
     port, ui_port = free_port(), free_port()
-    spark_env = dict(env, SPARK_HOME=str(spark_home()), SPARK_LOCAL_IP="127.0.0.1",
-                     PYSPARK_PYTHON=sys.executable, SPARK_LOG_DIR=str(LOG_DIR))
+    spark_env = spark_daemon_env(env)
     master = f"spark://127.0.0.1:{port}"
     procs = [launch("spark-master", [spark_class, "org.apache.spark.deploy.master.Master",
                                      "--host", "127.0.0.1", "--port", str(port),
-                                     "--webui-port", str(ui_port)], spark_env)]
+                                     "--webui-port", str(ui_port)], spark_env, "spark")]
     for i in range(SPARK_WORKERS):
         work_dir = STATE_DIR / "spark" / f"worker{i}"
         work_dir.mkdir(parents=True, exist_ok=True)
         procs.append(launch(f"spark-worker{i}", [
             spark_class, "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1",
             "--cores", "1", "--memory", SPARK_WORKER_MEMORY, "--webui-port", "0",
-            "--work-dir", str(work_dir), master], spark_env))
+            "--work-dir", str(work_dir), master], spark_env, "spark"))
     return procs, master, ui_port
 
 
@@ -206,10 +217,14 @@ def read_env_file(path: Path = ENV_FILE) -> dict[str, str]:
 
 
 def read_state() -> list[dict]:
+    return read_state_file().get("processes", [])
+
+
+def read_state_file() -> dict:
     try:
-        return json.loads(STATE_FILE.read_text())["processes"]
-    except (FileNotFoundError, ValueError, KeyError):
-        return []
+        return json.loads(STATE_FILE.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
 
 
 def up() -> None:
@@ -229,7 +244,8 @@ def up() -> None:
         STATE_FILE.write_text(json.dumps({"processes": started}, indent=1))
         spark_procs, master, ui_port = start_spark(env)
         started += spark_procs
-        STATE_FILE.write_text(json.dumps({"processes": started, "spark_master": master}, indent=1))
+        STATE_FILE.write_text(json.dumps({"processes": started, "spark_master": master, "spark_ui_port": ui_port},
+                                         indent=1))
         wait_for("HDFS to leave safe mode with 3 live DataNodes", hdfs_ready, started)
         wait_for("2 Spark workers to register", lambda: spark_ready(ui_port), started)
     except BaseException:
@@ -262,6 +278,43 @@ def down() -> None:
     print(f"devcluster: down (stopped {len(running)} processes)")
 
 
+def daemon(name: str) -> dict:
+    """Returns the state of the daemon called `name` (namenode, datanode0, spark-worker1, ...)."""
+    for p in read_state():
+        if p["name"] == name:
+            return p
+    raise ClusterError(f"no daemon called {name!r}; see `python -m scripts.devcluster status`")
+
+
+def kill(name: str, sig: int = signal.SIGKILL) -> None:
+    """Sends `sig` to a daemon's whole process group (a Spark worker's executors die with it)."""
+    p = daemon(name)
+    if not alive(p):
+        raise ClusterError(f"{name} is not running")
+    os.killpg(p["pid"], sig)
+    if sig == signal.SIGKILL:
+        deadline = time.monotonic() + 10
+        while alive(p) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def restart(name: str) -> None:
+    """Starts a killed daemon again with its original command line and waits until the cluster is whole."""
+    state = read_state_file()
+    procs = state["processes"]
+    old = daemon(name)
+    if alive(old):
+        os.killpg(old["pid"], signal.SIGCONT)  # it may only have been stopped
+        kill(name)
+    env = hadoop_env()
+    env = hdfs_daemon_env(env) if old.get("kind", "hdfs") == "hdfs" else spark_daemon_env(env)
+    new = launch(name, old["argv"], env, old.get("kind", "hdfs"))
+    state["processes"] = [new if p["name"] == name else p for p in procs]
+    STATE_FILE.write_text(json.dumps(state, indent=1))
+    wait_for("HDFS to leave safe mode with 3 live DataNodes", hdfs_ready, state["processes"])
+    wait_for("2 Spark workers to register", lambda: spark_ready(state["spark_ui_port"]), state["processes"])
+
+
 def status() -> int:
     procs = read_state()
     for p in procs:
@@ -271,13 +324,21 @@ def status() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument("command", choices=["up", "down", "status", "kill", "restart"])
+    parser.add_argument("daemon", nargs="?", help="for kill and restart: namenode, datanode0, spark-worker1, ...")
+    parser.add_argument("--signal", default="KILL", help="for kill: KILL (default), STOP, TERM, ...")
     args = parser.parse_args(argv)
+    if args.command in ("kill", "restart") and not args.daemon:
+        parser.error(f"{args.command} needs a daemon name")
     try:
         if args.command == "up":
             up()
         elif args.command == "down":
             down()
+        elif args.command == "kill":
+            kill(args.daemon, signal.Signals[f"SIG{args.signal.upper().removeprefix('SIG')}"])
+        elif args.command == "restart":
+            restart(args.daemon)
         else:
             return status()
     except (ClusterError, subprocess.CalledProcessError) as e:

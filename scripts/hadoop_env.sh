@@ -27,7 +27,10 @@ for _pkg in java.lang java.lang.reflect java.io java.net java.nio java.util \
 done
 export HADOOP_JAVA17_OPENS="$_java17_opens"
 export HADOOP_OPTS="${HADOOP_OPTS_EXTRA:-} $_java17_opens -Djava.net.preferIPv4Stack=true"
-export LIBHDFS_OPTS="$_java17_opens -Xmx512m"
+# -Xrs: the JVM inside a Python process leaves SIGTERM and SIGINT to Python. Without it the JVM
+# catches SIGTERM and runs its shutdown hooks, and a DataLoader worker that is terminated while
+# a read hangs never exits (seen: the trainer then waits for it forever).
+export LIBHDFS_OPTS="$_java17_opens -Xmx512m -Xrs"
 
 if [ -n "${HADOOP_HOME:-}" ] && [ -x "$HADOOP_HOME/bin/hadoop" ]; then
   export HADOOP_CONF_DIR="${HADOOP_CONF_DIR:-$HADOOP_HOME/etc/hadoop}"

@@ -35,7 +35,7 @@ from pyarrow import fs as pafs  # noqa: E402
 
 from hdfs_io import dataset_format as F  # noqa: E402
 from hdfs_io.features import FeatureConfig  # noqa: E402
-from hdfs_io.filesystem import FilesystemUnavailable, probe_uri, uri_base  # noqa: E402
+from hdfs_io.filesystem import FilesystemUnavailable, hdfs_user, probe_uri, uri_base  # noqa: E402
 from spark_jobs import packing, sources  # noqa: E402
 
 PROBE_FILES_PER_TASK = 500
@@ -79,7 +79,7 @@ def check_paths(args: argparse.Namespace) -> None:
         _, _, out = probe_uri(args.output)
         if out.type != pafs.FileType.NotFound and not args.overwrite:
             raise UserError(f"output {args.output} already exists (pass --overwrite to replace it)")
-    except FilesystemUnavailable as e:
+    except (FilesystemUnavailable, PermissionError) as e:
         raise UserError(str(e)) from None
 
 
@@ -143,7 +143,10 @@ def pack(sc, args: argparse.Namespace, command: list[str]) -> dict:
     parent, name = posixpath.split(out_path.rstrip("/"))
     tmp_path = posixpath.join(parent, f".{name}.pack-{uuid.uuid4().hex[:12]}")
     tmp_uri = uri_base(args.output) + tmp_path
-    out_fs.create_dir(posixpath.join(tmp_path, F.SHARD_DIR), recursive=True)
+    try:
+        out_fs.create_dir(posixpath.join(tmp_path, F.SHARD_DIR), recursive=True)
+    except PermissionError:
+        raise PermissionError(f"permission denied: user {hdfs_user()} may not create {args.output}") from None
     try:
         write = partial(packing.write_shard, dataset_uri=tmp_uri, fmt=args.format,
                         row_group_bytes=int(args.row_group_mb * 2**20))
@@ -197,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             pack(spark.sparkContext, args, command)
         finally:
             spark.stop()
-    except (UserError, sources.InputError, FilesystemUnavailable) as e:
+    except (UserError, sources.InputError, FilesystemUnavailable, PermissionError) as e:
         print(f"pack: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -33,7 +33,8 @@ class TrainConfig:
     inject_inf_at_step: int = -1  # fault injection for tests: make this step's loss Inf ...
     inject_inf_on_rank: int = 0  # ... on this rank
     crash_after_step: int = -1  # fault injection for tests: exit with code 17 after this step ...
-    crash_on_rank: int = 0  # ... on this rank, as a killed process would
+    crash_on_rank: int = 0  # ... on this rank, as a killed process would (first attempt only under torchrun)
+    audit_keys: bool = False  # every rank appends the keys of each step to LOG_DIR/keys.rank<R>.jsonl
 
 
 @dataclass(frozen=True)

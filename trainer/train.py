@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from hdfs_io.filesystem import open_filesystem, probe_uri
 from hdfs_io.plan import PlanConfig
-from hdfs_io.shard_reader import ReaderConfig, ShardDataset, ShardLoader
+from hdfs_io.shard_reader import (CorruptRecord, ReaderConfig, ShardDataset, ShardLoader, StorageUnavailable,
+                                  error_message)
 from trainer.config import Config, ConfigError, from_dict, load_config, to_dict
 from trainer.decode import error_rates, greedy_decode
 from trainer.model import DeepSpeech2, cosine_with_warmup, parameter_count
@@ -135,6 +136,15 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except (CorruptRecord, StorageUnavailable) as e:  # the reader's own errors name shard and filesystem
+        print(f"train: error: {error_message(e)}", file=sys.stderr)
+        return 1
+
+
+def run(argv: list[str] | None) -> int:
+    """Trains as `main` does; returns the exit code."""
     args, overrides = parse_args(argv)
     try:
         cfg = load_config(args.conf, overrides)
@@ -222,6 +232,12 @@ def main(argv: list[str] | None = None) -> int:
             metrics_file.flush()
             write_bytes(f"{args.out.rstrip('/')}/metrics.jsonl", (log_dir / "metrics.jsonl").read_bytes())
 
+    # torchrun counts restarts; fault injection fires on the first attempt only
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    audit = None
+    if t.audit_keys:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        audit = open(log_dir / f"keys.rank{rank}.jsonl", "a", buffering=1)
     done = False
     bar = tqdm(total=None if t.max_minutes and not t.max_steps else total_steps, initial=step,
                disable=rank != 0, unit="step", file=sys.stderr)
@@ -279,7 +295,11 @@ def main(argv: list[str] | None = None) -> int:
                 if writer:
                     writer.add_scalar("eval/cer", rates["cer"], step)
                     writer.add_scalar("eval/wer", rates["wer"], step)
-            if step == t.crash_after_step and rank == t.crash_on_rank:
+            if audit:
+                audit.write(json.dumps({"step": step, "epoch": epoch, "position": batch["position"],
+                                        "attempt": attempt, "keys": batch["keys"],
+                                        "repeated": batch["repeated"]}) + "\n")
+            if step == t.crash_after_step and rank == t.crash_on_rank and attempt == 0:
                 os._exit(17)
             out_of_time = t.max_minutes and elapsed() / 60 >= t.max_minutes
             if world > 1 and t.max_minutes:  # ranks must agree to stop at the same step
@@ -302,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics_file.close()
         if writer:
             writer.close()
+    if audit:
+        audit.close()
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
