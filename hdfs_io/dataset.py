@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from hdfs_io import dataset_format as F
-from hdfs_io.filesystem import open_filesystem
+from hdfs_io.filesystem import first_line, open_filesystem
 from hdfs_io.sequencefile import SequenceFileReader
 
 
@@ -27,13 +27,39 @@ class Dataset:
         return posixpath.join(self.path, name)
 
     def index(self, columns: list[str] | None = None) -> pa.Table:
-        """Returns index.parquet (optionally only `columns`)."""
-        return pq.read_table(self._file(F.INDEX), filesystem=self.fs, columns=columns)
+        """Returns index.parquet (optionally only `columns`), checked against dataset.json.
+
+        Raises:
+            hdfs_io.dataset_format.DatasetError: the index is missing, unreadable
+                (a Parquet page checksum included) or disagrees with the manifest.
+        """
+        try:
+            with self.fs.open_input_stream(self._file(F.INDEX)) as f:
+                data = f.read()  # read first, so an error below is about the bytes, not the filesystem
+        except FileNotFoundError:
+            raise F.DatasetError(f"{self.uri} has no {F.INDEX}") from None
+        try:
+            table = pq.read_table(pa.BufferReader(data), columns=columns, page_checksum_verification=True)
+        except Exception as e:  # any failure to parse bytes already in memory: pyarrow raises several kinds
+            raise F.DatasetError(f"{self.uri}/{F.INDEX} is unreadable: {first_line(e)}") from None
+        return F.validate_index(table, self.manifest)
 
     def quarantine(self) -> list[dict]:
         """Returns quarantine.jsonl's records."""
         with self.fs.open_input_stream(self._file(F.QUARANTINE)) as f:
-            return [json.loads(line) for line in f.read().decode("utf-8").splitlines() if line.strip()]
+            data = f.read()
+        records = []
+        for lineno, line in enumerate(data.split(b"\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not isinstance(record, dict) or not {F.SOURCE, F.REASON} <= record.keys():
+                raise F.DatasetError(f"{self.uri}/{F.QUARANTINE}:{lineno} is not a quarantine record")
+            records.append(record)
+        return records
 
     def shard_file(self, shard: int) -> str:
         return self._file(self.manifest["shards"][shard]["path"])

@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 FORMAT_NAME = "speechpack"
 FORMAT_VERSION = 1
@@ -132,9 +134,66 @@ def validate_manifest(manifest: Any) -> dict:
         for name in ("path", "rows", "bytes", "min_duration_s", "max_duration_s", "checksum"):
             if not isinstance(shard, dict) or name not in shard:
                 raise DatasetError(f"dataset.json: shard {i} has no {name!r}")
+        # the reader opens these paths: they may not point anywhere but this dataset's own shards
+        if shard["path"] != shard_path(i, manifest["format"]):
+            raise DatasetError(f"dataset.json: shard {i} path is {shard['path']!r}, "
+                               f"not {shard_path(i, manifest['format'])!r}")
+        if not isinstance(shard["rows"], int) or shard["rows"] < 0:
+            raise DatasetError(f"dataset.json: shard {i} has a bad 'rows'")
     if sum(s["rows"] for s in manifest["shards"]) != manifest["utterances"]:
         raise DatasetError("dataset.json: shard rows do not add up to 'utterances'")
+    features = manifest["stats"].get("features")
+    if not (isinstance(features, dict) and isinstance(features.get("config"), dict)
+            and _numbers(features.get("mean")) and _numbers(features.get("std"))
+            and len(features["mean"]) == len(features["std"])):
+        raise DatasetError("dataset.json: 'stats.features' needs a 'config' object and 'mean' and 'std' "
+                           "lists of numbers of equal length")
+    histogram = manifest["stats"].get("duration_histogram")
+    if not (isinstance(histogram, dict) and _numbers(histogram.get("edges_s")) and _numbers(histogram.get("counts"))):
+        raise DatasetError("dataset.json: 'stats.duration_histogram' needs 'edges_s' and 'counts' lists")
     return manifest
+
+
+def _numbers(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+
+
+def validate_index(index: pa.Table, manifest: dict) -> pa.Table:
+    """Returns `index` (all of INDEX_SCHEMA's columns, or some) if it agrees with its manifest.
+
+    Raises:
+        DatasetError: a column has the wrong type, the row count differs from the
+            manifest's, or a shard, row, size or duration is out of range.
+    """
+    for name in index.column_names:
+        if name in INDEX_SCHEMA.names and index.schema.field(name).type != INDEX_SCHEMA.field(name).type:
+            raise DatasetError(f"index.parquet: column {name!r} is {index.schema.field(name).type}, "
+                               f"not {INDEX_SCHEMA.field(name).type}")
+    missing = [n for n in (KEY, SHARD, ROW, DURATION_S) if n not in index.column_names]
+    if index.num_columns == len(INDEX_SCHEMA) and missing:
+        raise DatasetError(f"index.parquet: missing columns {missing}")
+    if index.num_rows != manifest["utterances"]:
+        raise DatasetError(f"index.parquet has {index.num_rows} rows, dataset.json says {manifest['utterances']}")
+    shard_rows = np.array([s["rows"] for s in manifest["shards"]], np.int64)
+    checks = {
+        SHARD: lambda c: (c >= 0) & (c < len(shard_rows)),
+        DURATION_S: lambda c: np.isfinite(c) & (c > 0),
+        NUM_BYTES: lambda c: c > 0,
+    }
+    for name, ok in checks.items():
+        if name in index.column_names:
+            column = index.column(name).to_numpy(zero_copy_only=False)
+            if index.column(name).null_count or not ok(column).all():
+                raise DatasetError(f"index.parquet: column {name!r} holds values out of range")
+    if SHARD in index.column_names and ROW in index.column_names:
+        shards = index.column(SHARD).to_numpy(zero_copy_only=False)
+        rows = index.column(ROW).to_numpy(zero_copy_only=False)
+        if index.column(ROW).null_count or not ((rows >= 0) & (rows < shard_rows[shards])).all():
+            raise DatasetError("index.parquet: column 'row' points past the end of its shard")
+    if KEY in index.column_names and (index.column(KEY).null_count
+                                      or pa.compute.count_distinct(index.column(KEY)).as_py() != index.num_rows):
+        raise DatasetError("index.parquet: keys are missing or not unique")
+    return index
 
 
 def parse_manifest(text: str | bytes) -> dict:

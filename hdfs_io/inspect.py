@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         summary = summarize(args.dataset)
-    except (F.DatasetError, FilesystemUnavailable) as e:
+    except (F.DatasetError, FilesystemUnavailable, PermissionError) as e:
         print(f"inspect: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=1) if args.json else render(summary))

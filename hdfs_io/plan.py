@@ -169,11 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--world-size must be >= 1 and --epoch >= 0")
     try:
         probe_uri(args.dataset)
-        ds = open_dataset(args.dataset)
-    except (F.DatasetError, FilesystemUnavailable) as e:
+        index = open_dataset(args.dataset).index([F.KEY, F.DURATION_S, F.SHARD, F.ROW])
+    except (F.DatasetError, FilesystemUnavailable, PermissionError) as e:
         print(f"plan: error: {e}", file=sys.stderr)
         return 2
-    index = ds.index([F.KEY, F.DURATION_S, F.SHARD, F.ROW])
     keys = np.asarray(index.column(F.KEY).to_pylist(), dtype=object)
     cfg = PlanConfig(batch_seconds=args.batch_seconds, batch_size=args.batch_size, seed=args.seed)
     plan = plan_epoch(*index_columns(index), args.world_size, args.epoch, cfg)

@@ -114,7 +114,10 @@ class ShardDataset(IterableDataset):
         self.num_bytes = index.column(F.NUM_BYTES).to_numpy()
         self.chunks = F.chunk_ids(self.manifest["format"], self.row_groups, self.offsets)
         stats = self.manifest["stats"]["features"]
-        same = FeatureConfig(**stats["config"]) == config.feature
+        try:
+            same = FeatureConfig(**stats["config"]) == config.feature
+        except (TypeError, ValueError) as e:
+            raise F.DatasetError(f"dataset.json: bad 'stats.features.config': {e}") from None
         self.mean = np.asarray(stats["mean"], np.float32) if same else None
         self.std = np.maximum(np.asarray(stats["std"], np.float32), 1e-5) if same else None
         self.cache_dir = self._feature_cache(ds) if config.output == "features" and config.use_feature_cache else None

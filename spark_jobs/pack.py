@@ -163,7 +163,7 @@ def pack(sc, args: argparse.Namespace, command: list[str]) -> dict:
             config={k: v for k, v in vars(args).items() if k != "master"},
             timing_s={"discover_and_probe": probed_at - started, "write_shards": written_at - probed_at,
                       "total_in_spark": written_at - started})
-        pq.write_table(index, posixpath.join(tmp_path, F.INDEX), filesystem=out_fs)
+        pq.write_table(index, posixpath.join(tmp_path, F.INDEX), filesystem=out_fs, write_page_checksum=True)
         with out_fs.open_output_stream(posixpath.join(tmp_path, F.QUARANTINE)) as f:
             f.write(packing.quarantine_lines(rejects))
         with out_fs.open_output_stream(posixpath.join(tmp_path, F.MANIFEST)) as f:

@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -40,12 +41,16 @@ from trainer.model import DeepSpeech2, cosine_with_warmup, parameter_count
 CHECKPOINT = "checkpoint.pt"
 
 
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """Returns (rank, world size, device) from torchrun's environment; world size 1 without it."""
+def setup_distributed(timeout_minutes: float) -> tuple[int, int, torch.device]:
+    """Returns (rank, world size, device) from torchrun's environment; world size 1 without it.
+
+    A rank whose set-up or collectives wait longer than `timeout_minutes` fails,
+    so torchrun can restart the group instead of every rank hanging.
+    """
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
@@ -152,7 +157,7 @@ def run(argv: list[str] | None) -> int:
     except (ConfigError, OSError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(cfg.train.dist_timeout_minutes)
     torch.manual_seed(cfg.train.seed)
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
