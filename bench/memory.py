@@ -2,17 +2,23 @@
 
     python -m bench.memory [--utterances 5000]
 
-Each size is read for one full epoch in a fresh process (ShardDataset in-process,
-log-mel output, default buffers), and the process's peak RSS (ru_maxrss) is
-recorded. Goal: the 10x larger dataset costs less than 10% more RSS.
+The small dataset is bench's espeak corpus of N utterances (5,000: about 270 MB of
+FLAC, several times the reader's buffers); the large one is the same audio ten
+times over under new speaker ids and keys (hard links, so no new synthesis),
+packed by the same job: 10x the utterances, shards and index rows. Each is read
+for one full epoch in a fresh process (ShardDataset in-process, log-mel output,
+default buffers), and the process's peak RSS (ru_maxrss) is recorded.
+Goal: the 10x larger dataset costs less than 10% more RSS.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from bench.common import ROOT, WORK, bench_args, corpus, median, spark_pack, write_result
 
@@ -28,14 +34,38 @@ def peak_rss_mb(uri: str) -> tuple[float, int]:
     return rss, n
 
 
+def replicated(root: Path, times: int) -> Path:
+    """Returns a LibriSpeech tree holding `root`'s utterances `times` over, keys made unique by speaker id."""
+    out = WORK / f"{root.name}-x{times}"
+    if (out / ".complete").exists():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    for trans in sorted(root.rglob("*.trans.txt")):
+        speaker, chapter = trans.parent.parent.name, trans.parent.name
+        for r in range(times):
+            new_speaker = f"{speaker}{r:02d}"
+            folder = out / new_speaker / chapter
+            folder.mkdir(parents=True)
+            lines = []
+            for line in trans.read_text().splitlines():
+                key, text = line.split(" ", 1)
+                new_key = f"{new_speaker}-{key.split('-', 1)[1]}"
+                os.link(trans.parent / f"{key}.flac", folder / f"{new_key}.flac")
+                lines.append(f"{new_key} {text}")
+            (folder / f"{new_speaker}-{chapter}.trans.txt").write_text("\n".join(lines) + "\n")
+    (out / ".complete").write_text("")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = bench_args(__doc__, argv)
-    sizes = (args.utterances // 10, args.utterances)
+    small_corpus = corpus(args.utterances)
+    sizes = (args.utterances, args.utterances * 10)
     uris = {}
-    for n in sizes:
+    for n, tree in zip(sizes, (small_corpus, replicated(small_corpus, 10))):
         uris[n] = str(WORK / f"memory-{n}")
         if not os.path.exists(f"{uris[n]}/dataset.json"):
-            spark_pack("local[2]", str(corpus(n)), uris[n], "--shard-size-mb", "16")
+            spark_pack("local[2]", str(tree), uris[n])
     runs: dict[int, list[float]] = {n: [] for n in sizes}
     for _ in range(args.repeats):
         for n in sizes:

@@ -59,23 +59,43 @@ def loader(uri: str, **config) -> ShardLoader:
 
 
 def test_a_datanode_killed_mid_read_costs_no_utterance(many_shards):
+    kill_a_datanode_mid_read(many_shards, "datanode1")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["datanode0", "datanode1", "datanode2"] * 3)
+def test_soak_datanode_kills(many_shards, victim):
+    kill_a_datanode_mid_read(many_shards, victim)
+
+
+def kill_a_datanode_mid_read(many_shards, victim: str) -> None:
     uri, keys = many_shards
     batches = iter(loader(uri))
     read = list(next(batches)["keys"])
 
-    devcluster.kill("datanode1", signal.SIGKILL)
+    devcluster.kill(victim, signal.SIGKILL)
     try:
         for batch in batches:
             read += batch["keys"]
     finally:
-        devcluster.restart("datanode1")
+        devcluster.restart(victim)
 
-    record("DataNode SIGKILL mid-read (replication 2)", outcome="read completed", keys_read=len(read),
+    record(f"DataNode SIGKILL mid-read (replication 2): {victim}", outcome="read completed", keys_read=len(read),
            keys_lost=len(set(keys) - set(read)), error=None)
     assert Counter(read) == Counter(keys)  # every key exactly once
 
 
 def test_a_namenode_restart_is_ridden_out_and_a_dead_one_fails_in_bounded_time(many_shards):
+    kill_the_namenode_mid_read(many_shards)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", range(5))
+def test_soak_namenode_kills(many_shards, run):
+    kill_the_namenode_mid_read(many_shards)
+
+
+def kill_the_namenode_mid_read(many_shards) -> None:
     uri, keys = many_shards
     patient, hasty = loader(uri, retry_seconds=180), loader(uri, retry_seconds=3, stall_seconds=30)
     patient_batches, hasty_batches = iter(patient), iter(hasty)
@@ -144,6 +164,16 @@ def spark_workers_busy() -> bool:
 
 
 def test_a_spark_worker_killed_mid_pack_gives_a_complete_dataset_or_none(cluster, hdfs_dir, tmp_path):
+    kill_a_spark_worker_mid_pack(cluster, hdfs_dir, tmp_path, "spark-worker1")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["spark-worker0", "spark-worker1"] * 3)
+def test_soak_spark_worker_kills(cluster, hdfs_dir, tmp_path, victim):
+    kill_a_spark_worker_mid_pack(cluster, hdfs_dir, tmp_path, victim)
+
+
+def kill_a_spark_worker_mid_pack(cluster, hdfs_dir: str, tmp_path: Path, victim: str) -> None:
     good_librispeech(tmp_path / "corpus", 120, seed=8)
     clean = tmp_path / "clean"
     cluster.pack("--input", str(tmp_path / "corpus"), "--output", str(clean), "--shard-size-mb", "0.2")
@@ -157,15 +187,15 @@ def test_a_spark_worker_killed_mid_pack_gives_a_complete_dataset_or_none(cluster
         while not spark_workers_busy() and pack.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert pack.poll() is None, "the pack finished before both workers were busy"
-        devcluster.kill("spark-worker1", signal.SIGKILL)  # the worker and its executor, as a lost machine
+        devcluster.kill(victim, signal.SIGKILL)  # the worker and its executor, as a lost machine
         output, _ = pack.communicate(timeout=600)
     finally:
         pack.kill()
-        devcluster.restart("spark-worker1")
+        devcluster.restart(victim)
 
     fs, path = open_filesystem(out)
     published = fs.get_file_info(f"{path}/{F.MANIFEST}").type.name == "File"
-    record("Spark worker SIGKILL mid-pack (standalone, 2 workers)",
+    record(f"Spark worker SIGKILL mid-pack (standalone, 2 workers): {victim}",
            outcome=f"pack exit {pack.returncode}, dataset.json {'written' if published else 'absent'}",
            keys_read=len(index_rows(out)) if published else 0,
            keys_lost=len({r[F.KEY] for r in index_rows(str(clean))} - {r[F.KEY] for r in index_rows(out)})
