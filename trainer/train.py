@@ -50,7 +50,14 @@ def setup_distributed(timeout_minutes: float) -> tuple[int, int, torch.device]:
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
+    timeout = timedelta(minutes=timeout_minutes)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    # Keys under a prefix per torchrun attempt: after a restart, gloo otherwise found the dead
+    # attempt's addresses in the shared store ("connection refused") and never set up.
+    store = dist.PrefixStore(f"speechpack/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
+                             dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                           is_master=False, timeout=timeout))
+    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world, timeout=timeout)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
