@@ -85,6 +85,15 @@ def kill_a_datanode_mid_read(many_shards, victim: str) -> None:
     assert Counter(read) == Counter(keys)  # every key exactly once
 
 
+def time_to_failure(batches) -> tuple[float, str]:
+    """Consumes batches until the reader gives up; returns (seconds it took, its one-line message)."""
+    started = time.monotonic()
+    with pytest.raises(StorageUnavailable) as failed:
+        for _ in batches:
+            pass
+    return time.monotonic() - started, error_message(failed.value)
+
+
 def test_a_namenode_restart_is_ridden_out_and_a_dead_one_fails_in_bounded_time(many_shards):
     kill_the_namenode_mid_read(many_shards)
 
@@ -105,11 +114,7 @@ def kill_the_namenode_mid_read(many_shards) -> None:
     devcluster.kill("namenode", signal.SIGKILL)
     restarter = None
     try:
-        started = time.monotonic()
-        with pytest.raises(StorageUnavailable) as failed:
-            for _ in hasty_batches:
-                pass
-        gave_up_s = time.monotonic() - started
+        gave_up_s, message = time_to_failure(hasty_batches)
         restarter = threading.Thread(target=devcluster.restart, args=("namenode",))
         restarter.start()
         for batch in patient_batches:
@@ -120,7 +125,6 @@ def kill_the_namenode_mid_read(many_shards) -> None:
         else:
             devcluster.restart("namenode")
 
-    message = error_message(failed.value)
     record("NameNode SIGKILL mid-read, retry 3 s", outcome=f"failed after {gave_up_s:.0f} s",
            keys_read=None, keys_lost=None, error=message)
     record("NameNode SIGKILL mid-read, restarted, retry 180 s", outcome="read completed", keys_read=len(read),
@@ -137,15 +141,10 @@ def test_a_namenode_that_stops_answering_fails_the_read_instead_of_hanging(many_
 
     devcluster.kill("namenode", signal.SIGSTOP)  # accepts connections, never answers
     try:
-        started = time.monotonic()
-        with pytest.raises(StorageUnavailable) as failed:
-            for _ in batches:
-                pass
-        gave_up_s = time.monotonic() - started
+        gave_up_s, message = time_to_failure(batches)
     finally:
         devcluster.kill("namenode", signal.SIGCONT)
 
-    message = error_message(failed.value)
     record("NameNode SIGSTOP mid-read, retry 2 s + stall 10 s", outcome=f"failed after {gave_up_s:.0f} s",
            keys_read=None, keys_lost=None, error=message)
     assert uri in message and "\n" not in message
