@@ -82,13 +82,14 @@ SEQ_VALUE_CLASS = "org.apache.hadoop.io.BytesWritable"
 
 
 # Feature cache: features-<FeatureConfig.digest()>/part-NNNNN.parquet beside the audio shards, row i of
-# part-NNNNN holding the features of row i of the audio shard, one row group per reader chunk; cache.json last.
+# part-NNNNN holding the key, transcript and features of row i of the audio shard, one row group per reader chunk; cache.json last.
 FEATURE_CACHE_PREFIX = "features-"
 FEATURE_CACHE_MANIFEST = "cache.json"
 FEATURES = "features"  # float16 little-endian, frames x bins, un-normalized
 FRAMES = "frames"
-FEATURE_SCHEMA = pa.schema([pa.field(KEY, pa.string()), pa.field(FRAMES, pa.int32()),
-                            pa.field(FEATURES, pa.binary()), pa.field(CHECKSUM, pa.int64())])
+FEATURE_SCHEMA = pa.schema([pa.field(KEY, pa.string()), pa.field(TRANSCRIPT, pa.string()),
+                            pa.field(FRAMES, pa.int32()), pa.field(FEATURES, pa.binary()),
+                            pa.field(CHECKSUM, pa.int64())])
 
 
 SEQ_CHUNK_BYTES = 16 * 2**20  # readers fetch SequenceFile shards in byte ranges of about this size

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ds.set_epoch(args.epoch)
     loader = ShardLoader(ds, num_workers=args.workers)
-    utterances = skipped = repeated = 0
+    utterances = skipped = repeated = rereads = 0
     audio_s = 0.0
     started = time.perf_counter()
     try:
@@ -61,19 +61,22 @@ def main(argv: list[str] | None = None) -> int:
             audio_s += sum(batch["durations"])
             skipped += len(batch["skipped"])
             repeated += len(batch["keys"]) if batch["repeated"] else 0
+            rereads += batch["chunk_rereads"]
     except (CorruptRecord, StorageUnavailable) as e:
         print(f"read: error: {error_message(e)}", file=sys.stderr)
         return 1
     wall = time.perf_counter() - started
     result = {"rank": args.rank, "world_size": args.world_size, "epoch": args.epoch, "batches": len(loader),
-              "utterances": utterances, "repeated": repeated, "skipped": skipped, "audio_seconds": audio_s,
+              "utterances": utterances, "repeated": repeated, "skipped": skipped, "chunk_rereads": rereads,
+              "audio_seconds": audio_s,
               "wall_seconds": wall, "utterances_per_s": utterances / wall, "audio_seconds_per_s": audio_s / wall}
     if args.json:
         print(json.dumps(result))
     else:
         print(f"read: rank {args.rank}/{args.world_size} epoch {args.epoch}: {utterances} utterances "
               f"({audio_s / 3600:.3f} h) in {wall:.1f} s: {result['utterances_per_s']:.0f} utt/s, "
-              f"{result['audio_seconds_per_s']:.0f} audio-s/s; {repeated} repeated, {skipped} skipped")
+              f"{result['audio_seconds_per_s']:.0f} audio-s/s; {repeated} repeated, {skipped} skipped, "
+              f"{rereads} chunks read again to bound memory")
     return 0
 
 

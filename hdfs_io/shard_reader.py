@@ -28,16 +28,17 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import queue
 import threading
 import time
 import zlib
-from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyarrow.fs import FileType
 import torch
@@ -48,7 +49,7 @@ from hdfs_io.audio import BadAudio, decode, resample, to_mono
 from hdfs_io.dataset import open_dataset
 from hdfs_io.features import FeatureConfig, log_features
 from hdfs_io.filesystem import FilesystemRef, first_line, worker_start_method
-from hdfs_io.plan import PlanConfig, index_columns, plan_epoch
+from hdfs_io.plan import PlanConfig, RankPlan, index_columns, plan_epoch
 from hdfs_io.sequencefile import OffsetBytes, SequenceFileReader, writable_bytes
 
 
@@ -58,6 +59,13 @@ class CorruptRecord(RuntimeError):
 
 class StorageUnavailable(RuntimeError):
     """A shard could not be read within the retry budget; the message names the filesystem and shard."""
+
+
+class Record(NamedTuple):
+    """One utterance as read from its chunk."""
+    key: str
+    transcript: str
+    data: bytes | tuple[bytes, int] | None  # audio bytes, or (float16 features, CRC32) from the feature cache
 
 
 def error_message(error: BaseException) -> str:
@@ -82,6 +90,7 @@ class ReaderConfig:
     output: str = "features"  # "features": normalized features on the CPU; "waveform": for on-device features
     on_error: str = "fail"  # or "skip"
     prefetch_chunks: int = 4
+    max_held_chunks: int = 32  # chunks kept between uses; past it one is dropped and read again when needed
     retry_seconds: float = 60.0  # how long a failing read is retried, with backoff, before StorageUnavailable
     stall_seconds: float = 120.0  # how long a read may hang (beyond retry_seconds) before StorageUnavailable
     use_feature_cache: bool = True  # read features-<digest>/ instead of decoding, when it matches `feature`
@@ -91,6 +100,8 @@ class ReaderConfig:
             raise ValueError(f"on_error must be 'fail' or 'skip', not {self.on_error!r}")
         if self.output not in ("features", "waveform"):
             raise ValueError(f"output must be 'features' or 'waveform', not {self.output!r}")
+        if self.prefetch_chunks < 1 or self.max_held_chunks < 1:
+            raise ValueError("prefetch_chunks and max_held_chunks must be at least 1")
         if self.retry_seconds < 0 or self.stall_seconds <= 0:
             raise ValueError("retry_seconds must be >= 0 and stall_seconds > 0")
 
@@ -104,15 +115,23 @@ class ShardDataset(IterableDataset):
         self.ref, self.rank, self.world_size, self.config = FilesystemRef(uri), rank, world_size, config
         ds = open_dataset(uri)
         self.manifest = ds.manifest
-        index = ds.index()
-        self.keys = index.column(F.KEY).to_pylist()
+        self.sequencefile = ds.manifest["format"] != "parquet"
+        # Held for the whole dataset: the numeric columns a global plan and the chunk reads need, about
+        # 40 bytes an utterance. Keys and transcripts come with the audio, chunk by chunk, except a
+        # SequenceFile's transcripts: its records hold only key and audio.
+        text = [F.KEY, F.TRANSCRIPT] if self.sequencefile else []
+        index = ds.index([F.DURATION_S, F.SHARD, F.ROW, F.ROW_GROUP, F.OFFSET, F.NUM_BYTES, F.CHECKSUM, *text])
+        self.utterances = index.num_rows
         self.durations, self.shards, self.rows = index_columns(index)
-        self.transcripts = index.column(F.TRANSCRIPT).to_pylist()
         self.checksums = index.column(F.CHECKSUM).to_numpy()
-        self.row_groups = index.column(F.ROW_GROUP).to_numpy()
-        self.offsets = index.column(F.OFFSET).to_numpy()
-        self.num_bytes = index.column(F.NUM_BYTES).to_numpy()
-        self.chunks = F.chunk_ids(self.manifest["format"], self.row_groups, self.offsets)
+        self.chunks = F.chunk_ids(self.manifest["format"], index.column(F.ROW_GROUP).to_numpy(),
+                                  index.column(F.OFFSET).to_numpy())
+        if self.sequencefile:
+            self.offsets = index.column(F.OFFSET).to_numpy()
+            self.record_bytes = (index.column(F.NUM_BYTES).to_numpy()
+                                 + pc.binary_length(index.column(F.KEY)).to_numpy())
+            self.transcripts = index.column(F.TRANSCRIPT).combine_chunks()
+        del index
         stats = self.manifest["stats"]["features"]
         try:
             same = FeatureConfig(**stats["config"]) == config.feature
@@ -122,8 +141,7 @@ class ShardDataset(IterableDataset):
         self.std = np.maximum(np.asarray(stats["std"], np.float32), 1e-5) if same else None
         self.cache_dir = self._feature_cache(ds) if config.output == "features" and config.use_feature_cache else None
         self.epoch, self.start_position = 0, 0
-        self._plans: dict[int, object] = {}
-        self._by_key: dict[str, int] | None = None
+        self._plan: tuple[int, RankPlan] | None = None
         self._members: dict[tuple[int, int], np.ndarray] | None = None
 
     def _feature_cache(self, ds) -> str | None:
@@ -134,7 +152,9 @@ class ShardDataset(IterableDataset):
                 cache = json.loads(f.read())
         except (FileNotFoundError, ValueError):
             return None
-        return folder if cache.get("utterances") == len(self.keys) else None
+        # a cache written before it held transcripts lacks "columns": decode instead
+        complete = cache.get("utterances") == self.utterances and cache.get("columns") == F.FEATURE_SCHEMA.names
+        return folder if complete else None
 
     def chunk_members(self, shard: int, chunk: int) -> np.ndarray:
         """Returns the utterance ids in one chunk, from a grouping of the index built once per process."""
@@ -153,14 +173,16 @@ class ShardDataset(IterableDataset):
 
     # -- planning and position ------------------------------------------------
 
-    def plan(self, epoch: int):
-        if epoch not in self._plans:
-            self._plans = {epoch: plan_epoch(self.durations, self.shards, self.rows, self.world_size, epoch,
-                                             self.config.plan)}
-        return self._plans[epoch]
+    def plan(self, epoch: int) -> RankPlan:
+        """Returns this rank's batches for `epoch`; the other ranks' are not kept."""
+        if self._plan is None or self._plan[0] != epoch:
+            self._plan = None  # free the previous epoch's plan before making the next
+            self._plan = (epoch, plan_epoch(self.durations, self.shards, self.rows, self.world_size, epoch,
+                                            self.config.plan).ranks[self.rank])
+        return self._plan[1]
 
     def __len__(self) -> int:
-        return len(self.plan(self.epoch).ranks[self.rank].batches)
+        return len(self.plan(self.epoch).batches)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.start_position = epoch, 0
@@ -168,11 +190,11 @@ class ShardDataset(IterableDataset):
     def state_dict(self, next_position: int | None = None) -> dict:
         return {"epoch": self.epoch, "position": self.start_position if next_position is None else next_position,
                 "rank": self.rank, "world_size": self.world_size, "seed": self.config.plan.seed,
-                "utterances": len(self.keys)}
+                "utterances": self.utterances}
 
     def load_state_dict(self, state: dict) -> None:
         expected = {"rank": self.rank, "world_size": self.world_size, "seed": self.config.plan.seed,
-                    "utterances": len(self.keys)}
+                    "utterances": self.utterances}
         got = {k: state.get(k) for k in expected}
         if got != expected:
             raise ValueError(f"reader state is for {got}, this reader is {expected}")
@@ -183,7 +205,7 @@ class ShardDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        mine = self.plan(self.epoch).ranks[self.rank]
+        mine = self.plan(self.epoch)
         positions = list(range(self.start_position + worker, len(mine.batches), workers))
         if info is None:  # in-process iteration tracks its own position
             for batch in self._batches(positions, mine):
@@ -192,17 +214,16 @@ class ShardDataset(IterableDataset):
         else:
             yield from self._batches(positions, mine)
 
-    def _batches(self, positions: list[int], mine) -> Iterator[dict]:
+    def _batches(self, positions: list[int], mine: RankPlan) -> Iterator[dict]:
         fs, root = self.ref.open()
-        order = []
-        for p in positions:
-            for u in mine.batches[p]:
-                chunk = (int(self.shards[u]), int(self.chunks[u]))
-                order.append(chunk)
-        fetcher = ChunkFetcher(self, fs, root, order)
+        ids = np.concatenate([mine.batches[p] for p in positions]) if positions else np.empty(0, np.int64)
+        fetcher = ChunkFetcher(self, fs, root, self.shards[ids].astype(np.int64) << 32 | self.chunks[ids])
         try:
             for p in positions:
-                yield self._collate(p, mine.batches[p], mine.repeated[p], fetcher)
+                rereads = fetcher.rereads
+                batch = self._collate(p, mine.batches[p], mine.repeated[p], fetcher)
+                batch["chunk_rereads"] = fetcher.rereads - rereads  # chunks read again to bound memory
+                yield batch
         finally:
             fetcher.close()
 
@@ -212,26 +233,26 @@ class ShardDataset(IterableDataset):
             u = int(u)
             record = fetcher.get((int(self.shards[u]), int(self.chunks[u])), u)
             try:
-                items.append((u, self._prepare(u, record)))
+                items.append((record.key, record.transcript, float(self.durations[u]), self._prepare(u, record)))
             except CorruptRecord as e:
                 if self.config.on_error == "fail":
                     raise
                 skipped.append(str(e))
-        return collate(position, self.epoch, [(self.keys[u], self.transcripts[u], float(self.durations[u]), x)
-                                              for u, x in items], repeated, skipped, self.config.output)
+        return collate(position, self.epoch, items, repeated, skipped, self.config.output)
 
-    def _prepare(self, u: int, data: bytes | tuple[bytes, int] | None) -> np.ndarray:
+    def _prepare(self, u: int, record: Record | None) -> np.ndarray:
         where = f"shard {self.manifest['shards'][self.shards[u]]['path']} row {self.rows[u]}"
-        if data is None:
+        if record is None:
             raise CorruptRecord(f"{where}: record missing from its chunk")
+        data = record.data
         if isinstance(data, tuple):  # from the feature cache: float16 features and their CRC32
             feats, crc = data
             if zlib.crc32(feats) != crc:
-                raise CorruptRecord(f"{self.cache_dir}/ {where}: feature checksum mismatch (key {self.keys[u]})")
+                raise CorruptRecord(f"{self.cache_dir}/ {where}: feature checksum mismatch (key {record.key})")
             feats = np.frombuffer(feats, "<f2").reshape(-1, self.config.feature.num_bins).astype(np.float32)
             return (feats - self.mean) / self.std if self.mean is not None else feats
         if zlib.crc32(data) != self.checksums[u]:
-            raise CorruptRecord(f"{where}: checksum mismatch (key {self.keys[u]})")
+            raise CorruptRecord(f"{where}: checksum mismatch (key {record.key})")
         try:
             samples, rate = decode(data)
         except BadAudio as e:
@@ -249,26 +270,38 @@ class ShardDataset(IterableDataset):
     def get(self, key: str) -> dict:
         """Returns one utterance by key through the index: bytes, decoded samples, transcript.
 
-        Reads only the one row group (Parquet) or record (SequenceFile) that holds it.
+        Finds the key in the index's key column (read batch by batch, not held),
+        then reads only the one row group (Parquet) or record (SequenceFile) that holds it.
         """
-        if self._by_key is None:
-            self._by_key = {k: i for i, k in enumerate(self.keys)}
-        if key not in self._by_key:
-            raise KeyError(key)
-        u = self._by_key[key]
         fs, root = self.ref.open()
+        u = find_key(pq.ParquetFile(fs.open_input_file(f"{root}/{F.INDEX}")), key)
+        if u is None:
+            raise KeyError(key)
         path = f"{root}/{self.manifest['shards'][self.shards[u]]['path']}"
-        if self.manifest["format"] == "parquet":
-            parquet = pq.ParquetFile(fs.open_input_file(path))
-            group = parquet.read_row_group(int(self.row_groups[u]), columns=[F.KEY, F.AUDIO])
-            data = group.column(F.AUDIO)[group.column(F.KEY).to_pylist().index(key)].as_py()
-        else:
+        if self.sequencefile:
             with fs.open_input_file(path) as f:
                 reader = SequenceFileReader(f, name=path)
                 data = writable_bytes(reader.value_class, reader.read_at(int(self.offsets[u]))[1])
+            transcript = self.transcripts[u].as_py()
+        else:
+            parquet = pq.ParquetFile(fs.open_input_file(path))
+            group = parquet.read_row_group(int(self.chunks[u]), columns=[F.KEY, F.AUDIO, F.TRANSCRIPT])
+            i = group.column(F.KEY).to_pylist().index(key)
+            data, transcript = group.column(F.AUDIO)[i].as_py(), group.column(F.TRANSCRIPT)[i].as_py()
         samples, rate = decode(data)
         return {"key": key, "audio": data, "samples": samples, "sample_rate": rate,
-                "transcript": self.transcripts[u], "duration_s": float(self.durations[u])}
+                "transcript": transcript, "duration_s": float(self.durations[u])}
+
+
+def find_key(index: pq.ParquetFile, key: str) -> int | None:
+    """Returns the index row holding `key`, reading the key column one batch at a time."""
+    start = 0
+    for batch in index.iter_batches(columns=[F.KEY]):
+        i = pc.index(batch.column(0), key).as_py()
+        if i >= 0:
+            return start + i
+        start += batch.num_rows
+    return None
 
 
 def collate(position: int, epoch: int, items: list[tuple[str, str, float, np.ndarray]], repeated: bool,
@@ -293,31 +326,51 @@ class ChunkFetcher:
     """Reads the chunks a worker needs, in order, on a background thread; keeps at most `depth` ahead.
 
     A chunk stays in memory from its read until its last use, then is dropped.
+    At most `max_held_chunks` are held: past that, the one needed again last is
+    dropped and read again when needed (a plan that reads chunks far out of
+    order, such as SortaGrad over a shuffled layout, costs reads, not memory).
+    A shard's file is closed after its last chunk is read, since an open
+    Parquet file keeps the buffers of its last read.
     """
 
-    def __init__(self, ds: ShardDataset, fs, root: str, uses: list[tuple[int, int]]):
+    def __init__(self, ds: ShardDataset, fs, root: str, uses: np.ndarray):
+        """`uses`: the chunk of every utterance the worker will read, in order, as shard << 32 | chunk id."""
         self.ds, self.fs, self.root = ds, fs, root
-        self.order = list(dict.fromkeys(uses))
-        remaining = defaultdict(int)
-        for c in uses:
-            remaining[c] += 1
-        self.remaining = remaining
-        self.ready: dict[tuple[int, int], dict[int, bytes] | BaseException] = {}
-        self.files: dict[str, pq.ParquetFile] = {}  # used by the prefetch thread only
+        codes, first, inverse, counts = np.unique(uses, return_index=True, return_inverse=True, return_counts=True)
+        chunks = [(int(c >> 32), int(c & 0xFFFFFFFF)) for c in codes]
+        self.order = [chunks[i] for i in np.argsort(first)]
+        self.remaining = dict(zip(chunks, counts.tolist()))
+        by_chunk, ends = np.argsort(inverse, kind="stable"), np.cumsum(counts)
+        self.use_positions = {c: by_chunk[end - n:end] for c, n, end in zip(chunks, counts, ends)}
+        self.used = 0  # uses served so far: the position in `uses`
+        self.last_of_shard = {shard: i for i, (shard, _) in enumerate(self.order)}
+        self.ready: dict[tuple[int, int], dict[int, Record] | BaseException] = {}
+        self.dropped: set[tuple[int, int]] = set()
+        self.rereads = 0
+        self.local = threading.local()  # open files, per thread: the prefetch thread's and re-reads'
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, ds.config.prefetch_chunks))
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
+    def _files(self) -> dict[str, pq.ParquetFile]:
+        return self.local.__dict__.setdefault("files", {})
+
     def _run(self) -> None:
-        for chunk in self.order:
+        for i, chunk in enumerate(self.order):
             if self.stop.is_set():
                 return
-            try:
-                result = self._read_retrying(chunk)
-            except BaseException as e:  # handed to the consumer, which applies the policy
-                result = e
+            result = self._read_or_error(chunk)
+            if self.last_of_shard[chunk[0]] == i:
+                for path in self._paths(chunk[0]):
+                    self._files().pop(path, None)
             self.queue.put((chunk, result))
+
+    def _read_or_error(self, chunk: tuple[int, int]) -> dict[int, Record] | BaseException:
+        try:
+            return self._read_retrying(chunk)
+        except BaseException as e:  # handed to the consumer, which applies the policy
+            return e
 
     def _where(self, chunk: tuple[int, int]) -> str:
         return f"shard {self.ds.manifest['shards'][chunk[0]]['path']} chunk {chunk[1]}"
@@ -341,7 +394,7 @@ class ChunkFetcher:
                     raise StorageUnavailable(
                         f"{self._where(chunk)}: {self.ds.ref.uri} did not serve it after {attempts} attempt(s) "
                         f"in {self.ds.config.retry_seconds:g} s: {first_line(e)}") from e
-                self.files.clear()  # handles may be bound to a dead connection
+                self._files().clear()  # handles may be bound to a dead connection
                 self.stop.wait(delay)
                 delay = min(delay * 2, 8.0)
 
@@ -353,46 +406,67 @@ class ChunkFetcher:
 
     def _parquet(self, path: str) -> pq.ParquetFile:
         """Returns the shard's ParquetFile, opened once per fetcher so its footer is read once."""
-        if path not in self.files:
-            self.files[path] = pq.ParquetFile(self.fs.open_input_file(path))
-        return self.files[path]
+        files = self._files()
+        if path not in files:
+            files[path] = pq.ParquetFile(self.fs.open_input_file(path))
+        return files[path]
 
-    def _read(self, chunk: tuple[int, int]) -> dict[int, bytes]:
-        """Returns {utterance id: audio bytes} for one chunk."""
+    def _paths(self, shard: int) -> tuple[str, str | None]:
+        """Returns the shard's file and its feature cache file (None without a cache)."""
+        name = self.ds.manifest["shards"][shard]["path"]
+        if not self.ds.cache_dir:
+            return f"{self.root}/{name}", None
+        stem = posixpath.splitext(posixpath.basename(name))[0]
+        return f"{self.root}/{name}", f"{self.root}/{self.ds.cache_dir}/{stem}.parquet"
+
+    def _read(self, chunk: tuple[int, int]) -> dict[int, Record]:
+        """Returns {utterance id: its record} for one chunk."""
         shard, chunk_id = chunk
         ds = self.ds
-        path = f"{self.root}/{ds.manifest['shards'][shard]['path']}"
+        path, cache_path = self._paths(shard)
         members = ds.chunk_members(shard, chunk_id)
-        by_row = {int(ds.rows[u]): int(u) for u in members}
-        if ds.cache_dir:
-            name = ds.manifest["shards"][shard]["path"].rsplit("/", 1)[1].rsplit(".", 1)[0]
-            cached = self._parquet(f"{self.root}/{ds.cache_dir}/{name}.parquet")
-            group = cached.read_row_group(ds.chunk_row_group(shard, chunk_id), columns=[F.FEATURES, F.CHECKSUM])
-            feats, crcs = group.column(F.FEATURES), group.column(F.CHECKSUM).to_pylist()
-            return {u: (feats[i].as_py(), crcs[i]) for i, (_, u) in enumerate(sorted(by_row.items()))}
-        if ds.manifest["format"] == "parquet":
-            parquet = self._parquet(path)
-            group_start = sum(parquet.metadata.row_group(i).num_rows for i in range(chunk_id))
-            audio = parquet.read_row_group(chunk_id, columns=[F.AUDIO]).column(F.AUDIO)
-            return {u: audio[row - group_start].as_py() for row, u in by_row.items()}
+        if cache_path:  # the cache's row group holds the chunk's rows in row order; the audio is not read
+            ids = sorted((int(u) for u in members), key=lambda u: ds.rows[u])
+            columns = [F.KEY, F.TRANSCRIPT, F.FEATURES, F.CHECKSUM]
+            cached = self._parquet(cache_path).read_row_group(ds.chunk_row_group(shard, chunk_id), columns=columns)
+            return {u: Record(key, text, (feats, crc)) for u, (key, text, feats, crc)
+                    in zip(ids, zip(*(cached.column(c).to_pylist() for c in columns)))}
+        if not ds.sequencefile:
+            ids = [int(u) for u in members]
+            group = self._parquet_rows(path, chunk_id, [ds.rows[u] for u in ids], [F.KEY, F.TRANSCRIPT, F.AUDIO])
+            return {u: Record(*fields) for u, *fields in zip(ids, group[F.KEY], group[F.TRANSCRIPT], group[F.AUDIO])}
         by_offset = {int(ds.offsets[u]): int(u) for u in members}
         start, last = min(by_offset), max(by_offset)
         # a record is its lengths, key and value, perhaps after a 20-byte sync marker
-        end = last + 64 + len(ds.keys[by_offset[last]].encode()) + int(ds.num_bytes[by_offset[last]])
+        end = last + 64 + int(ds.record_bytes[by_offset[last]])
         with self.fs.open_input_file(path) as f:
             header = SequenceFileReader(f, name=path)
             blob = f.read_at(min(end, f.size()) - start, start)
         reader = header.over(OffsetBytes(blob, start))
-        return {by_offset[offset]: writable_bytes(reader.value_class, value)
-                for _, value, offset in reader.iter_range(start, last) if offset in by_offset}
+        return {by_offset[offset]: Record(writable_bytes(reader.key_class, key).decode("utf-8"),
+                                          ds.transcripts[by_offset[offset]].as_py(),
+                                          writable_bytes(reader.value_class, value))
+                for key, value, offset in reader.iter_range(start, last) if offset in by_offset}
 
-    def get(self, chunk: tuple[int, int], u: int) -> bytes | None:
-        """Returns the bytes of utterance `u` from `chunk`, waiting for the prefetch thread if needed.
+    def _parquet_rows(self, path: str, group: int, rows: list[int], columns: list[str]) -> dict[str, list]:
+        """Returns `columns` of the given shard rows, all in row group `group`, as lists in `rows` order."""
+        parquet = self._parquet(path)
+        group_start = sum(parquet.metadata.row_group(i).num_rows for i in range(group))
+        table = parquet.read_row_group(group, columns=columns)
+        return table.take(np.asarray(rows, np.int64) - group_start).to_pydict()
+
+    def get(self, chunk: tuple[int, int], u: int) -> Record | None:
+        """Returns the record of utterance `u` from `chunk`, waiting for the prefetch thread if needed.
 
         Raises:
             StorageUnavailable: the chunk could not be read, or nothing arrived for too long.
             CorruptRecord: the chunk was read but could not be parsed.
         """
+        if chunk in self.dropped:  # dropped to bound memory: read it again, here
+            self.dropped.discard(chunk)
+            self.rereads += 1
+            self.ready[chunk] = self._read_or_error(chunk)
+            self._files().clear()
         patience = self.ds.config.retry_seconds + self.ds.config.stall_seconds
         while chunk not in self.ready:
             try:
@@ -402,7 +476,9 @@ class ChunkFetcher:
                                          f"{patience:g} s; a read is hanging (is the NameNode or a DataNode "
                                          "stopped?)") from None
             self.ready[got] = result
+        self._drop_beyond_limit(keep=chunk)
         result = self.ready[chunk]
+        self.used += 1
         self.remaining[chunk] -= 1
         if self.remaining[chunk] == 0:
             del self.ready[chunk]
@@ -411,6 +487,17 @@ class ChunkFetcher:
         if isinstance(result, BaseException):
             raise CorruptRecord(f"{self._where(chunk)}: cannot read: {first_line(result)}") from result
         return result.get(u)
+
+    def _drop_beyond_limit(self, keep: tuple[int, int]) -> None:
+        """Drops held chunks, the one needed again last first, until at most `max_held_chunks` are held."""
+        while len(self.ready) > max(1, self.ds.config.max_held_chunks):
+            def next_use(c: tuple[int, int]) -> int:
+                positions = self.use_positions[c]
+                return int(positions[np.searchsorted(positions, self.used)])
+
+            victim = max((c for c in self.ready if c != keep), key=next_use)
+            del self.ready[victim]
+            self.dropped.add(victim)
 
     def close(self) -> None:
         self.stop.set()

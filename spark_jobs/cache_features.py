@@ -3,8 +3,8 @@
     spark-submit spark_jobs/cache_features.py --dataset URI [--feature log_mel|log_spectrogram] [--overwrite]
 
 Writes DATASET/features-<digest>/part-NNNNN.parquet (digest: a hash of the
-feature config), row i holding the features of row i of audio shard NNNNN, one
-row group per reader chunk, then cache.json last. ShardDataset uses the cache
+feature config), row i holding the key, transcript and features of row i of audio shard NNNNN,
+one row group per reader chunk, then cache.json last. ShardDataset uses the cache
 when its feature config hashes the same, and decodes audio otherwise.
 Exit codes: 0 done, 2 a user error (one line on stderr).
 """
@@ -39,25 +39,27 @@ def write_feature_shard(shard: int, *, dataset_uri: str, cache_rel: str, feature
     """Spark task: computes and writes the features of one audio shard; returns {path, rows, bytes}."""
     cfg = FeatureConfig(**feature_config)
     ds = open_dataset(dataset_uri)
-    index = ds.index([F.SHARD, F.ROW, F.ROW_GROUP, F.OFFSET])
+    index = ds.index([F.SHARD, F.ROW, F.ROW_GROUP, F.OFFSET, F.TRANSCRIPT])
     mine = np.nonzero(index.column(F.SHARD).to_numpy() == shard)[0]
     rows = index.column(F.ROW).to_numpy()[mine]
+    in_row_order = np.argsort(rows)
     chunks = F.chunk_ids(ds.manifest["format"], index.column(F.ROW_GROUP).to_numpy()[mine],
-                         index.column(F.OFFSET).to_numpy()[mine])[np.argsort(rows)]
+                         index.column(F.OFFSET).to_numpy()[mine])[in_row_order]
+    transcripts = index.column(F.TRANSCRIPT).take(mine[in_row_order]).to_pylist()
     rel = posixpath.join(cache_rel, posixpath.basename(ds.manifest["shards"][shard]["path"]).rsplit(".", 1)[0]
                          + ".parquet")
     fs, path = ds.fs, posixpath.join(ds.path, rel)
     with fs.open_output_stream(path) as sink:
         writer = pq.ParquetWriter(sink, F.FEATURE_SCHEMA, compression="zstd")
         pending, current = [], None
-        for (key, audio), chunk in zip(ds.shard_records(shard), chunks.tolist()):
+        for (key, audio), chunk, transcript in zip(ds.shard_records(shard), chunks.tolist(), transcripts):
             if current is not None and chunk != current:
                 writer.write_table(pa.Table.from_pylist(pending, F.FEATURE_SCHEMA), row_group_size=len(pending))
                 pending = []
             current = chunk
             feats = features_from_bytes(audio, cfg).astype("<f2").tobytes()
-            pending.append({F.KEY: key, F.FRAMES: len(feats) // (2 * cfg.num_bins), F.FEATURES: feats,
-                            F.CHECKSUM: zlib.crc32(feats)})
+            pending.append({F.KEY: key, F.TRANSCRIPT: transcript, F.FRAMES: len(feats) // (2 * cfg.num_bins),
+                            F.FEATURES: feats, F.CHECKSUM: zlib.crc32(feats)})
         if pending:
             writer.write_table(pa.Table.from_pylist(pending, F.FEATURE_SCHEMA), row_group_size=len(pending))
         writer.close()
@@ -92,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         shards = list(range(len(ds.manifest["shards"])))
         write = partial(write_feature_shard, dataset_uri=args.dataset, cache_rel=tmp_rel, feature_config=asdict(cfg))
         results = spark.sparkContext.parallelize(shards, max(len(shards), 1)).map(write).collect() if shards else []
-        manifest = {"feature_config": asdict(cfg), "digest": cfg.digest(), "shards": results,
+        manifest = {"feature_config": asdict(cfg), "digest": cfg.digest(), "columns": F.FEATURE_SCHEMA.names,
+                    "shards": results,
                     "utterances": sum(r["rows"] for r in results)}
         with ds.fs.open_output_stream(posixpath.join(ds.path, tmp_rel, F.FEATURE_CACHE_MANIFEST)) as f:
             f.write(json.dumps(manifest, indent=1).encode())

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from hdfs_io import dataset_format as F
 from hdfs_io.dataset import open_dataset
 from hdfs_io.features import FeatureConfig
 from hdfs_io.plan import PlanConfig
@@ -113,6 +114,26 @@ def test_resume_mid_epoch_yields_exactly_the_remaining_batches(packed):
     assert rest and not set(map(tuple, seen)) & set(map(tuple, rest))
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "sequencefile"])
+def test_a_one_chunk_memory_limit_reads_chunks_again_and_yields_the_same_batches(cluster, tmp_path, fmt):
+    expected = good_librispeech(tmp_path / "corpus", 24, seed=9)
+    uri = str(tmp_path / "ds")
+    # a shuffled layout read in SortaGrad order (epoch 0) needs every chunk again and again
+    cluster.pack("--input", str(tmp_path / "corpus"), "--output", uri, "--format", fmt, "--layout", "shuffled",
+                 "--shard-size-mb", "0.6", "--row-group-mb", "0.3")
+    limited = ReaderConfig(plan=CONFIG.plan, max_held_chunks=1)
+
+    free = read_all(uri, world=1, epoch=0, workers=2)[0]
+    bounded = read_all(uri, world=1, epoch=0, workers=2, config=limited)[0]
+
+    assert [b["keys"] for b in bounded] == [b["keys"] for b in free]
+    assert sorted(k for b in bounded for k in b["keys"]) == sorted(expected.packed)
+    for a, b in zip(bounded, free):
+        assert (a["features"] == b["features"]).all() and a["transcripts"] == b["transcripts"]
+    assert sum(b["chunk_rereads"] for b in free) == 0
+    assert sum(b["chunk_rereads"] for b in bounded) > 0
+
+
 def test_get_returns_the_source_bytes_through_the_index(packed):
     expected, uris = packed
     key = sorted(expected.packed)[7]
@@ -121,6 +142,8 @@ def test_get_returns_the_source_bytes_through_the_index(packed):
         assert got["audio"] == expected.packed[key][0]
         assert got["transcript"] == expected.packed[key][1]
         assert got["samples"].shape[0] > 0
+    with pytest.raises(KeyError):
+        ShardDataset(uris["local-seq"], 0, 1).get("no-such-key")
 
 
 @pytest.mark.parametrize("fmt", ["local-parquet", "local-seq"])
@@ -218,3 +241,10 @@ def test_feature_cache_serves_the_same_features_without_touching_audio(cluster, 
     assert [b["keys"] for b in read_all(uri, 1, 1, 2, CONFIG)[0]] == [b["keys"] for b in decoded]
     other = ReaderConfig(plan=CONFIG.plan, feature=FeatureConfig(n_mels=40))
     assert ShardDataset(uri, 0, 1, other).cache_dir is None  # another config falls back to decoding
+    cache_json = f"{path}/{F.feature_cache_dir(CONFIG.feature.digest())}/{F.FEATURE_CACHE_MANIFEST}"
+    with fs.open_input_stream(cache_json) as f:
+        manifest = json.loads(f.read())
+    del manifest["columns"]  # as written before caches held transcripts
+    with fs.open_output_stream(cache_json) as f:
+        f.write(json.dumps(manifest).encode())
+    assert ShardDataset(uri, 0, 1, CONFIG).cache_dir is None
