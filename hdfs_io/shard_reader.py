@@ -143,6 +143,7 @@ class ShardDataset(IterableDataset):
         self.epoch, self.start_position = 0, 0
         self._plan: tuple[int, RankPlan] | None = None
         self._members: dict[tuple[int, int], np.ndarray] | None = None
+        self._keys: tuple[np.ndarray, np.ndarray] | None = None  # for get(): sorted key hashes, index rows
 
     def _feature_cache(self, ds) -> str | None:
         """Returns the feature cache folder for this reader's feature config, if a complete one exists."""
@@ -270,38 +271,52 @@ class ShardDataset(IterableDataset):
     def get(self, key: str) -> dict:
         """Returns one utterance by key through the index: bytes, decoded samples, transcript.
 
-        Finds the key in the index's key column (read batch by batch, not held),
-        then reads only the one row group (Parquet) or record (SequenceFile) that holds it.
+        Finds the key's index row by its hash (a table of 16 bytes an utterance, built
+        on the first call from the index's key column), then reads only the one row group
+        (Parquet) or record (SequenceFile) that holds it.
+
+        Raises:
+            KeyError: no utterance has this key.
         """
         fs, root = self.ref.open()
-        u = find_key(pq.ParquetFile(fs.open_input_file(f"{root}/{F.INDEX}")), key)
-        if u is None:
-            raise KeyError(key)
+        hashes, rows = self._key_hashes(fs, root)
+        first, last = np.searchsorted(hashes, hash(key), "left"), np.searchsorted(hashes, hash(key), "right")
+        for u in rows[first:last].tolist():  # almost always one; more only when 64-bit hashes collide
+            found = self._read_one(fs, root, u)
+            if found[0] == key:
+                _, data, transcript = found
+                samples, rate = decode(data)
+                return {"key": key, "audio": data, "samples": samples, "sample_rate": rate,
+                        "transcript": transcript, "duration_s": float(self.durations[u])}
+        raise KeyError(key)
+
+    def _key_hashes(self, fs, root: str) -> tuple[np.ndarray, np.ndarray]:
+        """Returns (the hashes of all keys, sorted; the index row of each), built once per process."""
+        if self._keys is None:
+            hashes = np.empty(self.utterances, np.int64)
+            start = 0
+            for batch in pq.ParquetFile(fs.open_input_file(f"{root}/{F.INDEX}")).iter_batches(columns=[F.KEY]):
+                hashes[start:start + batch.num_rows] = np.fromiter(map(hash, batch.column(0).to_pylist()),
+                                                                   np.int64, batch.num_rows)
+                start += batch.num_rows
+            order = np.argsort(hashes, kind="stable")
+            self._keys = (hashes[order], order)
+        return self._keys
+
+    def _read_one(self, fs, root: str, u: int) -> tuple[str, bytes, str]:
+        """Returns (key, audio bytes, transcript) of utterance `u`, reading only its row group or record."""
         path = f"{root}/{self.manifest['shards'][self.shards[u]]['path']}"
         if self.sequencefile:
             with fs.open_input_file(path) as f:
                 reader = SequenceFileReader(f, name=path)
-                data = writable_bytes(reader.value_class, reader.read_at(int(self.offsets[u]))[1])
-            transcript = self.transcripts[u].as_py()
-        else:
-            parquet = pq.ParquetFile(fs.open_input_file(path))
-            group = parquet.read_row_group(int(self.chunks[u]), columns=[F.KEY, F.AUDIO, F.TRANSCRIPT])
-            i = group.column(F.KEY).to_pylist().index(key)
-            data, transcript = group.column(F.AUDIO)[i].as_py(), group.column(F.TRANSCRIPT)[i].as_py()
-        samples, rate = decode(data)
-        return {"key": key, "audio": data, "samples": samples, "sample_rate": rate,
-                "transcript": transcript, "duration_s": float(self.durations[u])}
-
-
-def find_key(index: pq.ParquetFile, key: str) -> int | None:
-    """Returns the index row holding `key`, reading the key column one batch at a time."""
-    start = 0
-    for batch in index.iter_batches(columns=[F.KEY]):
-        i = pc.index(batch.column(0), key).as_py()
-        if i >= 0:
-            return start + i
-        start += batch.num_rows
-    return None
+                key, value = reader.read_at(int(self.offsets[u]))
+            return (writable_bytes(reader.key_class, key).decode("utf-8"), writable_bytes(reader.value_class, value),
+                    self.transcripts[u].as_py())
+        parquet = pq.ParquetFile(fs.open_input_file(path))
+        group = int(self.chunks[u])
+        row = int(self.rows[u]) - sum(parquet.metadata.row_group(i).num_rows for i in range(group))
+        record = parquet.read_row_group(group, columns=[F.KEY, F.AUDIO, F.TRANSCRIPT]).slice(row, 1).to_pylist()[0]
+        return record[F.KEY], record[F.AUDIO], record[F.TRANSCRIPT]
 
 
 def collate(position: int, epoch: int, items: list[tuple[str, str, float, np.ndarray]], repeated: bool,

@@ -10,6 +10,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from hdfs_io import dataset_format as F
@@ -144,6 +145,22 @@ def test_get_returns_the_source_bytes_through_the_index(packed):
         assert got["samples"].shape[0] > 0
     with pytest.raises(KeyError):
         ShardDataset(uris["local-seq"], 0, 1).get("no-such-key")
+
+
+@pytest.mark.parametrize("name", ["local-parquet", "local-seq"])
+def test_get_reads_every_row_sharing_a_hash_and_returns_the_one_with_the_key(packed, name):
+    expected, uris = packed
+    ds = ShardDataset(uris[name], 0, 1)
+    wanted, other = sorted(expected.packed)[3], sorted(expected.packed)[11]
+    hashes, rows = ds._key_hashes(*ds.ref.open())
+    row_of = {h: int(u) for h, u in zip(hashes.tolist(), rows)}
+    collide = np.array([hash(wanted), hash(wanted)])  # `other`'s row first, under `wanted`'s hash
+    ds._keys = (collide, np.array([row_of[hash(other)], row_of[hash(wanted)]]))
+
+    assert ds.get(wanted)["audio"] == expected.packed[wanted][0]
+    ds._keys = (collide[:1], np.array([row_of[hash(other)]]))
+    with pytest.raises(KeyError):
+        ds.get(wanted)
 
 
 @pytest.mark.parametrize("fmt", ["local-parquet", "local-seq"])
