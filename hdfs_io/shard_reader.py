@@ -65,7 +65,7 @@ class Record(NamedTuple):
     """One utterance as read from its chunk."""
     key: str
     transcript: str
-    data: bytes | tuple[bytes, int] | None  # audio bytes, or (float16 features, CRC32) from the feature cache
+    data: bytes | tuple[bytes, int]  # audio bytes, or (float16 features, CRC32) from the feature cache
 
 
 def error_message(error: BaseException) -> str:
@@ -143,6 +143,7 @@ class ShardDataset(IterableDataset):
         self.epoch, self.start_position = 0, 0
         self._plan: tuple[int, RankPlan] | None = None
         self._members: dict[tuple[int, int], np.ndarray] | None = None
+        self._cache_row_groups: dict[tuple[int, int], int] | None = None
         self._keys: tuple[np.ndarray, np.ndarray] | None = None  # for get(): sorted key hashes, index rows
 
     def _feature_cache(self, ds) -> str | None:
@@ -169,8 +170,13 @@ class ShardDataset(IterableDataset):
 
     def chunk_row_group(self, shard: int, chunk: int) -> int:
         """Returns the feature-cache row group of a chunk: its rank among the shard's chunk ids."""
-        self.chunk_members(shard, chunk)
-        return sorted(c for s, c in self._members if s == shard).index(chunk)
+        if self._cache_row_groups is None:
+            self.chunk_members(shard, chunk)
+            self._cache_row_groups, previous, rank = {}, None, 0
+            for s, c in sorted(self._members):
+                rank = rank + 1 if s == previous else 0
+                self._cache_row_groups[(s, c)], previous = rank, s
+        return self._cache_row_groups[(shard, chunk)]
 
     # -- planning and position ------------------------------------------------
 
@@ -280,7 +286,8 @@ class ShardDataset(IterableDataset):
         """
         fs, root = self.ref.open()
         hashes, rows = self._key_hashes(fs, root)
-        first, last = np.searchsorted(hashes, hash(key), "left"), np.searchsorted(hashes, hash(key), "right")
+        wanted = hash(key)
+        first, last = np.searchsorted(hashes, wanted, "left"), np.searchsorted(hashes, wanted, "right")
         for u in rows[first:last].tolist():  # almost always one; more only when 64-bit hashes collide
             found = self._read_one(fs, root, u)
             if found[0] == key:
@@ -312,11 +319,16 @@ class ShardDataset(IterableDataset):
                 key, value = reader.read_at(int(self.offsets[u]))
             return (writable_bytes(reader.key_class, key).decode("utf-8"), writable_bytes(reader.value_class, value),
                     self.transcripts[u].as_py())
-        parquet = pq.ParquetFile(fs.open_input_file(path))
-        group = int(self.chunks[u])
-        row = int(self.rows[u]) - sum(parquet.metadata.row_group(i).num_rows for i in range(group))
-        record = parquet.read_row_group(group, columns=[F.KEY, F.AUDIO, F.TRANSCRIPT]).slice(row, 1).to_pylist()[0]
-        return record[F.KEY], record[F.AUDIO], record[F.TRANSCRIPT]
+        record = parquet_rows(pq.ParquetFile(fs.open_input_file(path)), int(self.chunks[u]), [int(self.rows[u])],
+                              [F.KEY, F.AUDIO, F.TRANSCRIPT])
+        return record[F.KEY][0], record[F.AUDIO][0], record[F.TRANSCRIPT][0]
+
+
+def parquet_rows(parquet: pq.ParquetFile, group: int, rows: list[int], columns: list[str]) -> dict[str, list]:
+    """Returns `columns` of the given shard rows, all in row group `group`, as lists in `rows` order."""
+    group_start = sum(parquet.metadata.row_group(i).num_rows for i in range(group))
+    table = parquet.read_row_group(group, columns=columns)
+    return table.take(np.asarray(rows, np.int64) - group_start).to_pydict()
 
 
 def collate(position: int, epoch: int, items: list[tuple[str, str, float, np.ndarray]], repeated: bool,
@@ -448,7 +460,8 @@ class ChunkFetcher:
                     in zip(ids, zip(*(cached.column(c).to_pylist() for c in columns)))}
         if not ds.sequencefile:
             ids = [int(u) for u in members]
-            group = self._parquet_rows(path, chunk_id, [ds.rows[u] for u in ids], [F.KEY, F.TRANSCRIPT, F.AUDIO])
+            group = parquet_rows(self._parquet(path), chunk_id, [ds.rows[u] for u in ids],
+                                 [F.KEY, F.TRANSCRIPT, F.AUDIO])
             return {u: Record(*fields) for u, *fields in zip(ids, group[F.KEY], group[F.TRANSCRIPT], group[F.AUDIO])}
         by_offset = {int(ds.offsets[u]): int(u) for u in members}
         start, last = min(by_offset), max(by_offset)
@@ -462,13 +475,6 @@ class ChunkFetcher:
                                           ds.transcripts[by_offset[offset]].as_py(),
                                           writable_bytes(reader.value_class, value))
                 for key, value, offset in reader.iter_range(start, last) if offset in by_offset}
-
-    def _parquet_rows(self, path: str, group: int, rows: list[int], columns: list[str]) -> dict[str, list]:
-        """Returns `columns` of the given shard rows, all in row group `group`, as lists in `rows` order."""
-        parquet = self._parquet(path)
-        group_start = sum(parquet.metadata.row_group(i).num_rows for i in range(group))
-        table = parquet.read_row_group(group, columns=columns)
-        return table.take(np.asarray(rows, np.int64) - group_start).to_pydict()
 
     def get(self, chunk: tuple[int, int], u: int) -> Record | None:
         """Returns the record of utterance `u` from `chunk`, waiting for the prefetch thread if needed.
@@ -505,11 +511,11 @@ class ChunkFetcher:
 
     def _drop_beyond_limit(self, keep: tuple[int, int]) -> None:
         """Drops held chunks, the one needed again last first, until at most `max_held_chunks` are held."""
-        while len(self.ready) > max(1, self.ds.config.max_held_chunks):
-            def next_use(c: tuple[int, int]) -> int:
-                positions = self.use_positions[c]
-                return int(positions[np.searchsorted(positions, self.used)])
+        def next_use(c: tuple[int, int]) -> int:
+            positions = self.use_positions[c]
+            return int(positions[np.searchsorted(positions, self.used)])
 
+        while len(self.ready) > max(1, self.ds.config.max_held_chunks):
             victim = max((c for c in self.ready if c != keep), key=next_use)
             del self.ready[victim]
             self.dropped.add(victim)
