@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import soundfile as sf
 
-TAIL_FRAMES = 4096  # probing decodes only this many frames at the end of a file
+TAIL_FRAMES = 4096  # frames at the end of a file decoded first, so a truncated file is named as such
 
 
 class BadAudio(ValueError):
@@ -30,10 +30,10 @@ class AudioInfo:
 
 
 def probe(data: bytes) -> AudioInfo:
-    """Returns codec, rate, channels and length, reading the header and the last few frames only.
+    """Returns codec, rate, channels and length, after checking that every frame decodes.
 
     Raises:
-        BadAudio: zero bytes, not audio, no frames, or truncated.
+        BadAudio: zero bytes, not audio, no frames, truncated, or corrupt inside.
     """
     if not data:
         raise BadAudio("zero-byte audio")
@@ -46,6 +46,11 @@ def probe(data: bytes) -> AudioInfo:
     if info.format == "WAV":
         _check_wav_data_chunk(data)
     _check_tail_decodes(data, info.frames)
+    # the tail can decode while a frame inside is damaged; the reader decodes every frame, so the probe does too
+    try:
+        decode(data)
+    except BadAudio as e:
+        raise BadAudio(f"corrupt audio: {e}") from None
     return AudioInfo(info.format, int(info.samplerate), int(info.channels), int(info.frames))
 
 
