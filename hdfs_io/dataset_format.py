@@ -105,6 +105,16 @@ def feature_cache_dir(digest: str) -> str:
     return f"{FEATURE_CACHE_PREFIX}{digest}"
 
 
+# Feature statistics for a feature config other than the one dataset.json holds them for: computed by
+# the first reader that needs them from a seeded sample, stored here, read by every later one.
+FEATURE_STATS_PREFIX = "feature-stats-"
+
+
+def feature_stats_file(digest: str) -> str:
+    """Returns the statistics file for a feature config digest, relative to the dataset folder."""
+    return f"{FEATURE_STATS_PREFIX}{digest}.json"
+
+
 class DatasetError(ValueError):
     """A dataset folder is missing, incomplete or malformed; the message says which part."""
 

@@ -26,6 +26,7 @@ stall_seconds`, so a reader never hangs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -33,7 +34,7 @@ import queue
 import threading
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Iterator, NamedTuple
 
@@ -47,6 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from hdfs_io import dataset_format as F
 from hdfs_io.audio import BadAudio, decode, resample, to_mono
 from hdfs_io.dataset import open_dataset
+from hdfs_io.feature_stats import feature_stats, packed_config
 from hdfs_io.features import FeatureConfig, log_features
 from hdfs_io.filesystem import FilesystemRef, first_line, worker_start_method
 from hdfs_io.plan import PlanConfig, RankPlan, index_columns, plan_epoch
@@ -132,13 +134,8 @@ class ShardDataset(IterableDataset):
                                  + pc.binary_length(index.column(F.KEY)).to_numpy())
             self.transcripts = index.column(F.TRANSCRIPT).combine_chunks()
         del index
-        stats = self.manifest["stats"]["features"]
-        try:
-            same = FeatureConfig(**stats["config"]) == config.feature
-        except (TypeError, ValueError) as e:
-            raise F.DatasetError(f"dataset.json: bad 'stats.features.config': {e}") from None
-        self.mean = np.asarray(stats["mean"], np.float32) if same else None
-        self.std = np.maximum(np.asarray(stats["std"], np.float32), 1e-5) if same else None
+        packed_config(self.manifest)  # checked now; the statistics themselves are read when first needed
+        self._stats: tuple[np.ndarray, np.ndarray, str] | None = None
         self.cache_dir = self._feature_cache(ds) if config.output == "features" and config.use_feature_cache else None
         self.epoch, self.start_position = 0, 0
         self._plan: tuple[int, RankPlan] | None = None
@@ -149,14 +146,30 @@ class ShardDataset(IterableDataset):
     def _feature_cache(self, ds) -> str | None:
         """Returns the feature cache folder for this reader's feature config, if a complete one exists."""
         folder = F.feature_cache_dir(self.config.feature.digest())
+        path = f"{ds.path}/{folder}/{F.FEATURE_CACHE_MANIFEST}"
+        if ds.fs.get_file_info(path).type == FileType.NotFound:  # asked first: libhdfs prints a failed open's trace
+            return None
         try:
-            with ds.fs.open_input_stream(f"{ds.path}/{folder}/{F.FEATURE_CACHE_MANIFEST}") as f:
+            with ds.fs.open_input_stream(path) as f:
                 cache = json.loads(f.read())
         except (FileNotFoundError, ValueError):
             return None
         # a cache written before it held transcripts lacks "columns": decode instead
         complete = cache.get("utterances") == self.utterances and cache.get("columns") == F.FEATURE_SCHEMA.names
         return folder if complete else None
+
+    def normalization(self) -> tuple[np.ndarray, np.ndarray, str]:
+        """Returns the per-bin feature (mean, std) for this reader's feature config, and where they came from.
+
+        dataset.json's, or those stored beside the dataset for this config, or computed once
+        from a seeded sample and stored (hdfs_io.feature_stats). ShardLoader asks before it
+        starts workers, so they receive them instead of each computing them.
+        """
+        if self._stats is None:
+            stats = feature_stats(open_dataset(self.ref.uri), self.config.feature,
+                                  self.shards.astype(np.int64) << 32 | self.chunks, self.read_audio)
+            self._stats = (stats.mean, np.maximum(stats.std, 1e-5), stats.source)
+        return self._stats
 
     def chunk_members(self, shard: int, chunk: int) -> np.ndarray:
         """Returns the utterance ids in one chunk, from a grouping of the index built once per process."""
@@ -194,17 +207,27 @@ class ShardDataset(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.start_position = epoch, 0
 
+    def _fit(self) -> dict:
+        """Returns what a saved position is only valid for: the rank, the plan config and the dataset."""
+        shards = hashlib.sha256(" ".join(str(s["checksum"]) for s in self.manifest["shards"]).encode())
+        return {"rank": self.rank, "world_size": self.world_size, **asdict(self.config.plan),
+                "utterances": self.utterances, "shard_checksums": shards.hexdigest()[:16]}
+
     def state_dict(self, next_position: int | None = None) -> dict:
         return {"epoch": self.epoch, "position": self.start_position if next_position is None else next_position,
-                "rank": self.rank, "world_size": self.world_size, "seed": self.config.plan.seed,
-                "utterances": self.utterances}
+                **self._fit()}
 
     def load_state_dict(self, state: dict) -> None:
-        expected = {"rank": self.rank, "world_size": self.world_size, "seed": self.config.plan.seed,
-                    "utterances": self.utterances}
-        got = {k: state.get(k) for k in expected}
-        if got != expected:
-            raise ValueError(f"reader state is for {got}, this reader is {expected}")
+        """Resumes at a saved position.
+
+        Raises:
+            ValueError: the state was saved by a reader with another rank, world size, plan
+                config (batch_seconds, batch_size, window, segments, seed) or dataset; the
+                message names what changed, since its position would pick other batches.
+        """
+        changed = [f"{k} {state[k]!r} -> {v!r}" for k, v in self._fit().items() if k in state and state[k] != v]
+        if changed:
+            raise ValueError(f"the saved reader position does not fit this reader: {', '.join(changed)}")
         self.epoch, self.start_position = state["epoch"], state["position"]
 
     # -- iteration ----------------------------------------------------------------
@@ -238,8 +261,8 @@ class ShardDataset(IterableDataset):
         items, skipped = [], []
         for u in ids:
             u = int(u)
-            record = fetcher.get((int(self.shards[u]), int(self.chunks[u])), u)
-            try:
+            try:  # one policy for a damaged chunk and a damaged record alike
+                record = fetcher.get((int(self.shards[u]), int(self.chunks[u])), u)
                 items.append((record.key, record.transcript, float(self.durations[u]), self._prepare(u, record)))
             except CorruptRecord as e:
                 if self.config.on_error == "fail":
@@ -257,7 +280,8 @@ class ShardDataset(IterableDataset):
             if zlib.crc32(feats) != crc:
                 raise CorruptRecord(f"{self.cache_dir}/ {where}: feature checksum mismatch (key {record.key})")
             feats = np.frombuffer(feats, "<f2").reshape(-1, self.config.feature.num_bins).astype(np.float32)
-            return (feats - self.mean) / self.std if self.mean is not None else feats
+            mean, std, _ = self.normalization()
+            return (feats - mean) / std
         if zlib.crc32(data) != self.checksums[u]:
             raise CorruptRecord(f"{where}: checksum mismatch (key {record.key})")
         try:
@@ -267,32 +291,37 @@ class ShardDataset(IterableDataset):
         signal = resample(to_mono(samples), rate, self.config.feature.sample_rate)
         if self.config.output == "waveform":
             return signal
-        feats = log_features(signal, self.config.feature)
-        if self.mean is not None:
-            feats = (feats - self.mean) / self.std
-        return feats
+        mean, std, _ = self.normalization()
+        return (log_features(signal, self.config.feature) - mean) / std
 
     # -- random access ------------------------------------------------------------
 
     def get(self, key: str) -> dict:
         """Returns one utterance by key through the index: bytes, decoded samples, transcript.
 
-        Finds the key's index row by its hash (a table of 16 bytes an utterance, built
-        on the first call from the index's key column), then reads only the one row group
-        (Parquet) or record (SequenceFile) that holds it.
+        Finds the key's index row by a stable hash of its bytes (a table of 16 bytes an
+        utterance, built on the first call from the index's key column, the same in every
+        process it is pickled into), then reads only the one row group (Parquet) or record
+        (SequenceFile) that holds it, and checks its CRC32.
 
         Raises:
             KeyError: no utterance has this key.
+            CorruptRecord: its bytes fail their checksum or do not decode.
         """
         fs, root = self.ref.open()
         hashes, rows = self._key_hashes(fs, root)
-        wanted = hash(key)
+        wanted = key_hash(key)
         first, last = np.searchsorted(hashes, wanted, "left"), np.searchsorted(hashes, wanted, "right")
-        for u in rows[first:last].tolist():  # almost always one; more only when 64-bit hashes collide
-            found = self._read_one(fs, root, u)
-            if found[0] == key:
-                _, data, transcript = found
-                samples, rate = decode(data)
+        # almost always one candidate; more only when 64-bit hashes collide
+        for u, found, data, transcript in self._read_rows(fs, root, rows[first:last]):
+            if found == key:
+                where = f"shard {self.manifest['shards'][self.shards[u]]['path']} row {self.rows[u]}"
+                if zlib.crc32(data) != self.checksums[u]:
+                    raise CorruptRecord(f"{where}: checksum mismatch (key {key})")
+                try:
+                    samples, rate = decode(data)
+                except BadAudio as e:
+                    raise CorruptRecord(f"{where}: {e}") from None
                 return {"key": key, "audio": data, "samples": samples, "sample_rate": rate,
                         "transcript": transcript, "duration_s": float(self.durations[u])}
         raise KeyError(key)
@@ -303,25 +332,47 @@ class ShardDataset(IterableDataset):
             hashes = np.empty(self.utterances, np.int64)
             start = 0
             for batch in pq.ParquetFile(fs.open_input_file(f"{root}/{F.INDEX}")).iter_batches(columns=[F.KEY]):
-                hashes[start:start + batch.num_rows] = np.fromiter(map(hash, batch.column(0).to_pylist()),
+                hashes[start:start + batch.num_rows] = np.fromiter(map(key_hash, batch.column(0).to_pylist()),
                                                                    np.int64, batch.num_rows)
                 start += batch.num_rows
             order = np.argsort(hashes, kind="stable")
             self._keys = (hashes[order], order)
         return self._keys
 
-    def _read_one(self, fs, root: str, u: int) -> tuple[str, bytes, str]:
-        """Returns (key, audio bytes, transcript) of utterance `u`, reading only its row group or record."""
-        path = f"{root}/{self.manifest['shards'][self.shards[u]]['path']}"
+    def read_audio(self, ids: np.ndarray) -> Iterator[bytes]:
+        """Yields the audio bytes of utterances `ids` that pass their CRC32 check, one read per chunk."""
+        fs, root = self.ref.open()
+        for u, _, data, _ in self._read_rows(fs, root, ids):
+            if zlib.crc32(data) == self.checksums[u]:
+                yield data
+
+    def _read_rows(self, fs, root: str, ids: np.ndarray) -> Iterator[tuple[int, str, bytes, str]]:
+        """Yields (id, key, audio bytes, transcript) of utterances `ids`, reading each Parquet row group once
+        (a SequenceFile: each record alone)."""
+        ids = np.asarray(ids, np.int64)
         if self.sequencefile:
-            with fs.open_input_file(path) as f:
-                reader = SequenceFileReader(f, name=path)
-                key, value = reader.read_at(int(self.offsets[u]))
-            return (writable_bytes(reader.key_class, key).decode("utf-8"), writable_bytes(reader.value_class, value),
-                    self.transcripts[u].as_py())
-        record = parquet_rows(pq.ParquetFile(fs.open_input_file(path)), int(self.chunks[u]), [int(self.rows[u])],
-                              [F.KEY, F.AUDIO, F.TRANSCRIPT])
-        return record[F.KEY][0], record[F.AUDIO][0], record[F.TRANSCRIPT][0]
+            for u in ids.tolist():
+                path = f"{root}/{self.manifest['shards'][self.shards[u]]['path']}"
+                with fs.open_input_file(path) as f:
+                    reader = SequenceFileReader(f, name=path)
+                    key, value = reader.read_at(int(self.offsets[u]))
+                yield (u, writable_bytes(reader.key_class, key).decode("utf-8"),
+                       writable_bytes(reader.value_class, value), self.transcripts[u].as_py())
+            return
+        codes = self.shards[ids].astype(np.int64) << 32 | self.chunks[ids]
+        for code in np.unique(codes).tolist():
+            members = ids[codes == code]
+            shard, group = code >> 32, code & 0xFFFFFFFF
+            path = f"{root}/{self.manifest['shards'][shard]['path']}"
+            rows = parquet_rows(pq.ParquetFile(fs.open_input_file(path)), group, self.rows[members].tolist(),
+                                [F.KEY, F.AUDIO, F.TRANSCRIPT])
+            yield from zip(members.tolist(), rows[F.KEY], rows[F.AUDIO], rows[F.TRANSCRIPT])
+
+
+def key_hash(key: str) -> int:
+    """Returns a 64-bit hash of a key's UTF-8 bytes that is the same in every process (unlike `hash`)."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                          "little", signed=True)
 
 
 def parquet_rows(parquet: pq.ParquetFile, group: int, rows: list[int], columns: list[str]) -> dict[str, list]:
@@ -400,13 +451,18 @@ class ChunkFetcher:
             return e
 
     def _where(self, chunk: tuple[int, int]) -> str:
-        return f"shard {self.ds.manifest['shards'][chunk[0]]['path']} chunk {chunk[1]}"
+        unit = "byte range" if self.ds.sequencefile else "row group"
+        return f"shard {self.ds.manifest['shards'][chunk[0]]['path']} {unit} {chunk[1]}"
 
     def _read_retrying(self, chunk: tuple[int, int]) -> dict[int, bytes]:
         """Returns `_read(chunk)`, retrying I/O errors with exponential backoff for `retry_seconds`.
 
+        A failed read whose raw bytes the filesystem does serve (a damaged Parquet page
+        or footer) is damage, not an outage: it is not retried.
+
         Raises:
             StorageUnavailable: the read still failed when the retry budget ran out.
+            CorruptRecord: the chunk's bytes were served but could not be parsed.
         """
         deadline = time.monotonic() + self.ds.config.retry_seconds
         delay, attempts = 0.5, 0
@@ -417,6 +473,8 @@ class ChunkFetcher:
             except OSError as e:
                 if isinstance(e, FileNotFoundError) and self._root_answers():
                     raise  # the filesystem answers, so the shard really is missing: no use retrying
+                if not isinstance(e, FileNotFoundError) and self._bytes_served(chunk):
+                    raise CorruptRecord(f"{self._where(chunk)}: damaged: {first_line(e)}") from e
                 if self.stop.is_set() or time.monotonic() + delay > deadline:
                     raise StorageUnavailable(
                         f"{self._where(chunk)}: {self.ds.ref.uri} did not serve it after {attempts} attempt(s) "
@@ -424,6 +482,33 @@ class ChunkFetcher:
                 self._files().clear()  # handles may be bound to a dead connection
                 self.stop.wait(delay)
                 delay = min(delay * 2, 8.0)
+
+    def _bytes_served(self, chunk: tuple[int, int]) -> bool:
+        """Returns True if the filesystem serves the raw bytes of `chunk` now.
+
+        Those are its row group's column chunks when the shard's footer was parsed,
+        else the footer itself; a Parquet read that failed on bytes that are served
+        failed on their content.
+        """
+        path, cache_path = self._paths(chunk[0])
+        path = cache_path or path
+        parsed = self._files().get(path)
+        try:
+            with self.fs.open_input_file(path) as f:
+                size = f.size()
+                if parsed is None or self.ds.sequencefile:
+                    start, length = max(0, size - 2**16), min(size, 2**16)
+                else:
+                    group = self.ds.chunk_row_group(*chunk) if cache_path else chunk[1]
+                    columns = [parsed.metadata.row_group(group).column(i)
+                               for i in range(parsed.metadata.num_columns)]
+                    start = min(c.dictionary_page_offset or c.data_page_offset for c in columns)
+                    length = min(sum(c.total_compressed_size for c in columns), size - start)
+                return len(f.read_at(length, start)) == length
+        except OSError:
+            return False
+        except Exception:  # the parsed footer does not describe this chunk: the shard is damaged
+            return True
 
     def _root_answers(self) -> bool:
         try:
@@ -505,6 +590,8 @@ class ChunkFetcher:
             del self.ready[chunk]
         if isinstance(result, StorageUnavailable):
             raise result
+        if isinstance(result, CorruptRecord):
+            raise CorruptRecord(str(result)) from result  # once for each of the chunk's records
         if isinstance(result, BaseException):
             raise CorruptRecord(f"{self._where(chunk)}: cannot read: {first_line(result)}") from result
         return result.get(u)
@@ -576,6 +663,8 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[dict]:
         self.dataset.start_position = self.next_position
+        if self.dataset.config.output == "features":
+            self.dataset.normalization()  # here, once, not in every worker
         context = worker_start_method() if self.num_workers else None
         init = partial(exit_with_parent, os.getpid()) if self.num_workers else None
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,

@@ -29,6 +29,7 @@ import torch
 from hdfs_io import dataset_format as F
 from hdfs_io.dataset import open_dataset
 from hdfs_io.features import FeatureConfig, features_from_bytes
+from hdfs_io.shard_reader import ReaderConfig, ShardDataset
 from scripts.devcluster import local_spark_env, read_env_file
 from scripts.synth_corpus import librispeech_tree
 from trainer.config import load_config
@@ -134,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(CONF)
     torch.manual_seed(cfg.train.seed)
-    untrained = build_model(cfg, packing["train"][0])
+    reader = ShardDataset(datasets["train"], 0, 1, ReaderConfig(feature=cfg.features, output="waveform"))
+    untrained = build_model(cfg, reader.manifest["vocabulary"], reader)
     before = {split: evaluate(untrained, datasets[split], cfg, torch.device("cpu")) for split in SPLITS if split != "train"}
 
     log_dir = args.out / "train-log"

@@ -26,6 +26,7 @@ import zipfile
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
+from urllib.parse import urlparse
 
 if __package__ in (None, ""):  # run as a script by spark-submit from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -71,16 +72,49 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_paths(args: argparse.Namespace) -> None:
-    """Raises UserError if the input is missing, the output exists, or a filesystem is unreachable."""
+    """Raises UserError if the input is missing, the output exists, or a filesystem is unreachable.
+
+    With --overwrite, it also refuses an output that overlaps the input (replacing it
+    would delete the input) and an existing output that is not a dataset of this format.
+    """
     try:
-        _, _, info = probe_uri(args.input)
+        _, in_path, info = probe_uri(args.input)
         if info.type == pafs.FileType.NotFound:
             raise UserError(f"input {args.input} does not exist")
-        _, _, out = probe_uri(args.output)
+        out_fs, out_path, out = probe_uri(args.output)
+        if overlap(args.input, in_path, args.output, out_path):
+            raise UserError(f"output {args.output} and input {args.input} overlap: the output folder is "
+                            "replaced as a whole, so it may neither hold the input nor lie inside it")
         if out.type != pafs.FileType.NotFound and not args.overwrite:
             raise UserError(f"output {args.output} already exists (pass --overwrite to replace it)")
+        if out.type != pafs.FileType.NotFound:
+            manifest = posixpath.join(out_path, F.MANIFEST)
+            try:
+                if out_fs.get_file_info(manifest).type != pafs.FileType.File:
+                    raise F.DatasetError(f"no {F.MANIFEST}")
+                with out_fs.open_input_stream(manifest) as f:
+                    F.parse_manifest(f.read())
+            except (OSError, F.DatasetError):
+                raise UserError(f"output {args.output} exists and is not a {F.FORMAT_NAME} dataset (no valid "
+                                f"{F.MANIFEST}); --overwrite replaces only a dataset, so remove it yourself if "
+                                "it must go") from None
     except (FilesystemUnavailable, PermissionError) as e:
         raise UserError(str(e)) from None
+
+
+def overlap(in_uri: str, in_path: str, out_uri: str, out_path: str) -> bool:
+    """Returns True if one of two paths on the same filesystem holds the other (or they are the same).
+
+    Local paths are compared after resolving links; two HDFS URIs count as the same
+    filesystem whatever their authority (hdfs:///p and hdfs://nn:8020/p may be one).
+    """
+    if urlparse(in_uri).scheme not in ("", "file") or urlparse(out_uri).scheme not in ("", "file"):
+        if urlparse(in_uri).scheme != urlparse(out_uri).scheme:
+            return False
+    else:
+        in_path, out_path = os.path.realpath(in_path), os.path.realpath(out_path)
+    a, b = posixpath.normpath(in_path), posixpath.normpath(out_path)
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
 
 
 def ship_code(sc) -> None:

@@ -36,6 +36,12 @@ class TrainConfig:
     crash_on_rank: int = 0  # ... on this rank, as a killed process would (first attempt only under torchrun)
     dist_timeout_minutes: float = 30.0  # a collective (or the set-up after a restart) waiting longer fails the rank
     audit_keys: bool = False  # every rank appends the keys of each step to LOG_DIR/keys.rank<R>.jsonl
+    on_error: str = "fail"  # a damaged record or chunk: "fail" stops with one line, "skip" drops it and counts it
+    log_every_steps: int = 50  # without a terminal, rank 0 writes a progress line this often
+
+    def __post_init__(self):
+        if self.on_error not in ("fail", "skip"):
+            raise ValueError(f"on_error must be 'fail' or 'skip', not {self.on_error!r}")
 
 
 @dataclass(frozen=True)

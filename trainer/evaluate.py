@@ -15,6 +15,7 @@ import torch
 
 from hdfs_io import dataset_format as F
 from hdfs_io.filesystem import FilesystemUnavailable, probe_uri
+from trainer.checkpoint import CHECKPOINT
 from trainer.train import evaluate, restore
 
 
@@ -23,12 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt URI, or the --out folder holding it")
     p.add_argument("--dataset", required=True, help="packed dataset URI")
     args = p.parse_args(argv)
-    uri = args.checkpoint if args.checkpoint.endswith(".pt") else f"{args.checkpoint.rstrip('/')}/checkpoint.pt"
+    uri = args.checkpoint if args.checkpoint.endswith(".pt") else f"{args.checkpoint.rstrip('/')}/{CHECKPOINT}"
     try:
         probe_uri(args.dataset)
         model, cfg = restore(uri)
         result = evaluate(model, args.dataset, cfg, torch.device("cpu"))
-    except (FileNotFoundError, F.DatasetError, FilesystemUnavailable) as e:
+    except (FileNotFoundError, PermissionError, F.DatasetError, FilesystemUnavailable) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result))

@@ -31,8 +31,10 @@ class LogMel(nn.Module):
         if cfg.kind == "log_mel":
             self.register_buffer("mel", torch.from_numpy(mel_filterbank(cfg.sample_rate, cfg.n_fft, cfg.n_mels)))
         bins = cfg.num_bins
-        self.register_buffer("mean", torch.tensor(mean if mean else [0.0] * bins, dtype=torch.float32))
-        self.register_buffer("std", torch.tensor(std if std else [1.0] * bins, dtype=torch.float32).clamp_min(1e-5))
+        # None only for a model whose buffers a checkpoint fills in (trainer.train.restore)
+        self.register_buffer("mean", torch.tensor([0.0] * bins if mean is None else list(mean), dtype=torch.float32))
+        self.register_buffer("std", torch.tensor([1.0] * bins if std is None else list(std),
+                                                 dtype=torch.float32).clamp_min(1e-5))
 
     def frames(self, samples: torch.Tensor) -> torch.Tensor:
         """Returns the frame count for signal lengths, as hdfs_io.features.log_features counts them."""

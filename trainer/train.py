@@ -8,18 +8,26 @@ Single process: `python -m trainer.train ...` (world size 1). Backend gloo on CP
 NCCL on GPU. Each rank builds its own shard reader with its rank and world size,
 so every rank gets the same number of batches (no DDP hang at the end of an
 epoch). `--out` (file:// or hdfs://) receives checkpoint.pt every N steps and at
-the end (written to a temporary name, then renamed) and metrics.jsonl; rank 0
-also logs to --log-dir (JSON lines and TensorBoard).
+the end (see trainer.checkpoint: a crash never leaves none) and metrics.jsonl,
+the whole history across restarts. Rank 0 also logs to --log-dir (JSON lines and
+TensorBoard; default OUT/logs for a local --out, else a folder under the temp dir).
+On a terminal rank 0 shows a progress bar; in a log it writes a line every
+`train.log_every_steps` steps.
+
+Exit codes: 0 done, 2 a user error (bad config, a dataset that is not there, a
+resume that no longer fits), 1 a reader error (damaged data under on_error=fail,
+storage unavailable) or a bug.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
+import hashlib
 import json
 import math
 import os
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from datetime import timedelta
@@ -30,15 +38,16 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from hdfs_io.filesystem import open_filesystem, probe_uri
+from hdfs_io import dataset_format as F
+from hdfs_io.dataset import open_dataset
+from hdfs_io.filesystem import probe_uri, uri_base
 from hdfs_io.plan import PlanConfig
 from hdfs_io.shard_reader import (CorruptRecord, ReaderConfig, ShardDataset, ShardLoader, StorageUnavailable,
                                   error_message)
+from trainer import checkpoint
 from trainer.config import Config, ConfigError, from_dict, load_config, to_dict
 from trainer.decode import error_rates, greedy_decode
 from trainer.model import DeepSpeech2, cosine_with_warmup, parameter_count
-
-CHECKPOINT = "checkpoint.pt"
 
 
 def setup_distributed(timeout_minutes: float) -> tuple[int, int, torch.device]:
@@ -65,35 +74,10 @@ def setup_distributed(timeout_minutes: float) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def write_bytes(uri: str, data: bytes) -> None:
-    """Writes a file atomically: to NAME.tmp, then renamed over NAME."""
-    fs, path = open_filesystem(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path + ".tmp") as f:
-        f.write(data)
-    if fs.get_file_info(path).type.name != "NotFound":
-        fs.delete_file(path)
-    fs.move(path + ".tmp", path)
-
-
-def read_bytes(uri: str) -> bytes | None:
-    fs, path = open_filesystem(uri)
-    if fs.get_file_info(path).type.name == "NotFound":
-        return None
-    with fs.open_input_stream(path) as f:
-        return f.read()
-
-
-def load_checkpoint(uri: str) -> dict | None:
-    data = read_bytes(uri)
-    return None if data is None else torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-
-
-def build_model(cfg: Config, manifest: dict) -> DeepSpeech2:
-    stats = manifest["stats"]["features"]
-    same_features = stats["config"] == to_dict(cfg)["features"]
-    return DeepSpeech2(cfg.model, cfg.features, manifest["vocabulary"],
-                       stats["mean"] if same_features else None, stats["std"] if same_features else None)
+def build_model(cfg: Config, vocabulary: list[str], reader: ShardDataset) -> DeepSpeech2:
+    """Returns a model normalizing its features with the reader's statistics for `cfg.features`."""
+    mean, std, _ = reader.normalization()
+    return DeepSpeech2(cfg.model, cfg.features, vocabulary, mean, std)
 
 
 def encode(transcripts: list[str], vocabulary: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,6 +110,45 @@ def dataset_identity(manifest: dict, uri: str) -> dict:
             "shards": [s["checksum"] for s in manifest["shards"]]}
 
 
+# The config a saved position depends on: another value would deal other batches to the ranks.
+RESUME_MUST_MATCH = ("batch_seconds", "window_utterances", "seed")
+
+
+def resume_mismatch(ckpt: dict, cfg: Config, identity: dict, world: int) -> str | None:
+    """Returns why a checkpoint cannot be resumed by this run, or None if it can."""
+    if len(ckpt["readers"]) != world:
+        return f"the checkpoint was written by {len(ckpt['readers'])} ranks, not {world}"
+    saved = ckpt["dataset"]
+    if (saved["utterances"], saved["shards"]) != (identity["utterances"], identity["shards"]):
+        return (f"the checkpoint was trained on another dataset ({saved['uri']}, {saved['utterances']} "
+                f"utterances) than {identity['uri']} ({identity['utterances']} utterances)")
+    now = to_dict(cfg)["train"]
+    changed = [f"train.{k} {ckpt['config']['train'].get(k)!r} -> {now[k]!r}" for k in RESUME_MUST_MATCH
+               if ckpt["config"]["train"].get(k) != now[k]]
+    if ckpt["config"]["features"] != to_dict(cfg)["features"]:
+        changed.append("features")
+    return f"the checkpoint was made with other settings: {', '.join(changed)}" if changed else None
+
+
+def default_log_dir(out: str) -> Path:
+    """Returns OUT/logs for a local --out; for a remote one, a folder of the temp dir named after it."""
+    if not uri_base(out):
+        return Path(out.removeprefix("file://")) / "logs"
+    return Path(tempfile.gettempdir()) / "speechpack-train" / hashlib.sha256(out.encode()).hexdigest()[:12]
+
+
+def check_datasets(*uris: str | None) -> None:
+    """Raises a one-line error if a dataset URI does not hold a complete dataset.
+
+    Raises:
+        OSError (FilesystemUnavailable, PermissionError), hdfs_io.dataset_format.DatasetError.
+    """
+    for uri in uris:
+        if uri:
+            probe_uri(uri)
+            open_dataset(uri)
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(prog="trainer.train", description=__doc__.split("\n")[0])
     p.add_argument("--conf", help="YAML config (conf/ds2_tiny.yaml, conf/ds2_base.yaml)")
@@ -135,7 +158,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--max-steps", type=int, help="overrides train.max_steps")
     p.add_argument("--epochs", type=int, help="overrides train.epochs")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
-    p.add_argument("--log-dir", default="runs/train", help="local folder for metrics.jsonl and TensorBoard")
+    p.add_argument("--log-dir", help="local folder for metrics.jsonl and TensorBoard (default: OUT/logs for a "
+                                     "local --out, else a folder under the temp dir)")
     args, rest = p.parse_known_args(argv)
     bad = [r for r in rest if not r.startswith("--") or "=" not in r]
     if bad:
@@ -160,8 +184,8 @@ def run(argv: list[str] | None) -> int:
     args, overrides = parse_args(argv)
     try:
         cfg = load_config(args.conf, overrides)
-        probe_uri(args.dataset)
-    except (ConfigError, OSError) as e:
+        check_datasets(args.dataset, args.eval_dataset)  # both, before any training
+    except (ConfigError, OSError, F.DatasetError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2
     rank, world, device = setup_distributed(cfg.train.dist_timeout_minutes)
@@ -169,12 +193,17 @@ def run(argv: list[str] | None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     t = cfg.train
-    reader = ShardDataset(args.dataset, rank, world, ReaderConfig(
+    reader_config = ReaderConfig(
         plan=PlanConfig(batch_seconds=t.batch_seconds, window_utterances=t.window_utterances, seed=t.seed),
-        feature=cfg.features, output="waveform"))
+        feature=cfg.features, output="waveform", on_error=t.on_error)
+    if world > 1:  # rank 0 computes feature statistics the dataset lacks, once, before the others look
+        if rank == 0:
+            ShardDataset(args.dataset, 0, world, reader_config).normalization()
+        dist.barrier()
+    reader = ShardDataset(args.dataset, rank, world, reader_config)
     loader = ShardLoader(reader, num_workers=t.num_workers)
     manifest = reader.manifest
-    model = build_model(cfg, manifest).to(device)
+    model = build_model(cfg, manifest["vocabulary"], reader).to(device)
     ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     if t.optimizer == "adamw":
         optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
@@ -182,16 +211,20 @@ def run(argv: list[str] | None) -> int:
         optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=0.9, nesterov=True,
                                     weight_decay=t.weight_decay)
     total_steps = t.max_steps or t.epochs * len(reader)
-    clock = {"started": time.perf_counter(), "before_resume_s": 0.0}
+    clock = {"started": time.perf_counter(), "before_resume_s": 0.0, "agreed_s": 0.0}
 
     def elapsed() -> float:
-        """Training wall time in seconds, counting the runs before a resume."""
+        """This rank's training wall time in seconds, counting the runs before a resume."""
         return clock["before_resume_s"] + time.perf_counter() - clock["started"]
 
     def progress(step_count: int) -> float:
-        """Fraction of training done: by steps, or by wall time when a time budget ends the run first."""
+        """Fraction of training done: by steps, or by wall time when a time budget ends the run first.
+
+        The time is the one all ranks agreed on at the last step (the slowest rank's), so every
+        rank follows the same learning rate.
+        """
         by_steps = step_count / max(total_steps, 1)
-        return max(by_steps, elapsed() / (60 * t.max_minutes)) if t.max_minutes else by_steps
+        return max(by_steps, clock["agreed_s"] / (60 * t.max_minutes)) if t.max_minutes else by_steps
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(progress(s), t.warmup_fraction))
     ctc = nn.CTCLoss(blank=0, zero_infinity=True)
@@ -200,23 +233,38 @@ def run(argv: list[str] | None) -> int:
                 if precision != "fp32" else nullcontext())
     scaler = torch.amp.GradScaler(enabled=precision == "fp16")
 
-    step, epoch, skipped, resumed = 0, 0, 0, False
-    checkpoint_uri = f"{args.out.rstrip('/')}/{CHECKPOINT}"
-    if args.resume and (ckpt := load_checkpoint(checkpoint_uri)) is not None:
-        if len(ckpt["readers"]) != world:
-            print(f"train: error: checkpoint was written by {len(ckpt['readers'])} ranks, not {world}", file=sys.stderr)
+    identity = dataset_identity(manifest, args.dataset)
+    step, epoch, skipped, skipped_utterances, resumed = 0, 0, 0, 0, False
+    found = checkpoint.load(args.out) if args.resume else None
+    if args.resume and found is None and rank == 0:
+        print(f"train: --resume: no checkpoint in {args.out}; starting from step 0", file=sys.stderr)
+    if found is not None:
+        ckpt, where = found
+        why = resume_mismatch(ckpt, cfg, identity, world)
+        try:
+            if why is None:
+                loader.load_state_dict(ckpt["readers"][rank])
+        except ValueError as e:
+            why = str(e)
+        if why:
+            print(f"train: error: cannot resume from {where}: {why}", file=sys.stderr)
             return 2
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         step, epoch, skipped = ckpt["step"], ckpt["epoch"], ckpt["skipped_steps"]
-        clock["before_resume_s"] = ckpt.get("wall_s", 0.0)
-        loader.load_state_dict(ckpt["readers"][rank])
+        skipped_utterances = ckpt.get("skipped_utterances", 0)
+        clock["before_resume_s"] = clock["agreed_s"] = ckpt.get("wall_s", 0.0)
         resumed = True
 
-    log_dir = Path(args.log_dir)
+    log_dir = Path(args.log_dir) if args.log_dir else default_log_dir(args.out)
     metrics_file = writer = None
+    pending: list[str] = []  # metrics lines not yet appended to OUT/metrics.jsonl
     if rank == 0:
+        if resumed:
+            checkpoint.cut_metrics(args.out, step)
+        else:
+            checkpoint.start_metrics(args.out)
         log_dir.mkdir(parents=True, exist_ok=True)
         metrics_file = open(log_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: a crash loses no step
         try:
@@ -225,7 +273,13 @@ def run(argv: list[str] | None) -> int:
         except ImportError:
             print("train: tensorboard is not installed; scalars go to metrics.jsonl only", file=sys.stderr)
         print(f"train: {parameter_count(model) / 1e6:.2f}M parameters, {world} rank(s) on {device}, "
-              f"{len(reader)} batches/rank/epoch, {manifest['utterances']} utterances", file=sys.stderr)
+              f"{len(reader)} batches/rank/epoch, {manifest['utterances']} utterances; features normalized "
+              f"with statistics from {reader.normalization()[2]}; logs in {log_dir}", file=sys.stderr)
+
+    def log_metrics(record: dict) -> None:
+        line = json.dumps(record) + "\n"
+        metrics_file.write(line)
+        pending.append(line)
 
     def save() -> None:
         states = [None] * world
@@ -234,15 +288,13 @@ def run(argv: list[str] | None) -> int:
         else:
             states = [loader.state_dict()]
         if rank == 0:
-            buf = io.BytesIO()
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
-                        "skipped_steps": skipped, "wall_s": elapsed(), "config": to_dict(cfg),
-                        "vocabulary": model.vocabulary,
-                        "dataset": dataset_identity(manifest, args.dataset), "readers": states}, buf)
-            write_bytes(checkpoint_uri, buf.getvalue())
-            metrics_file.flush()
-            write_bytes(f"{args.out.rstrip('/')}/metrics.jsonl", (log_dir / "metrics.jsonl").read_bytes())
+            checkpoint.append_metrics(args.out, pending)  # before the checkpoint: see trainer.checkpoint
+            pending.clear()
+            checkpoint.save(args.out, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "skipped_steps": skipped,
+                "skipped_utterances": skipped_utterances, "wall_s": clock["agreed_s"], "config": to_dict(cfg),
+                "vocabulary": model.vocabulary, "dataset": identity, "readers": states})
 
     # torchrun counts restarts; fault injection fires on the first attempt only
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
@@ -252,7 +304,7 @@ def run(argv: list[str] | None) -> int:
         audit = open(log_dir / f"keys.rank{rank}.jsonl", "a", buffering=1)
     done = False
     bar = tqdm(total=None if t.max_minutes and not t.max_steps else total_steps, initial=step,
-               disable=rank != 0, unit="step", file=sys.stderr)
+               disable=rank != 0 or not sys.stderr.isatty(), unit="step", file=sys.stderr)
     while epoch < t.epochs and not done:
         if not resumed:
             loader.set_epoch(epoch)
@@ -271,10 +323,14 @@ def run(argv: list[str] | None) -> int:
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            bad = torch.tensor([float(not (math.isfinite(loss.item()) and math.isfinite(grad_norm.item())))])
+            # What every rank must agree on, in one collective: whether any rank's step went bad, and the
+            # wall time (the slowest rank's) that the LR schedule and the time budget follow.
+            agreed = torch.tensor([float(not (math.isfinite(loss.item()) and math.isfinite(grad_norm.item()))),
+                                   elapsed()], dtype=torch.float64)
             if world > 1:
-                dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips together, or none does
-            if bad.item() > 0:
+                dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+            clock["agreed_s"] = agreed[1].item()
+            if agreed[0].item() > 0:
                 skipped += 1
                 optimizer.zero_grad(set_to_none=True)
                 scaler.update()
@@ -283,6 +339,7 @@ def run(argv: list[str] | None) -> int:
                 scaler.update()
                 scheduler.step()
             step += 1
+            skipped_utterances += len(batch["skipped"])
             step_end = time.perf_counter()
             step_s = step_end - waited_from
             if rank == 0:
@@ -291,33 +348,35 @@ def run(argv: list[str] | None) -> int:
                           "utterances_per_s": len(batch["keys"]) * world / step_s,
                           "audio_seconds_per_s": audio_s * world / step_s,
                           "data_wait_fraction": (got_at - waited_from) / step_s, "skipped_steps": skipped,
-                          "wall_s": elapsed(), "keys": batch["keys"]}
-                metrics_file.write(json.dumps(record) + "\n")
+                          "skipped_utterances": skipped_utterances, "wall_s": clock["agreed_s"]}
+                log_metrics(record)
                 if writer:
                     for k in ("loss", "lr", "audio_seconds_per_s", "data_wait_fraction", "skipped_steps"):
                         writer.add_scalar(f"train/{k}", record[k], step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", epoch=epoch)
+                if bar.disable and t.log_every_steps and step % t.log_every_steps == 0:
+                    print(f"train: step {step}{f'/{total_steps}' if t.max_steps or not t.max_minutes else ''} "
+                          f"epoch {epoch} loss {record['loss']:.3f} lr {record['lr']:.3g} "
+                          f"{record['audio_seconds_per_s']:.0f} audio-s/s, data wait "
+                          f"{100 * record['data_wait_fraction']:.1f}%, {clock['agreed_s'] / 60:.1f} min",
+                          file=sys.stderr, flush=True)
             if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
                 save()
             if args.eval_dataset and t.eval_every_steps and step % t.eval_every_steps == 0 and rank == 0:
                 rates = evaluate(model, args.eval_dataset, cfg, device)
-                metrics_file.write(json.dumps({"step": step, "eval": rates, "wall_s": elapsed()})
-                                   + "\n")
+                log_metrics({"step": step, "eval": rates, "wall_s": clock["agreed_s"]})
                 if writer:
                     writer.add_scalar("eval/cer", rates["cer"], step)
                     writer.add_scalar("eval/wer", rates["wer"], step)
             if audit:
                 audit.write(json.dumps({"step": step, "epoch": epoch, "position": batch["position"],
-                                        "attempt": attempt, "keys": batch["keys"],
-                                        "repeated": batch["repeated"]}) + "\n")
+                                        "attempt": attempt, "keys": batch["keys"], "repeated": batch["repeated"],
+                                        "skipped": len(batch["skipped"]),
+                                        "lr": scheduler.get_last_lr()[0]}) + "\n")
             if step == t.crash_after_step and rank == t.crash_on_rank and attempt == 0:
                 os._exit(17)
-            out_of_time = t.max_minutes and elapsed() / 60 >= t.max_minutes
-            if world > 1 and t.max_minutes:  # ranks must agree to stop at the same step
-                flag = torch.tensor([float(bool(out_of_time))])
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                out_of_time = flag.item() > 0
+            out_of_time = t.max_minutes and clock["agreed_s"] / 60 >= t.max_minutes  # agreed: ranks stop together
             if (t.max_steps and step >= t.max_steps) or out_of_time:
                 done = True
                 break
@@ -327,7 +386,8 @@ def run(argv: list[str] | None) -> int:
     bar.close()
     save()
     if rank == 0:
-        result = {"step": step, "epoch": epoch, "skipped_steps": skipped, "wall_s": elapsed()}
+        result = {"step": step, "epoch": epoch, "skipped_steps": skipped, "skipped_utterances": skipped_utterances,
+                  "wall_s": clock["agreed_s"]}
         if args.eval_dataset:
             result.update(evaluate(model, args.eval_dataset, cfg, device))
         print(json.dumps(result))
@@ -343,10 +403,15 @@ def run(argv: list[str] | None) -> int:
 
 
 def restore(checkpoint_uri: str) -> tuple[DeepSpeech2, Config]:
-    """Returns the model and config saved in a checkpoint."""
-    ckpt = load_checkpoint(checkpoint_uri)
-    if ckpt is None:
+    """Returns the model and config saved in a checkpoint file (or its previous version).
+
+    Raises:
+        FileNotFoundError: there is no checkpoint.
+    """
+    found = checkpoint.load_file(checkpoint_uri)
+    if found is None:
         raise FileNotFoundError(f"no checkpoint at {checkpoint_uri}")
+    ckpt, _ = found
     cfg = from_dict(ckpt["config"])
     model = DeepSpeech2(cfg.model, cfg.features, ckpt["vocabulary"])
     model.load_state_dict(ckpt["model"])

@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
+import soundfile
 
 from hdfs_io import dataset_format as F
 from hdfs_io.dataset import open_dataset
 from hdfs_io.features import FeatureConfig
 from hdfs_io.plan import PlanConfig
 from hdfs_io.sequencefile import SequenceFileReader
-from hdfs_io.shard_reader import CorruptRecord, ReaderConfig, ShardDataset, ShardLoader
+from hdfs_io.shard_reader import CorruptRecord, ReaderConfig, ShardDataset, ShardLoader, key_hash
 from hdfs_io.filesystem import open_filesystem
 from tests.corpora import good_librispeech
 
@@ -154,11 +158,11 @@ def test_get_reads_every_row_sharing_a_hash_and_returns_the_one_with_the_key(pac
     wanted, other = sorted(expected.packed)[3], sorted(expected.packed)[11]
     hashes, rows = ds._key_hashes(*ds.ref.open())
     row_of = {h: int(u) for h, u in zip(hashes.tolist(), rows)}
-    collide = np.array([hash(wanted), hash(wanted)])  # `other`'s row first, under `wanted`'s hash
-    ds._keys = (collide, np.array([row_of[hash(other)], row_of[hash(wanted)]]))
+    collide = np.array([key_hash(wanted), key_hash(wanted)])  # `other`'s row first, under `wanted`'s hash
+    ds._keys = (collide, np.array([row_of[key_hash(other)], row_of[key_hash(wanted)]]))
 
     assert ds.get(wanted)["audio"] == expected.packed[wanted][0]
-    ds._keys = (collide[:1], np.array([row_of[hash(other)]]))
+    ds._keys = (collide[:1], np.array([row_of[key_hash(other)]]))
     with pytest.raises(KeyError):
         ds.get(wanted)
 
@@ -184,6 +188,110 @@ def test_a_flipped_byte_is_named_with_fail_and_counted_with_skip(packed, tmp_pat
 
     assert sum(len(b["skipped"]) for b in batches) == 1
     assert sorted(k for b in batches for k in b["keys"]) == sorted(set(expected.packed) - {victim["key"]})
+    with pytest.raises(CorruptRecord, match="checksum mismatch"):  # random access checks the CRC too
+        ShardDataset(str(copy), 0, 1).get(victim["key"])
+
+
+def get_audio(ds: ShardDataset, key: str) -> bytes:
+    return ds.get(key)["audio"]
+
+
+def test_get_works_in_a_spawned_process_after_the_parent_built_its_key_table(packed):
+    expected, uris = packed
+    ds = ShardDataset(uris["local-parquet"], 0, 1)
+    keys = sorted(expected.packed)[:5]
+    assert ds.get(keys[0])["audio"] == expected.packed[keys[0]][0]  # the table is built here, then pickled
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        got = pool.starmap(get_audio, [(ds, k) for k in keys])
+
+    assert got == [expected.packed[k][0] for k in keys]
+
+
+def damage_a_page_header(dataset: Path) -> tuple[str, int, set[str]]:
+    """Overwrites the header of the audio column's first page in row group 1 of shard 0.
+
+    Returns the shard's path, the row group and the keys in it.
+    """
+    ds = open_dataset(str(dataset))
+    shard = ds.manifest["shards"][0]["path"]
+    meta = pq.ParquetFile(dataset / shard).metadata
+    column = meta.schema.to_arrow_schema().get_field_index(F.AUDIO)
+    at = meta.row_group(1).column(column).data_page_offset
+    data = bytearray((dataset / shard).read_bytes())
+    data[at:at + 12] = b"\xff" * 12
+    (dataset / shard).write_bytes(bytes(data))
+    index = ds.index([F.KEY, F.SHARD, F.ROW_GROUP]).to_pylist()
+    return shard, 1, {r[F.KEY] for r in index if r[F.SHARD] == 0 and r[F.ROW_GROUP] == 1}
+
+
+def test_a_damaged_parquet_page_is_corruption_with_its_policy_not_an_outage(packed, tmp_path):
+    expected, uris = packed
+    copy = tmp_path / "ds"
+    shutil.copytree(open_filesystem(uris["local-parquet"])[1], copy)
+    shard, group, lost = damage_a_page_header(copy)
+    assert lost
+
+    started = time.monotonic()
+    with pytest.raises(CorruptRecord, match=rf"{shard} row group {group}: damaged"):
+        read_all(str(copy), world=1, epoch=0, workers=2)
+    failed_after = time.monotonic() - started
+    skip = ReaderConfig(plan=CONFIG.plan, on_error="skip")
+    batches = read_all(str(copy), world=1, epoch=0, workers=2, config=skip)[0]
+
+    assert failed_after < ReaderConfig.retry_seconds / 2, "it was retried as if the storage were down"
+    assert sum(len(b["skipped"]) for b in batches) == len(lost)
+    assert sorted(k for b in batches for k in b["keys"]) == sorted(set(expected.packed) - lost)
+
+
+@pytest.mark.parametrize("name", ["local-parquet", "hdfs-seq"])
+def test_a_feature_config_other_than_the_packed_one_is_normalized_too(cluster, packed, tmp_path, name):
+    _, uris = packed
+    uri = copy_dataset(cluster, uris[name], tmp_path)
+    ds2_base = FeatureConfig(kind="log_spectrogram", window_ms=20.0, hop_ms=10.0, n_fft=320)  # conf/ds2_base.yaml
+    config = ReaderConfig(plan=CONFIG.plan, feature=ds2_base)
+
+    batches = read_all(uri, 1, 0, 2, config)[0]
+
+    frames = np.concatenate([b["features"][i, :n].numpy() for b in batches for i, n in enumerate(b["lengths"])])
+    assert frames.shape[1] == 161
+    assert abs(frames.mean()) < 0.1 and 0.9 < frames.std() < 1.1
+    fs, path = open_filesystem(uri)
+    assert fs.get_file_info(f"{path}/{F.feature_stats_file(ds2_base.digest())}").type.name == "File"
+    assert ShardDataset(uri, 0, 1, config).normalization()[2] == F.feature_stats_file(ds2_base.digest())
+
+
+def test_an_hdfs_dataset_without_a_feature_cache_opens_without_java_traces(packed, capfd):
+    _, uris = packed
+
+    ShardDataset(uris["hdfs-parquet"], 0, 1, CONFIG)
+
+    assert "Exception" not in capfd.readouterr().err
+
+
+def test_sequencefile_shards_larger_than_a_read_range_read_every_record_whole(cluster, tmp_path):
+    rng = np.random.default_rng(3)
+    corpus, lines, sources = tmp_path / "corpus", [], {}
+    corpus.mkdir()
+    for i in range(10):  # 10 x 2.6 MB of distinct noise: one 26 MB shard, records across the 16 MB boundary
+        path = corpus / f"noise-{i}.wav"
+        soundfile.write(path, rng.integers(-3000, 3000, 16000 * 80, dtype=np.int16), 16000, subtype="PCM_16")
+        sources[path.stem] = path.read_bytes()
+        lines.append(json.dumps({"audio_filepath": path.name, "text": f"noise number {i}"}))
+    (corpus / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    uri = str(tmp_path / "ds")
+    cluster.pack("--input", str(corpus / "manifest.jsonl"), "--output", uri, "--format", "sequencefile",
+                 "--shard-size-mb", "64")
+    shards = open_dataset(uri).manifest["shards"]
+    assert len(shards) == 1 and shards[0]["bytes"] > 1.5 * F.SEQ_CHUNK_BYTES
+
+    config = ReaderConfig(plan=PlanConfig(batch_seconds=200.0), output="waveform")
+    batches = read_all(uri, 1, 0, 2, config)[0]
+
+    assert sorted(k for b in batches for k in b["keys"]) == sorted(sources)
+    ds = ShardDataset(uri, 0, 1)
+    for key, data in sources.items():
+        assert ds.get(key)["audio"] == data
 
 
 def test_sequencefiles_written_by_hadoop_are_read_with_every_supported_compression(cluster, tmp_path):
@@ -232,15 +340,21 @@ def test_read_cli_reports_throughput(packed):
     assert report["utterances"] > 0 and report["audio_seconds_per_s"] > 0 and report["skipped"] == 0
 
 
+def copy_dataset(cluster, uri: str, tmp_path: Path) -> str:
+    """Returns the URI of a copy of a dataset (beside it on HDFS, in tmp_path locally) that a test may change."""
+    if uri.startswith("hdfs://"):
+        copy = f"{uri}-copy-{uuid.uuid4().hex[:8]}"
+        cluster.hadoop("dfs", "-cp", uri, copy)
+        return copy
+    copy = str(tmp_path / "ds")
+    shutil.copytree(open_filesystem(uri)[1], copy)
+    return copy
+
+
 @pytest.mark.parametrize("name", ["local-parquet", "hdfs-seq"])
 def test_feature_cache_serves_the_same_features_without_touching_audio(cluster, packed, tmp_path, name):
     _, uris = packed
-    if name.startswith("local"):
-        uri = str(tmp_path / "ds")
-        shutil.copytree(open_filesystem(uris[name])[1], uri)
-    else:
-        uri = f"{uris[name]}-cached-{uuid.uuid4().hex[:8]}"
-        cluster.hadoop("dfs", "-cp", uris[name], uri)
+    uri = copy_dataset(cluster, uris[name], tmp_path)
     cluster.spark_submit(str(ROOT / "spark_jobs" / "cache_features.py"), "--dataset", uri, master="local[2]")
     decoded = read_all(uri, 1, 1, 2, ReaderConfig(plan=CONFIG.plan, use_feature_cache=False))[0]
 

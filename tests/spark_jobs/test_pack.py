@@ -243,3 +243,29 @@ def test_user_errors_exit_2_with_one_line_and_write_nothing(cluster, case, bad_c
     assert "Traceback" not in output and "\tat " not in output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]
     assert list((tmp_path / "exists").iterdir()) == []
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", ["output holds the input", "output inside the input", "output is not a dataset"])
+def test_overwrite_never_replaces_the_input_or_a_folder_that_is_not_a_dataset(cluster, case, tmp_path):
+    good_librispeech(tmp_path / "work" / "corpus", 2, seed=9)
+    (tmp_path / "work" / "notes").mkdir()
+    (tmp_path / "work" / "notes" / "todo.txt").write_text("not a dataset\n")
+    corpus = tmp_path / "work" / "corpus"
+    output, words = {
+        "output holds the input": (f"file://{tmp_path / 'work'}", "overlap"),
+        "output inside the input": (str(corpus / "100"), "overlap"),
+        "output is not a dataset": (str(tmp_path / "work" / "notes"), "is not a speechpack dataset"),
+    }[case]
+    before = snapshot(tmp_path)
+
+    result = run_pack(cluster, "local[2]", "--input", str(corpus), "--output", output, "--overwrite", check=False)
+
+    output_text = result.stdout + result.stderr
+    errors = [line for line in output_text.splitlines() if line.startswith("pack: ")]
+    assert result.returncode == 2, output_text[-2000:]
+    assert len(errors) == 1 and errors[0].startswith("pack: error: ") and words in errors[0]
+    assert snapshot(tmp_path) == before, "a file was deleted or written"

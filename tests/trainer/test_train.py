@@ -19,7 +19,7 @@ from hdfs_io.shard_reader import ReaderConfig, ShardDataset
 from tests.corpora import good_librispeech
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--conf", "conf/ds2_tiny.yaml", "--train.batch_seconds=12", "--train.checkpoint_every_steps=3",
+TINY = ["--conf", str(ROOT / "conf" / "ds2_tiny.yaml"), "--train.batch_seconds=12", "--train.checkpoint_every_steps=3",
         "--train.num_workers=1", "--model.rnn_hidden=32", "--model.conv_channels=4", "--model.rnn_layers=2"]
 
 
@@ -34,11 +34,16 @@ def hdfs_dataset(cluster, tmp_path_factory):
     fs.delete_dir(path)
 
 
-def train(cluster, *args: str, procs: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+def train(cluster, *args: str, procs: int = 1, check: bool = True, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] \
         if procs > 1 else [sys.executable]
-    return subprocess.run([*launcher, "-m", "trainer.train", *TINY, *args], cwd=ROOT, env=cluster.env,
-                          capture_output=True, text=True, timeout=900, check=check)
+    return subprocess.run([*launcher, "-m", "trainer.train", *TINY, *args], cwd=cwd,
+                          env=dict(cluster.env, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=900,
+                          check=check)
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("train: error:")]
 
 
 def metrics(log_dir: Path) -> list[dict]:
@@ -66,20 +71,59 @@ def test_two_process_torchrun_trains_from_hdfs_and_checkpoints_there(cluster, hd
 
 
 def test_resume_after_a_crash_continues_with_the_same_batches_and_losses(cluster, hdfs_dataset, tmp_path):
-    common = ["--dataset", hdfs_dataset, "--max-steps", "8", "--epochs", "3"]
+    common = ["--dataset", hdfs_dataset, "--max-steps", "8", "--epochs", "3", "--train.audit_keys=true"]
     train(cluster, *common, "--out", str(tmp_path / "whole"), "--log-dir", str(tmp_path / "whole-log"))
 
     crashed = train(cluster, *common, "--out", str(tmp_path / "cut"), "--log-dir", str(tmp_path / "cut-log"),
                     "--train.crash_after_step=4", check=False)
     assert crashed.returncode == 17
+    changed = train(cluster, *common, "--out", str(tmp_path / "cut"), "--log-dir", str(tmp_path / "cut-log-x"),
+                    "--resume", "--train.batch_seconds=7", check=False)
+    # a restarted pod: a fresh local log folder
     train(cluster, *common, "--out", str(tmp_path / "cut"), "--log-dir", str(tmp_path / "cut-log2"), "--resume")
 
+    assert changed.returncode == 2 and len(error_lines(changed)) == 1, changed.stderr[-2000:]
+    assert "batch_seconds 12.0 -> 7.0" in error_lines(changed)[0] and "Traceback" not in changed.stderr
     whole, first, second = (metrics(tmp_path / d) for d in ("whole-log", "cut-log", "cut-log2"))
     assert [m["step"] for m in first] == [1, 2, 3, 4] and [m["step"] for m in second] == [4, 5, 6, 7, 8]
+    assert all("keys" not in m for m in whole), "the key audit has its own file"
     # the checkpoint was written at step 3, so step 4 runs again after the restart
-    assert [m["keys"] for m in first[:3] + second] == [m["keys"] for m in whole]
+    keys = {d: [r["keys"] for r in audit(tmp_path / d, 1)[0]] for d in ("whole-log", "cut-log", "cut-log2")}
+    assert keys["cut-log"][:3] + keys["cut-log2"] == keys["whole-log"]
     for a, b in zip(first[:3] + second, whole):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    # the history in --out is whole across the restart: every step once
+    history = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in history] == list(range(1, 9))
+
+
+def test_a_dataset_or_eval_dataset_that_is_not_there_is_one_line_before_any_training(cluster, hdfs_dataset,
+                                                                                      tmp_path):
+    no_dataset = train(cluster, "--dataset", "file:///no/such/dataset", "--out", str(tmp_path / "a"), check=False)
+    no_eval = train(cluster, "--dataset", hdfs_dataset, "--eval-dataset", f"{hdfs_dataset}-missing",
+                    "--out", str(tmp_path / "b"), "--max-steps", "2", check=False)
+
+    for result in (no_dataset, no_eval):
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert len(error_lines(result)) == 1 and "Traceback" not in result.stderr
+        assert "dataset.json" in error_lines(result)[0]
+    assert not (tmp_path / "b" / "checkpoint.pt").exists(), "it trained before finding the eval dataset missing"
+
+
+def test_ranks_under_a_time_budget_follow_one_lr_and_a_log_gets_plain_lines(cluster, hdfs_dataset, tmp_path):
+    cwd, out = tmp_path / "cwd", tmp_path / "out"
+    cwd.mkdir()
+
+    result = train(cluster, "--dataset", hdfs_dataset, "--out", str(out), "--epochs", "100",
+                   "--train.max_minutes=0.25", "--train.warmup_fraction=0.5", "--train.audit_keys=true",
+                   "--train.log_every_steps=2", "--train.batch_seconds=6", procs=2, cwd=cwd)
+
+    logs = audit(out / "logs", 2)  # no --log-dir: the logs go under a local --out
+    assert len(logs[0]) == len(logs[1]) >= 4
+    assert [r["lr"] for r in logs[0]] == [r["lr"] for r in logs[1]], "ranks stepped with different LRs"
+    assert list(cwd.iterdir()) == [], "the trainer left files in the working directory"
+    assert "\r" not in result.stderr and max(map(len, result.stderr.splitlines())) < 1000
+    assert sum(line.startswith("train: step ") for line in result.stderr.splitlines()) >= 2
 
 
 def test_an_inf_loss_on_one_rank_makes_every_rank_skip_that_step(cluster, hdfs_dataset, tmp_path):
@@ -112,6 +156,7 @@ def test_torchrun_restarts_a_dead_rank_and_the_epoch_is_read_exactly_once(cluste
         cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=900)
 
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "--resume: no checkpoint in" in result.stderr  # the first attempt found none, and said so
     logs = audit(tmp_path / "log", 2)
     # gloo's set-up after a restart sometimes fails or hangs here (1 run in 3); the timeout turns a hang
     # into a failure and torchrun's next restart goes on from the same checkpoint
