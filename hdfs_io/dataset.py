@@ -45,7 +45,14 @@ class Dataset:
         return F.validate_index(table, self.manifest)
 
     def quarantine(self) -> list[dict]:
-        """Returns quarantine.jsonl's records."""
+        """Returns quarantine.jsonl's records.
+
+        Raises:
+            hdfs_io.dataset_format.DatasetError: the file is missing or a line is not a record.
+        """
+        # asked first rather than a failed open, which libhdfs reports with a Java trace on stderr
+        if self.fs.get_file_info(self._file(F.QUARANTINE)).type != pafs.FileType.File:
+            raise F.DatasetError(f"{self.uri} has no {F.QUARANTINE}")
         with self.fs.open_input_stream(self._file(F.QUARANTINE)) as f:
             data = f.read()
         records = []

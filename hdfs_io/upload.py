@@ -7,7 +7,10 @@ compared (size and CRC32), then renamed into place, so a killed upload never
 leaves half a file under its final name. A re-run copies only what is missing
 or differs: a file whose size matches and whose checksum is recorded in
 DEST/.upload-checksums.jsonl from a verified copy is skipped; one whose size
-matches but has no record is read back and compared. Exit codes: 0 all copied,
+matches but has no record is read back and compared. Records are appended as
+copies complete (every `record_every` files or `record_seconds`), so a killed
+upload's re-run reads back at most those last few. At most 4 x workers files are
+in flight, so memory does not grow with the tree. Exit codes: 0 all copied,
 1 some files failed after retries (they are listed), 2 a user error.
 """
 
@@ -23,7 +26,7 @@ import subprocess
 import sys
 import time
 import zlib
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -35,6 +38,9 @@ from tqdm import tqdm
 from hdfs_io.filesystem import FilesystemUnavailable, first_line, hdfs_user, probe_uri
 
 CHUNK_BYTES = 8 * 2**20
+IN_FLIGHT_PER_WORKER = 4
+RECORD_EVERY_FILES = 1000
+RECORD_EVERY_SECONDS = 30.0
 TMP_SUFFIX = "._COPYING_"
 CHECKSUMS = ".upload-checksums.jsonl"
 
@@ -57,6 +63,10 @@ class ArrowClient:
         with self.fs.open_output_stream(path) as f:
             for chunk in chunks:
                 f.write(chunk)
+
+    def append(self, path: str, data: bytes) -> None:
+        with self.fs.open_append_stream(path) as f:
+            f.write(data)
 
     def read_chunks(self, path: str):
         with self.fs.open_input_stream(path) as f:
@@ -99,6 +109,10 @@ class PydoopClient:
         with self.fs.open_file(path, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
+
+    def append(self, path: str, data: bytes) -> None:
+        with self.fs.open_file(path, "ab") as f:
+            f.write(data)
 
     def read_chunks(self, path: str):
         with self.fs.open_file(path, "rb") as f:
@@ -155,6 +169,15 @@ def copy_one(client, src: Path, dst: str) -> tuple[int, int]:
     return size, crc
 
 
+def verify_or_copy(client, src: Path, dst: str) -> tuple[str, tuple[int, int]]:
+    """Returns ("skipped", record) if the remote file already equals `src`, else copies it: ("copied", record)."""
+    size, crc = src.stat().st_size, local_crc(src)
+    if remote_crc(client, dst) == (size, crc):
+        return "skipped", (size, crc)
+    client.makedirs(posixpath.dirname(dst))
+    return "copied", copy_one(client, src, dst)
+
+
 def plan(src_root: Path, remote_sizes: dict[str, int], recorded: dict[str, tuple[int, int]]):
     """Returns [(rel, local path, action)] with action 'copy', 'skip' or 'verify' (size matches, no record)."""
     out = []
@@ -185,12 +208,37 @@ def read_recorded(client, dest_root: str) -> dict[str, tuple[int, int]]:
     return out
 
 
+def record_lines(checksums) -> bytes:
+    """Returns checksum records, one JSON line each, from (rel, (size, crc32)) pairs."""
+    return "".join(json.dumps({"path": rel, "size": s, "crc32": c}) + "\n" for rel, (s, c) in checksums).encode()
+
+
 def write_recorded(client, dest_root: str, checksums: dict[str, tuple[int, int]]) -> None:
-    lines = "".join(json.dumps({"path": rel, "size": s, "crc32": c}) + "\n"
-                    for rel, (s, c) in sorted(checksums.items()))
+    """Replaces the checksum record with `checksums` (a fresh file: a killed run may have left the old one open)."""
     target = posixpath.join(dest_root, CHECKSUMS)
-    client.write(target + TMP_SUFFIX, [lines.encode()])
+    client.write(target + TMP_SUFFIX, [record_lines(sorted(checksums.items()))])
     client.replace(target + TMP_SUFFIX, target)
+
+
+class RecordAppender:
+    """Appends checksum records to DEST/.upload-checksums.jsonl as copies complete, in batches."""
+
+    def __init__(self, client, dest_root: str, every_files: int, every_seconds: float):
+        self.client, self.path = client, posixpath.join(dest_root, CHECKSUMS)
+        self.every_files, self.every_seconds = every_files, every_seconds
+        self.pending: list[tuple[str, tuple[int, int]]] = []
+        self.last = time.monotonic()
+
+    def add(self, rel: str, record: tuple[int, int]) -> None:
+        self.pending.append((rel, record))
+        if len(self.pending) >= self.every_files or time.monotonic() - self.last >= self.every_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.client.append(self.path, record_lines(self.pending))
+            self.pending = []
+        self.last = time.monotonic()
 
 
 @dataclass
@@ -204,22 +252,25 @@ class Outcome:
 
 
 def transfer(client, dest_root: str, rel: str, path: Path, action: str, retries: int) -> Outcome:
-    """Carries out one planned action ('copy', 'verify' or 'skip') with retries; returns what happened."""
+    """Carries out one planned action ('copy', 'verify' or 'skip') with retries; returns what happened.
+
+    Every I/O error, local (the file vanished) or remote (the read-back of a verify,
+    the copy), is retried and then reported as a failed outcome, never raised.
+    """
     dst = posixpath.join(dest_root, rel)
-    size = path.stat().st_size
     if action == "skip":
-        return Outcome(rel, "skipped", size)
-    if action == "verify":
-        crc = local_crc(path)
-        if remote_crc(client, dst) == (size, crc):
-            return Outcome(rel, "skipped", size, (size, crc))
+        return Outcome(rel, "skipped", path.stat().st_size if path.exists() else 0)
     for attempt in range(retries + 1):
         try:
-            client.makedirs(posixpath.dirname(dst))
-            return Outcome(rel, "copied", size, copy_one(client, path, dst), retried=attempt)
+            if action == "verify":
+                status, record = verify_or_copy(client, path, dst)
+            else:
+                client.makedirs(posixpath.dirname(dst))
+                status, record = "copied", copy_one(client, path, dst)
+            return Outcome(rel, status, record[0], record, retried=attempt)
         except OSError as e:
             if attempt == retries:
-                return Outcome(rel, "failed", size, retried=attempt, error=first_line(e))
+                return Outcome(rel, "failed", 0, retried=attempt, error=first_line(e))
             time.sleep(0.2 * 2 ** attempt)
     raise AssertionError("unreachable")
 
@@ -240,7 +291,8 @@ def _transfer_in_worker(*args) -> Outcome:
 
 
 def upload(src: str, dest: str, workers: int = 8, client_name: str = "pyarrow", retries: int = 3,
-           progress: bool = True) -> Summary:
+           progress: bool = True, record_every: int = RECORD_EVERY_FILES,
+           record_seconds: float = RECORD_EVERY_SECONDS) -> Summary:
     """Uploads the tree at local `src` to `dest` and returns what happened.
 
     pyarrow copies on threads sharing one handle. pydoop's native client
@@ -275,28 +327,40 @@ def upload(src: str, dest: str, workers: int = 8, client_name: str = "pyarrow", 
     recorded = read_recorded(client, dest_root) if CHECKSUMS in remote else {}
     jobs = [j for j in plan(src_root, remote, recorded) if j[0] != CHECKSUMS]
     summary = Summary(checksums={rel: rec for rel, rec in recorded.items() if rel in remote})
+    write_recorded(client, dest_root, summary.checksums)  # fresh, then appended to as copies complete
+    appender = RecordAppender(client, dest_root, record_every, record_seconds)
     total_bytes = sum(p.stat().st_size for _, p, action in jobs if action != "skip")
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not progress, desc="upload", file=sys.stderr)
+
+    def settle(done) -> None:
+        for future in done:
+            outcome = future.result()
+            summary.retried += outcome.retried
+            if outcome.record:
+                summary.checksums[outcome.rel] = outcome.record
+                appender.add(outcome.rel, outcome.record)
+            if outcome.status == "copied":
+                summary.files += 1
+                summary.bytes += outcome.size
+            elif outcome.status == "skipped":
+                summary.skipped += 1
+            else:
+                summary.failed[outcome.rel] = outcome.error
+            if outcome.status != "skipped" or outcome.record:
+                bar.update(outcome.size)
+
     try:
         with pool:
-            futures = [submit(dest_root, rel, path, action, retries) for rel, path, action in jobs]
-            for future in as_completed(futures):
-                outcome = future.result()
-                summary.retried += outcome.retried
-                if outcome.record:
-                    summary.checksums[outcome.rel] = outcome.record
-                if outcome.status == "copied":
-                    summary.files += 1
-                    summary.bytes += outcome.size
-                elif outcome.status == "skipped":
-                    summary.skipped += 1
-                else:
-                    summary.failed[outcome.rel] = outcome.error
-                if outcome.status != "skipped" or outcome.record:
-                    bar.update(outcome.size)
+            in_flight: set = set()
+            for rel, path, action in jobs:
+                if len(in_flight) >= IN_FLIGHT_PER_WORKER * max(1, workers):
+                    done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                    settle(done)
+                in_flight.add(submit(dest_root, rel, path, action, retries))
+            settle(wait(in_flight).done)
     finally:
         bar.close()
-        write_recorded(client, dest_root, summary.checksums)
+        appender.flush()
     return summary
 
 

@@ -32,7 +32,8 @@ from pyarrow import fs as pafs  # noqa: E402
 from hdfs_io import dataset_format as F  # noqa: E402
 from hdfs_io.dataset import open_dataset  # noqa: E402
 from hdfs_io.features import FeatureConfig, features_from_bytes  # noqa: E402
-from hdfs_io.filesystem import FilesystemUnavailable, join_uri, probe_uri  # noqa: E402
+from hdfs_io.filesystem import (FilesystemUnavailable, captured_stderr, hdfs_user, join_uri,  # noqa: E402
+                                probe_uri)
 
 
 def write_feature_shard(shard: int, *, dataset_uri: str, cache_rel: str, feature_config: dict) -> dict:
@@ -81,13 +82,18 @@ def main(argv: list[str] | None = None) -> int:
         if ds.fs.get_file_info(posixpath.join(ds.path, final_rel)).type != pafs.FileType.NotFound and not args.overwrite:
             raise F.DatasetError(f"a feature cache for this config exists: {join_uri(args.dataset, final_rel)} "
                                  "(pass --overwrite to replace it)")
-    except (F.DatasetError, FilesystemUnavailable) as e:
+        tmp_rel = f".{final_rel}.tmp-{uuid.uuid4().hex[:12]}"
+        try:
+            with captured_stderr():  # libhdfs prints a Java trace for a refused write
+                ds.fs.create_dir(posixpath.join(ds.path, tmp_rel))
+        except PermissionError:
+            raise PermissionError(f"permission denied: user {hdfs_user()} may not write a feature cache into "
+                                  f"{args.dataset}") from None
+    except (F.DatasetError, FilesystemUnavailable, PermissionError) as e:
         print(f"cache_features: error: {e}", file=sys.stderr)
         return 2
     from spark_jobs.pack import ship_code, spark_session
 
-    tmp_rel = f".{final_rel}.tmp-{uuid.uuid4().hex[:12]}"
-    ds.fs.create_dir(posixpath.join(ds.path, tmp_rel))
     spark = spark_session(args.master)
     try:
         ship_code(spark.sparkContext)

@@ -135,32 +135,45 @@ def small_dataset(cluster, tmp_path_factory) -> Path:
     return root / "dataset"
 
 
-def run_cli(main, argv: list[str]) -> tuple[int, list[str]]:
-    """Runs a CLI's main in this process; returns its exit code and its error lines."""
+def run_cli(main, argv: list[str]) -> tuple[int, list[str], str]:
+    """Runs a CLI's main in this process; returns its exit code, its error lines and all it wrote to stderr."""
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         code = main(argv)
-    return code, [line for line in err.getvalue().splitlines() if ": error:" in line]
+    return code, [line for line in err.getvalue().splitlines() if ": error:" in line], err.getvalue()
 
 
 @FUZZ
 @given(st.sampled_from([F.MANIFEST, F.INDEX, F.QUARANTINE]), st.floats(0.0, 1.0),
        st.lists(st.tuples(st.floats(0.0, 1.0), st.integers(1, 255)), max_size=3))
-def test_a_damaged_dataset_file_gives_a_one_line_error_or_reads_in_full(small_dataset, name, cut, flips):
+def test_a_damaged_dataset_file_gives_a_one_line_error_or_reads_in_full(small_dataset, capfd, name, cut, flips):
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "dataset"
         shutil.copytree(small_dataset, copy)
         target = copy / name
         target.write_bytes(mutated(target.read_bytes(), cut, flips))
 
-        outcomes = {tool.__name__: run_cli(tool.main, [str(copy)] + extra) for tool, extra in (
-            (read, ["--workers", "0", "--on-error", "skip"]), (plan, ["--world-size", "2", "--epoch", "1"]),
-            (inspect, []))}
+        outcomes = {what: run_cli(tool.main, [str(copy)] + extra) for what, tool, extra in (
+            ("read", read, ["--workers", "0", "--on-error", "skip"]),
+            ("read, 2 workers", read, ["--workers", "2", "--on-error", "skip"]),
+            ("plan", plan, ["--world-size", "2", "--epoch", "1"]), ("inspect", inspect, []))}
+    written_by_workers = capfd.readouterr().err  # what the worker processes wrote to the terminal
 
-    for tool, (code, errors) in outcomes.items():
-        assert code in (0, 1, 2), tool
-        assert (code == 0) == (errors == []), (tool, errors)
-        assert len(errors) <= 1 and all("Traceback" not in e for e in errors), (tool, errors)
+    for what, (code, errors, stderr) in outcomes.items():
+        assert code in (0, 1, 2), what
+        assert (code == 0) == (errors == []), (what, errors)
+        assert len(errors) <= 1 and "Traceback" not in stderr, (what, stderr[-2000:])
+    assert "Traceback" not in written_by_workers
+
+
+def test_inspect_of_a_dataset_without_its_quarantine_file_is_one_line(small_dataset, tmp_path):
+    copy = tmp_path / "dataset"
+    shutil.copytree(small_dataset, copy)
+    (copy / F.QUARANTINE).unlink()
+
+    code, errors, stderr = run_cli(inspect.main, [str(copy)])
+
+    assert code == 2 and len(errors) == 1 and F.QUARANTINE in errors[0] and "Traceback" not in stderr
 
 
 def snapshot(root: Path) -> set[str]:
@@ -200,7 +213,7 @@ def test_odd_keys_and_random_audio_are_packed_or_quarantined_and_nothing_lands_o
     assert {r[F.KEY] for r in index} == {n for n in names if not n.startswith(("noise", "cut"))}
     for r in index:
         assert r[F.NUM_BYTES] == len(real_audio)
-    code, errors = run_cli(read.main, [str(tmp_path / "out"), "--workers", "0"])
+    code, errors, _ = run_cli(read.main, [str(tmp_path / "out"), "--workers", "0"])
     assert code == 0 and errors == []
 
 

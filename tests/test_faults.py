@@ -201,11 +201,9 @@ def kill_a_spark_worker_mid_pack(cluster, hdfs_dir: str, tmp_path: Path, victim:
            if published else None,
            error=None if pack.returncode == 0 else output.strip().splitlines()[-1])
     assert "lost" in output.lower(), "Spark never noticed the lost worker: the kill missed the job"
-    if pack.returncode == 0:
-        assert published and index_rows(out) == index_rows(str(clean))
-    else:
-        assert not published
-        assert output.strip().splitlines()[-1].startswith("pack: error:")
+    # docs/reliability.md reports that Spark finishes the job by task retry: hold it to that
+    assert pack.returncode == 0, output[-3000:]
+    assert published and index_rows(out) == index_rows(str(clean))
 
 
 @pytest.fixture
@@ -253,3 +251,35 @@ def test_hdfs_permission_denied_is_a_one_line_error_with_nothing_left_behind(clu
     assert not (tmp_path / "out").exists()
     fs, path = open_filesystem(readonly)
     assert fs.get_file_info(FileSelector(path, recursive=True)) == []  # no partial output, no temporary folder
+
+
+def test_cache_features_and_evaluate_refused_by_hdfs_are_one_line_errors(cluster, locked_folders):
+    private, readonly, local_corpus = locked_folders
+    dataset = f"{readonly}/dataset"  # mallory may read it, not write beside it
+    cluster.pack("--input", str(local_corpus), "--output", dataset)
+    fs, path = open_filesystem(dataset)
+
+    def listing() -> list[tuple]:
+        return [(i.path, i.size, i.mtime) for i in fs.get_file_info(FileSelector(path, recursive=True))]
+
+    before = listing()
+    spark_submit = [str(Path(cluster.env["SPARK_HOME"]) / "bin" / "spark-submit"), "--master", "local[2]",
+                    "--conf", "spark.ui.enabled=false"]
+    runs = {
+        "cache_features, dataset not writable": (as_mallory(cluster, *spark_submit,
+                                                            str(ROOT / "spark_jobs" / "cache_features.py"),
+                                                            "--dataset", dataset), "cache_features"),
+        "evaluate, dataset denied": (as_mallory(cluster, sys.executable, "-m", "trainer.evaluate",
+                                                "--checkpoint", f"{dataset}/none.pt", "--dataset", private),
+                                     "evaluate"),
+    }
+
+    for what, (result, tool) in runs.items():
+        errors = [line for line in error_lines(result, tool) if "error" in line]
+        record(f"HDFS permission denied ({what}), user mallory", outcome=f"exit {result.returncode}",
+               keys_read=None, keys_lost=0, error=errors[-1] if errors else None)
+        assert result.returncode == 2, (what, result.stderr[-2000:])
+        assert len(errors) == 1 and "permission denied" in errors[0] and "mallory" in errors[0], what
+        assert "Traceback" not in result.stdout + result.stderr, what
+        assert "\tat " not in result.stdout + result.stderr, (what, "a Java trace reached the terminal")
+    assert listing() == before, "something was written"

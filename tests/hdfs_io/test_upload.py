@@ -7,13 +7,14 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
 from pyarrow import fs as pafs
 
 from hdfs_io.filesystem import open_filesystem
-from hdfs_io.upload import CHECKSUMS, TMP_SUFFIX, upload
+from hdfs_io.upload import CHECKSUMS, TMP_SUFFIX, ArrowClient, read_recorded, transfer, upload
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENTS = ["pyarrow", "pydoop"]
@@ -107,3 +108,65 @@ def test_missing_source_is_a_one_line_user_error(cluster, hdfs_dir, tmp_path):
 
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"upload: error: source {tmp_path / 'nope'} is not a local folder"]
+
+
+class FlakyClient:
+    """A client whose next `failures` read-backs fail with an I/O error, as a DataNode going away would."""
+
+    def __init__(self, client, failures: int):
+        self.client, self.failures = client, failures
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def read_chunks(self, path: str):
+        if self.failures:
+            self.failures -= 1
+            raise OSError("connection reset by peer")
+        return self.client.read_chunks(path)
+
+
+def test_an_io_error_while_verifying_is_retried_and_a_vanished_file_is_a_failure_not_a_traceback(
+        cluster, hdfs_dir, tmp_path):
+    files = small_files(tmp_path / "src", 3)
+    dest = f"{hdfs_dir}/corpus"
+    upload(str(tmp_path / "src"), dest, progress=False)
+    fs, root = open_filesystem(dest)
+    client = FlakyClient(ArrowClient(fs), failures=1)
+    rel = sorted(files)[0]
+
+    verified = transfer(client, root, rel, tmp_path / "src" / rel, "verify", retries=2)
+    vanished = transfer(client, root, "gone.bin", tmp_path / "src" / "gone.bin", "copy", retries=1)
+
+    assert (verified.status, verified.retried, verified.record) == ("skipped", 1, (4100, zlib.crc32(files[rel])))
+    assert vanished.status == "failed" and "gone.bin" in vanished.error
+
+
+KILLED_UPLOAD = """
+import os, sys, time
+import hdfs_io.upload as upload
+copy_one, copies = upload.copy_one, [0]
+def copy_then_die(*args):
+    copies[0] += 1
+    if copies[0] == 8:
+        time.sleep(1.0)  # the upload has taken note of the 7 copies done
+        os._exit(9)  # killed while copying the 8th file
+    return copy_one(*args)
+upload.copy_one = copy_then_die
+upload.upload(sys.argv[1], sys.argv[2], workers=1, progress=False, record_every=3)
+"""
+
+
+def test_a_killed_upload_has_recorded_the_copies_it_finished_so_a_rerun_need_not_read_them_back(
+        cluster, hdfs_dir, tmp_path):
+    files = small_files(tmp_path / "src", 12)
+    dest = f"{hdfs_dir}/corpus"
+
+    killed = subprocess.run([sys.executable, "-c", KILLED_UPLOAD, str(tmp_path / "src"), dest], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+
+    assert killed.returncode == 9, killed.stderr[-2000:]
+    fs, root = open_filesystem(dest)
+    recorded = read_recorded(ArrowClient(fs), root)
+    assert len(recorded) == 6  # two batches of 3; the 7th was copied but not yet recorded
+    assert all(recorded[rel] == (len(files[rel]), zlib.crc32(files[rel])) for rel in recorded)
