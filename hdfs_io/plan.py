@@ -12,14 +12,18 @@ How a plan is made, for epoch e:
 2. Batches. Consecutive utterances are cut greedily so a batch's padded audio
    (count x longest) stays within `batch_seconds` (or `batch_size` utterances).
    In later epochs the batch order inside each window is shuffled.
-3. Ranks. Every rank gets k = ceil(batches / W) batches, dealt block-cyclically in
-   segments of `segment_batches` consecutive batches: rank r takes segments r,
-   r+W, r+2W, ... Segments keep reads sequential; dealing them round-robin spreads
-   every part of the duration range over all ranks, so work balances by duration,
-   and in epoch 0 every rank's batches are non-decreasing in duration.
+3. Ranks. Every rank gets k = ceil(batches / W) batches, dealt in cycles of W
+   segments of `segment_batches` consecutive batches; each rank takes one segment
+   of every cycle. Segments keep reads sequential, and dealing every cycle spreads
+   every part of the duration range over all ranks (in epoch 0 every rank's batches
+   are non-decreasing in duration). Inside a cycle the heaviest segment (audio
+   seconds) goes to the rank that has read least so far, so ranks stay balanced.
 4. Padding. The W*k - batches <= W-1 slots left over are filled with repeats (a
    rank's own previous batch), counted in `repeated`.
 Everything depends only on (index, world size, epoch, seed, config).
+
+The global batch sequence is three flat arrays (BatchSequence), cut by vectorized
+numpy in blocks; a rank turns only its own k batches into arrays (plan_rank).
 """
 
 from __future__ import annotations
@@ -56,72 +60,282 @@ class EpochPlan:
     repeated_utterances: int
 
 
+@dataclass
+class BatchSequence:
+    """An epoch's global batches, held as flat arrays instead of a list of arrays.
+
+    Batch at global position p is `order[starts[sequence[p]]:starts[sequence[p] + 1]]`.
+    At 30M utterances this is about 200 MB, where a list of 6M numpy arrays was
+    several GB; a rank materializes only its own batches from it.
+    """
+    order: np.ndarray | None  # utterance ids in cut order (int32 below 2**31 utterances); None: index order
+    starts: np.ndarray  # batch b is order[starts[b]:starts[b + 1]]; len = batches + 1
+    sequence: np.ndarray  # global position -> batch
+    batch_seconds: np.ndarray  # audio seconds of each batch b (not position), float32
+
+    def __len__(self) -> int:
+        return len(self.sequence)
+
+    def batch(self, position: int) -> np.ndarray:
+        """Returns the utterance ids of the batch at a global position (a copy: the sequence can be freed)."""
+        b = int(self.sequence[position])
+        if self.order is None:
+            return np.arange(self.starts[b], self.starts[b + 1], dtype=np.int64)
+        return self.order[self.starts[b]:self.starts[b + 1]].astype(np.int64)
+
+    def seconds(self) -> np.ndarray:
+        """Returns the audio seconds of every batch, by global position."""
+        return self.batch_seconds[self.sequence]
+
+
+MIN_CYCLES = 64  # a balanced deal has at least this many cycles, so segments shrink in short epochs
+BLOCK_UTTERANCES = 1 << 20  # utterances cut per vectorized step: bounds the planner's temporary arrays
+
+
+def id_dtype(n: int):
+    return np.int32 if n < 2**31 else np.int64
+
+
+def batch_ends(d: np.ndarray, first: int, stop: int, window: int, cfg: PlanConfig) -> np.ndarray:
+    """Returns, for positions first..stop-1, where a batch starting there ends (exclusive).
+
+    `d` holds durations in cut order, non-decreasing inside each window of `window`
+    positions; no batch crosses a window. A batch's padded cost is its count times its
+    last duration; it holds the most utterances that fit `batch_seconds` (at least
+    one). Vectorized: with c[j] the most utterances a batch ending at j may hold, a
+    batch starting at i may end at j iff j - c[j] + 1 <= i, and j - c[j] increases
+    inside a window. Only the few positions a batch can reach past `stop` are looked at.
+    """
+    n = len(d)
+    queries = np.arange(first, stop, dtype=np.int64)
+    if cfg.batch_size > 0:
+        return np.minimum(queries + cfg.batch_size, np.minimum(window_starts(first, stop, window) + window, n))
+    shortest = max(float(d[first:stop].min()), 1e-3)  # the longest batch starts with the shortest utterance
+    reach_past = min(window, int(cfg.batch_seconds / shortest) + 1)
+    positions = np.arange(first, min(n, stop + reach_past), dtype=np.int64)
+    dj = d[first:first + len(positions)].astype(np.float64)
+    c = np.floor(cfg.batch_seconds / dj)
+    c += (c + 1) * dj <= cfg.batch_seconds  # exact: m * d <= budget, as the greedy cut checks it
+    c -= c * dj > cfg.batch_seconds
+    window_start = window_starts(first, first + len(positions), window)
+    c = np.minimum(c.astype(np.int64), positions - window_start + 1)  # never reaching back past the window
+    spread = 2 * (n + 1) // window + 1  # window starts are multiples of window: far enough apart, scaled
+    reach = positions - c + 1 + window_start * spread  # sorted: increasing inside a window, windows far apart
+    last = first + np.searchsorted(reach, queries + window_start[:len(queries)] * spread, side="right") - 1
+    return np.maximum(last + 1, queries + 1)
+
+
+def window_starts(first: int, stop: int, window: int) -> np.ndarray:
+    """Returns the start of the window of every position first..stop-1 (first is a window start)."""
+    windows = -(-(stop - first) // window)
+    return np.repeat(np.arange(first, first + windows * window, window, dtype=np.int64), window)[:stop - first]
+
+
+def cut(d: np.ndarray, window: int, cfg: PlanConfig) -> np.ndarray:
+    """Returns the batch starts of the greedy cut of `d` inside each window (see `batch_ends`), then len(d).
+
+    The chains of batch starts of all windows in a block advance together, one
+    vectorized step a batch, so the Python loop runs as many times as the longest
+    window has batches, not once a batch.
+    """
+    n = len(d)
+    found = []
+    block = max(window, BLOCK_UTTERANCES // window * window)  # whole windows
+    for first in range(0, n, block):
+        stop = min(n, first + block)
+        ends = batch_ends(d, first, stop, window, cfg).astype(id_dtype(n + 1))
+        chain = np.arange(first, stop, window, dtype=id_dtype(n + 1))  # every window starts a batch
+        while len(chain):
+            found.append(chain)
+            chain = ends[chain - first]
+            chain = chain[(chain % window != 0) & (chain < stop)]  # a chain ends at its window's end
+    starts = np.concatenate(found + [np.array([n], id_dtype(n + 1))])
+    starts.sort()
+    return starts
+
+
 def cut_batches(durations: np.ndarray, order: np.ndarray, cfg: PlanConfig) -> list[np.ndarray]:
     """Returns consecutive slices of `order` as batches (greedy, padded-seconds or fixed count).
 
-    `durations[order]` should be non-decreasing inside each run given here: then a
-    batch's padded cost is its count times its last duration, found by bisection.
+    `durations[order]` should be non-decreasing: then a batch's padded cost is its
+    count times its last duration.
     """
-    n = len(order)
-    if cfg.batch_size > 0:
-        return [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
-    d = durations[order]
-    batches = []
-    i = 0
-    while i < n:
-        # largest m with m * d[i + m - 1] <= budget (at least 1); the cost is increasing in m
-        lo, hi = 1, n - i
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if mid * d[i + mid - 1] <= cfg.batch_seconds:
-                lo = mid
-            else:
-                hi = mid - 1
-        batches.append(order[i:i + lo])
-        i += lo
-    return batches
+    starts = cut(durations[order], max(1, len(order)), cfg)
+    return [order[a:b] for a, b in zip(starts[:-1], starts[1:])]
+
+
+def plan_durations(durations: np.ndarray) -> np.ndarray:
+    """Returns durations as float32, each rounded up, never down: what the planner works with.
+
+    Half the memory of float64 at 30M utterances, and the bits of a non-negative
+    float32 sort as its values do; rounding up keeps every batch within its budget.
+    """
+    if durations.dtype == np.float32:
+        return durations
+    rounded = durations.astype(np.float32)
+    return np.where(rounded < durations, np.nextafter(rounded, np.float32(np.inf)), rounded)
+
+
+def blocks_of_pairs(n: int) -> list[tuple[int, int]]:
+    """Returns (a, b) slices that together compare every neighbouring pair x[i], x[i + 1] as x[a:b - 1], x[a + 1:b]."""
+    return [(a, min(n, a + BLOCK_UTTERANCES + 1)) for a in range(0, max(n - 1, 0), BLOCK_UTTERANCES)]
+
+
+def shard_blocks(shards: np.ndarray, rows: np.ndarray, rng: np.random.Generator, block: int):
+    """Yields utterance ids in blocks of `block`: shards in a random order, rows in order inside each shard."""
+    n = len(shards)
+    in_order = all(np.all((shards[a + 1:b] > shards[a:b - 1])
+                          | ((shards[a + 1:b] == shards[a:b - 1]) & (rows[a + 1:b] > rows[a:b - 1])))
+                   for a, b in blocks_of_pairs(n))
+    by_shard = None if in_order else np.lexsort((rows, shards)).astype(id_dtype(n))  # an index is in order
+    sorted_shards = shards if in_order else shards[by_shard]
+    bounds = np.r_[0, np.flatnonzero(sorted_shards[1:] != sorted_shards[:-1]) + 1, n] if n else np.zeros(1, int)
+    pending, held = [], 0
+    for i in rng.permutation(len(bounds) - 1):
+        a, b = int(bounds[i]), int(bounds[i + 1])
+        pending.append(np.arange(a, b, dtype=id_dtype(n)) if in_order else by_shard[a:b])
+        held += b - a
+        while held >= block:
+            ids = np.concatenate(pending)
+            yield ids[:block]
+            pending, held = [ids[block:]], held - block
+    if held:
+        yield np.concatenate(pending)
 
 
 def epoch_batches(durations: np.ndarray, shards: np.ndarray, rows: np.ndarray,
-                  epoch: int, cfg: PlanConfig) -> list[np.ndarray]:
-    """Returns the epoch's global batch sequence (arrays of utterance ids: index positions).
+                  epoch: int, cfg: PlanConfig) -> BatchSequence:
+    """Returns the epoch's global batch sequence.
 
-    Ties in duration keep index order; a duration-layout index is already in (duration, key) order.
+    Epoch 0 (SortaGrad): all utterances by duration (ties keep index order; a
+    duration-layout index is already in (duration, key) order), cut in windows of
+    `window_utterances` too. Later epochs: shards
+    in a seeded random order, rows in shard order, cut into windows of
+    `window_utterances`; inside a window utterances are sorted by duration with random
+    tie-breaks, cut, and the window's batches shuffled.
     """
+    durations = plan_durations(durations)
+    n = len(durations)
+    w = max(1, cfg.window_utterances)
     if epoch == 0:
-        return cut_batches(durations, np.argsort(durations, kind="stable"), cfg)
+        ordered = all(np.all(durations[a + 1:b] >= durations[a:b - 1]) for a, b in blocks_of_pairs(n))
+        order = None if ordered else np.argsort(durations, kind="stable").astype(id_dtype(n))
+        d = durations if order is None else durations[order]
+        starts = cut(d, w, cfg)  # windows let the cut run vectorized; each costs at most one short batch
+        seconds = np.add.reduceat(d, starts[:-1]) if n else np.empty(0, np.float32)
+        return BatchSequence(order, starts, np.arange(len(starts) - 1, dtype=id_dtype(n)), seconds)
     rng = np.random.default_rng([cfg.seed, epoch])
-    shard_ids = np.unique(shards)
-    shard_rank = np.empty(shard_ids.max() + 1 if len(shard_ids) else 0, dtype=np.int64)
-    shard_rank[shard_ids] = rng.permutation(len(shard_ids))
-    stream = np.lexsort((rows, shard_rank[shards]))
-    batches: list[np.ndarray] = []
-    for start in range(0, len(stream), cfg.window_utterances):
-        window = stream[start:start + cfg.window_utterances]
-        jitter = rng.random(len(window))
-        window = window[np.lexsort((jitter, durations[window]))]
-        cut = cut_batches(durations, window, cfg)
-        batches.extend(cut[i] for i in rng.permutation(len(cut)))
-    return batches
+    block = max(w, BLOCK_UTTERANCES // w * w)  # whole windows
+    order = np.empty(n, id_dtype(n))
+    position_bits = max(1, (w - 1).bit_length())
+    tie_bits = max(0, 32 - position_bits)
+    starts_parts, sequences, seconds_parts, batches_so_far, a = [], [], [], 0, 0
+    for ids in shard_blocks(shards, rows, rng, block):
+        # One sort per window of a uint64 key: the float32 duration's bits (ordered as the values are),
+        # random bits that break ties, and the position in the window, read back after the sort.
+        windows = -(-len(ids) // w)
+        keys = np.full(windows * w, np.iinfo(np.uint64).max, np.uint64)  # padding sorts last
+        keys[:len(ids)] = durations[ids].view(np.uint32)
+        keys <<= np.uint64(32)
+        keys[:len(ids)] |= rng.integers(0, 1 << tie_bits, len(ids), dtype=np.uint64) << np.uint64(position_bits)
+        keys[:len(ids)] |= np.tile(np.arange(w, dtype=np.uint64), windows)[:len(ids)]
+        keys = np.sort(keys.reshape(windows, w), axis=1).ravel()[:len(ids)]
+        keys &= np.uint64((1 << position_bits) - 1)
+        ordered = ids[window_starts(0, len(ids), w) + keys.astype(np.int64)]
+        del keys
+        order[a:a + len(ordered)] = ordered
+        d = durations[ordered]
+        starts = cut(d, w, cfg)
+        batch_window = starts[:-1] // w
+        starts_parts.append(starts[:-1].astype(id_dtype(n)) + a)
+        # each window's batches in a random order: the window plus a random fraction, sorted
+        sequences.append((np.argsort(batch_window + rng.random(len(batch_window))) + batches_so_far)
+                         .astype(id_dtype(n)))
+        seconds_parts.append(np.add.reduceat(d, starts[:-1]))
+        batches_so_far += len(starts) - 1
+        a += len(ordered)
+    if n == 0:
+        return BatchSequence(order, np.zeros(1, np.int64), np.empty(0, np.int64), np.empty(0))
+    starts_parts.append(np.array([n], id_dtype(n)))
+    return BatchSequence(order, np.concatenate(starts_parts), np.concatenate(sequences), np.concatenate(seconds_parts))
 
 
-def deal(num_batches: int, world_size: int, segment: int) -> list[list[int]]:
-    """Returns, per rank, the global batch positions it takes (block-cyclic, equal counts).
+def deal_cycles(num_batches: int, world_size: int, segment: int,
+                seconds: np.ndarray | None = None) -> tuple[np.ndarray, list[int]]:
+    """Returns where each rank's segment starts in each dealing cycle, shaped (cycles, ranks), and their lengths.
 
-    Positions >= num_batches are padding slots; there are fewer than `world_size`.
+    Positions are dealt in cycles of `world_size` segments of `segment` consecutive
+    positions (then cycles of one position each for the rest); each rank takes one segment of
+    every cycle, so all get k = ceil(batches / world) positions. With `seconds` (each
+    batch's audio seconds), a cycle's segments go heaviest first to the rank that has
+    read least so far, which keeps every rank within about one segment's spread of the
+    others, and segments shrink so that there are at least MIN_CYCLES cycles; without,
+    rank r takes segment r. Positions >= num_batches are padding
+    slots; there are fewer than `world_size`.
     """
     k = -(-num_batches // world_size) if num_batches else 0
+    if seconds is not None:  # enough cycles to balance in: short epochs get shorter segments
+        segment = max(1, min(segment, k // MIN_CYCLES))
     full_cycles, rest = divmod(k, segment)
-    out = []
-    for r in range(world_size):
-        positions = []
-        for c in range(full_cycles):
-            base = c * world_size * segment + r * segment
-            positions.extend(range(base, base + segment))
-        base = full_cycles * world_size * segment + r * rest
-        positions.extend(range(base, base + rest))
-        out.append(positions)
-    return out
+    lengths = [segment] * full_cycles + [1] * rest  # the tail one batch a cycle: the finest balance
+    firsts = np.empty((len(lengths), world_size), np.int64)
+    if seconds is not None:
+        cumulative = np.zeros(len(seconds) + 1)
+        np.cumsum(seconds, dtype=np.float64, out=cumulative[1:])
+    total = np.zeros(world_size)
+    base = 0
+    for c, length in enumerate(lengths):
+        segment_starts = base + length * np.arange(world_size, dtype=np.int64)
+        if seconds is None or world_size == 1:
+            firsts[c] = segment_starts
+        else:
+            weight = (cumulative[np.minimum(segment_starts + length, num_batches)]
+                      - cumulative[np.minimum(segment_starts, num_batches)])
+            takers = np.empty(world_size, np.int64)
+            takers[np.argsort(-weight, kind="stable")] = np.argsort(total, kind="stable")
+            firsts[c, takers] = segment_starts
+            total[takers] += weight
+        base += length * world_size
+    return firsts, lengths
+
+
+def positions_of(firsts: np.ndarray, lengths: list[int], rank: int) -> list[int]:
+    """Returns the global positions rank `rank` takes, in order, from `deal_cycles`' result."""
+    return [p for first, length in zip(firsts[:, rank].tolist(), lengths) for p in range(first, first + length)]
+
+
+def deal(num_batches: int, world_size: int, segment: int, seconds: np.ndarray | None = None) -> list[list[int]]:
+    """Returns, per rank, the global batch positions it takes (see `deal_cycles`)."""
+    firsts, lengths = deal_cycles(num_batches, world_size, segment, seconds)
+    return [positions_of(firsts, lengths, r) for r in range(world_size)]
+
+
+def rank_plan(sequence: BatchSequence, positions: list[int]) -> tuple[RankPlan, int]:
+    """Returns a rank's batches at the given global positions, and how many utterances it repeats.
+
+    A padding slot (position past the last batch) repeats the rank's previous batch,
+    else the longest few.
+    """
+    mine, flags, repeated = [], [], 0
+    for p in positions:
+        if p < len(sequence):
+            mine.append(sequence.batch(p))
+            flags.append(False)
+        else:
+            mine.append(mine[-1] if mine else sequence.batch(min(p - len(sequence), len(sequence) - 1)))
+            flags.append(True)
+            repeated += len(mine[-1])
+    return RankPlan(mine, flags), repeated
+
+
+def plan_rank(durations: np.ndarray, shards: np.ndarray, rows: np.ndarray, world_size: int, rank: int,
+              epoch: int, cfg: PlanConfig) -> RankPlan:
+    """Returns one rank's batches for one epoch, materializing no other rank's."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    sequence = epoch_batches(durations, shards, rows, epoch, cfg)
+    firsts, lengths = deal_cycles(len(sequence), world_size, max(1, cfg.segment_batches), sequence.seconds())
+    return rank_plan(sequence, positions_of(firsts, lengths, rank))[0]
 
 
 def plan_epoch(durations: np.ndarray, shards: np.ndarray, rows: np.ndarray,
@@ -129,22 +343,14 @@ def plan_epoch(durations: np.ndarray, shards: np.ndarray, rows: np.ndarray,
     """Returns every rank's batches for one epoch; utterances are index positions."""
     if world_size < 1:
         raise ValueError("world size must be at least 1")
-    batches = epoch_batches(durations, shards, rows, epoch, cfg)
-    ranks = []
-    repeated_batches = repeated_utts = 0
-    for r, positions in enumerate(deal(len(batches), world_size, max(1, cfg.segment_batches))):
-        mine, flags = [], []
-        for p in positions:
-            if p < len(batches):
-                mine.append(batches[p])
-                flags.append(False)
-            else:  # a padding slot: repeat this rank's previous batch, else the longest few
-                mine.append(mine[-1] if mine else batches[min(p - len(batches), len(batches) - 1)])
-                flags.append(True)
-                repeated_batches += 1
-                repeated_utts += len(mine[-1])
-        ranks.append(RankPlan(mine, flags))
-    return EpochPlan(ranks, repeated_batches, repeated_utts)
+    sequence = epoch_batches(durations, shards, rows, epoch, cfg)
+    ranks, repeated_batches, repeated_utterances = [], 0, 0
+    for positions in deal(len(sequence), world_size, max(1, cfg.segment_batches), sequence.seconds()):
+        plan, repeated = rank_plan(sequence, positions)
+        ranks.append(plan)
+        repeated_batches += sum(plan.repeated)
+        repeated_utterances += repeated
+    return EpochPlan(ranks, repeated_batches, repeated_utterances)
 
 
 def index_columns(index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

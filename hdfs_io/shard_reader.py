@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import posixpath
 import queue
@@ -51,7 +52,7 @@ from hdfs_io.dataset import open_dataset
 from hdfs_io.feature_stats import feature_stats, packed_config
 from hdfs_io.features import FeatureConfig, log_features
 from hdfs_io.filesystem import FilesystemRef, first_line, worker_start_method
-from hdfs_io.plan import PlanConfig, RankPlan, index_columns, plan_epoch
+from hdfs_io.plan import PlanConfig, RankPlan, index_columns, plan_durations, plan_rank
 from hdfs_io.sequencefile import OffsetBytes, SequenceFileReader, writable_bytes
 
 
@@ -124,7 +125,8 @@ class ShardDataset(IterableDataset):
         text = [F.KEY, F.TRANSCRIPT] if self.sequencefile else []
         index = ds.index([F.DURATION_S, F.SHARD, F.ROW, F.ROW_GROUP, F.OFFSET, F.NUM_BYTES, F.CHECKSUM, *text])
         self.utterances = index.num_rows
-        self.durations, self.shards, self.rows = index_columns(index)
+        durations, self.shards, self.rows = index_columns(index)
+        self.durations = plan_durations(durations)  # float32, rounded up: what the planner works with
         self.checksums = index.column(F.CHECKSUM).to_numpy()
         self.chunks = F.chunk_ids(self.manifest["format"], index.column(F.ROW_GROUP).to_numpy(),
                                   index.column(F.OFFSET).to_numpy())
@@ -138,6 +140,7 @@ class ShardDataset(IterableDataset):
         self._stats: tuple[np.ndarray, np.ndarray, str] | None = None
         self.cache_dir = self._feature_cache(ds) if config.output == "features" and config.use_feature_cache else None
         self.epoch, self.start_position = 0, 0
+        self._shared_position = None  # (epoch, start position) for persistent workers: see share_position
         self._plan: tuple[int, RankPlan] | None = None
         self._members: dict[tuple[int, int], np.ndarray] | None = None
         self._cache_row_groups: dict[tuple[int, int], int] | None = None
@@ -197,8 +200,8 @@ class ShardDataset(IterableDataset):
         """Returns this rank's batches for `epoch`; the other ranks' are not kept."""
         if self._plan is None or self._plan[0] != epoch:
             self._plan = None  # free the previous epoch's plan before making the next
-            self._plan = (epoch, plan_epoch(self.durations, self.shards, self.rows, self.world_size, epoch,
-                                            self.config.plan).ranks[self.rank])
+            self._plan = (epoch, plan_rank(self.durations, self.shards, self.rows, self.world_size, self.rank,
+                                           epoch, self.config.plan))
         return self._plan[1]
 
     def __len__(self) -> int:
@@ -232,32 +235,46 @@ class ShardDataset(IterableDataset):
 
     # -- iteration ----------------------------------------------------------------
 
+    def share_position(self, context) -> None:
+        """Makes the epoch and start position reach DataLoader workers that persist across epochs.
+
+        A persistent worker keeps the copy of this dataset it was started with, so what
+        set_epoch and load_state_dict change in the parent travels through a small
+        shared array, written by `publish_position` before each iteration.
+        """
+        self._shared_position = context.Array("q", 2, lock=False)
+
+    def publish_position(self) -> None:
+        self._shared_position[0], self._shared_position[1] = self.epoch, self.start_position
+
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        mine = self.plan(self.epoch)
-        positions = list(range(self.start_position + worker, len(mine.batches), workers))
+        epoch, start = ((int(self._shared_position[0]), int(self._shared_position[1]))
+                        if info is not None and self._shared_position is not None else (self.epoch, self.start_position))
+        mine = self.plan(epoch)
+        positions = list(range(start + worker, len(mine.batches), workers))
         if info is None:  # in-process iteration tracks its own position
-            for batch in self._batches(positions, mine):
+            for batch in self._batches(epoch, positions, mine):
                 self.start_position = batch["position"] + 1
                 yield batch
         else:
-            yield from self._batches(positions, mine)
+            yield from self._batches(epoch, positions, mine)
 
-    def _batches(self, positions: list[int], mine: RankPlan) -> Iterator[dict]:
+    def _batches(self, epoch: int, positions: list[int], mine: RankPlan) -> Iterator[dict]:
         fs, root = self.ref.open()
         ids = np.concatenate([mine.batches[p] for p in positions]) if positions else np.empty(0, np.int64)
         fetcher = ChunkFetcher(self, fs, root, self.shards[ids].astype(np.int64) << 32 | self.chunks[ids])
         try:
             for p in positions:
                 rereads = fetcher.rereads
-                batch = self._collate(p, mine.batches[p], mine.repeated[p], fetcher)
+                batch = self._collate(epoch, p, mine.batches[p], mine.repeated[p], fetcher)
                 batch["chunk_rereads"] = fetcher.rereads - rereads  # chunks read again to bound memory
                 yield batch
         finally:
             fetcher.close()
 
-    def _collate(self, position: int, ids: np.ndarray, repeated: bool, fetcher: "ChunkFetcher") -> dict:
+    def _collate(self, epoch: int, position: int, ids: np.ndarray, repeated: bool, fetcher: "ChunkFetcher") -> dict:
         items, skipped = [], []
         for u in ids:
             u = int(u)
@@ -268,7 +285,9 @@ class ShardDataset(IterableDataset):
                 if self.config.on_error == "fail":
                     raise
                 skipped.append(str(e))
-        return collate(position, self.epoch, items, repeated, skipped, self.config.output)
+        batch = collate(position, epoch, items, repeated, skipped, self.config.output)
+        batch["worker_pid"] = os.getpid()
+        return batch
 
     def _prepare(self, u: int, record: Record | None) -> np.ndarray:
         where = f"shard {self.manifest['shards'][self.shards[u]]['path']} row {self.rows[u]}"
@@ -648,11 +667,18 @@ def exit_with_parent(parent_pid: int, _worker_id: int = 0) -> None:
 
 
 class ShardLoader:
-    """A DataLoader over a ShardDataset that records how far the consumer got, for exact resume."""
+    """A DataLoader over a ShardDataset that records how far the consumer got, for exact resume.
+
+    Its worker processes start once, at the first iteration, and serve every epoch
+    after it (persistent_workers): set_epoch and load_state_dict reach them through
+    ShardDataset.share_position, so an epoch start costs no process start (and, on
+    HDFS, no JVM start per worker).
+    """
 
     def __init__(self, dataset: ShardDataset, num_workers: int = 2, **kwargs):
         self.dataset, self.num_workers, self.kwargs = dataset, num_workers, kwargs
         self.next_position = dataset.start_position
+        self._loader: DataLoader | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
@@ -665,12 +691,18 @@ class ShardLoader:
         self.dataset.start_position = self.next_position
         if self.dataset.config.output == "features":
             self.dataset.normalization()  # here, once, not in every worker
-        context = worker_start_method() if self.num_workers else None
-        init = partial(exit_with_parent, os.getpid()) if self.num_workers else None
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                            multiprocessing_context=context, persistent_workers=False, worker_init_fn=init,
-                            **self.kwargs)
-        for batch in loader:
+        if self._loader is None:
+            if self.num_workers:
+                context = multiprocessing.get_context(worker_start_method())
+                self.dataset.share_position(context)
+                self._loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                                          multiprocessing_context=context, persistent_workers=True,
+                                          worker_init_fn=partial(exit_with_parent, os.getpid()), **self.kwargs)
+            else:
+                self._loader = DataLoader(self.dataset, batch_size=None, num_workers=0, **self.kwargs)
+        if self.num_workers:
+            self.dataset.publish_position()
+        for batch in self._loader:
             self.next_position = batch["position"] + 1
             yield batch
 

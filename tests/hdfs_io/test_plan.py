@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from hdfs_io.plan import PlanConfig, deal, plan_epoch
+from hdfs_io.plan import PlanConfig, cut, deal, deal_cycles, plan_epoch, plan_rank
 
 corpora = st.lists(st.floats(0.2, 20.0, allow_nan=False), min_size=1, max_size=400)
 
@@ -85,3 +85,73 @@ def test_deal_gives_equal_counts_and_covers_every_position_once(n, world, segmen
     flat = sorted(p for ps in dealt for p in ps)
     assert flat == list(range(len(flat)))
     assert 0 <= len(flat) - n < world
+
+
+def greedy_reference(d: list[float], window: int, cfg: PlanConfig) -> list[int]:
+    """The batch starts of the plain greedy cut: grow a batch while count x last duration fits."""
+    starts, i = [], 0
+    while i < len(d):
+        starts.append(i)
+        end = min(len(d), (i // window + 1) * window)
+        m = 1
+        while i + m < end and (cfg.batch_size == 0 and (m + 1) * d[i + m] <= cfg.batch_seconds
+                               or 0 < m + 1 <= cfg.batch_size):
+            m += 1
+        i += m
+    return starts + [len(d)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.floats(0.05, 90.0, allow_nan=False), min_size=0, max_size=300),
+       st.sampled_from([1, 3, 16, 10_000]), st.sampled_from([0, 0, 4]), st.sampled_from([1.0, 20.0, 60.0]))
+def test_the_vectorized_cut_is_the_greedy_cut(durations, window, batch_size, budget):
+    cfg = PlanConfig(batch_seconds=budget, batch_size=batch_size)
+    d = np.asarray(durations)
+    window_of = np.arange(len(d)) // window
+    for w in np.unique(window_of):  # non-decreasing inside each window, as the planner sorts them
+        d[window_of == w] = np.sort(d[window_of == w])
+
+    starts = cut(d, window, cfg)
+
+    assert starts.tolist() == greedy_reference(d.tolist(), window, cfg)
+
+
+@settings(max_examples=60, deadline=None)
+@given(corpora, st.integers(1, 16), st.integers(0, 2), configs)
+def test_one_rank_plans_only_its_share_and_gets_what_the_whole_plan_gives_it(durations, world, epoch, cfg):
+    d, shards, rows = layout(durations)
+
+    whole = plan_epoch(d, shards, rows, world, epoch, cfg)
+
+    for rank in range(world):
+        mine = plan_rank(d, shards, rows, world, rank, epoch, cfg)
+        assert [b.tolist() for b in mine.batches] == [b.tolist() for b in whole.ranks[rank].batches]
+        assert mine.repeated == whole.ranks[rank].repeated
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(0.0, 100.0, allow_nan=False), min_size=0, max_size=600), st.integers(1, 32),
+       st.integers(1, 8))
+def test_balanced_dealing_keeps_ranks_within_one_segment_of_each_other(seconds, world, segment):
+    weights = np.asarray(seconds)
+
+    firsts, lengths = deal_cycles(len(weights), world, segment, weights)
+    dealt = deal(len(weights), world, segment, weights)
+
+    totals = [weights[[p for p in ps if p < len(weights)]].sum() for ps in dealt]
+    heaviest_segment = max((weights[f:f + n].sum() for row, n in zip(firsts, lengths) for f in row), default=0.0)
+    assert max(totals) - min(totals) <= heaviest_segment + 1e-9
+    assert len({len(p) for p in dealt}) == 1
+    assert sorted(p for ps in dealt for p in ps) == list(range(len(dealt[0]) * world))
+
+
+def test_later_epochs_balance_ranks_by_audio_within_one_percent():
+    rng = np.random.default_rng(1)
+    d = np.sort(np.clip(rng.gamma(4.0, 3.0, 200_000), 1.0, 35.0))
+    ids = np.arange(len(d))
+
+    for epoch in (0, 1):
+        plan = plan_epoch(d, ids // 20_000, ids % 20_000, 64, epoch, PlanConfig(batch_seconds=60.0))
+
+        per_rank = np.array([sum(d[b].sum() for b in r.batches) for r in plan.ranks])
+        assert (per_rank.max() - per_rank.min()) / per_rank.mean() <= 0.01, epoch

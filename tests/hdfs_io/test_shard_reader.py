@@ -379,3 +379,24 @@ def test_feature_cache_serves_the_same_features_without_touching_audio(cluster, 
     with fs.open_output_stream(cache_json) as f:
         f.write(json.dumps(manifest).encode())
     assert ShardDataset(uri, 0, 1, CONFIG).cache_dir is None
+
+
+def test_workers_persist_across_epochs_and_follow_set_epoch_and_resume(packed):
+    _, uris = packed
+    uri = uris["local-parquet"]
+    loader = ShardLoader(ShardDataset(uri, 0, 1, CONFIG), num_workers=2, timeout=300)
+
+    epochs = []
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        epochs.append(list(loader))
+    loader.set_epoch(2)
+    partial_epoch = iter(loader)
+    first = [next(partial_epoch), next(partial_epoch)]  # the consumer stops mid-epoch ...
+    loader.load_state_dict(loader.state_dict())  # ... and resumes where it stopped, on the same loader
+    rest = list(loader)
+
+    pids = [{b["worker_pid"] for b in batches} for batches in (*epochs, first + rest)]
+    assert len(pids[0]) == 2 and pids[0] == pids[1] == pids[2], "the workers were started again"
+    assert [b["keys"] for b in epochs[1]] == [b["keys"] for b in read_all(uri, 1, 1, 0)[0]]
+    assert [b["keys"] for b in first + rest] == [b["keys"] for b in read_all(uri, 1, 2, 0)[0]]
