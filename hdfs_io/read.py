@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import sys
 import time
 
@@ -17,6 +19,19 @@ from hdfs_io.filesystem import FilesystemUnavailable, probe_uri
 from hdfs_io.plan import PlanConfig
 from hdfs_io.shard_reader import (CorruptRecord, ReaderConfig, ShardDataset, ShardLoader, StorageUnavailable,
                                   error_message)
+
+
+def peak_rss_mb(worker_pids: set[int]) -> dict[str, float]:
+    """Returns the peak RSS of this process and of its largest DataLoader worker (still running), in MB."""
+    def vm_hwm(pid: int) -> float:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+        except (OSError, StopIteration):
+            return 0.0
+
+    return {"reader": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "largest_worker": max((vm_hwm(p) for p in worker_pids - {os.getpid()}), default=0.0)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,13 +64,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"read: error: {e}", file=sys.stderr)
         return 2
     ds.set_epoch(args.epoch)
+    planned_at = time.perf_counter()
+    batches = len(ds)  # plans this rank's share of the epoch
+    plan_s = time.perf_counter() - planned_at
     loader = ShardLoader(ds, num_workers=args.workers)
-    utterances = skipped = repeated = rereads = 0
+    utterances = skipped = repeated = rereads = reads = 0
     audio_s = 0.0
+    first_batch_s = None
+    worker_pids: set[int] = set()
     started = time.perf_counter()
     try:
-        for batch in tqdm(loader, total=len(loader), unit="batch", file=sys.stderr, desc=f"rank {args.rank}"):
+        for batch in tqdm(loader, total=batches, unit="batch", file=sys.stderr, desc=f"rank {args.rank}",
+                          disable=args.json or not sys.stderr.isatty()):
+            if first_batch_s is None:
+                first_batch_s = time.perf_counter() - started
             utterances += len(batch["keys"])
+            reads += batch["chunk_reads"]
+            worker_pids.add(batch["worker_pid"])
             if args.keys_out:
                 args.keys_out.writelines(json.dumps(k) + "\n" for k in batch["keys"])
             audio_s += sum(batch["durations"])
@@ -66,9 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"read: error: {error_message(e)}", file=sys.stderr)
         return 1
     wall = time.perf_counter() - started
-    result = {"rank": args.rank, "world_size": args.world_size, "epoch": args.epoch, "batches": len(loader),
-              "utterances": utterances, "repeated": repeated, "skipped": skipped, "chunk_rereads": rereads,
-              "audio_seconds": audio_s,
+    result = {"rank": args.rank, "world_size": args.world_size, "epoch": args.epoch, "batches": batches,
+              "utterances": utterances, "repeated": repeated, "skipped": skipped, "chunk_reads": reads,
+              "chunk_rereads": rereads, "plan_seconds": plan_s, "first_batch_seconds": first_batch_s,
+              "peak_rss_mb": peak_rss_mb(worker_pids), "audio_seconds": audio_s,
               "wall_seconds": wall, "utterances_per_s": utterances / wall, "audio_seconds_per_s": audio_s / wall}
     if args.json:
         print(json.dumps(result))

@@ -267,8 +267,9 @@ class ShardDataset(IterableDataset):
         fetcher = ChunkFetcher(self, fs, root, self.shards[ids].astype(np.int64) << 32 | self.chunks[ids])
         try:
             for p in positions:
-                rereads = fetcher.rereads
+                rereads, reads = fetcher.rereads, fetcher.reads
                 batch = self._collate(epoch, p, mine.batches[p], mine.repeated[p], fetcher)
+                batch["chunk_reads"] = fetcher.reads - reads  # chunks this batch waited for, re-reads included
                 batch["chunk_rereads"] = fetcher.rereads - rereads  # chunks read again to bound memory
                 yield batch
         finally:
@@ -444,6 +445,7 @@ class ChunkFetcher:
         self.ready: dict[tuple[int, int], dict[int, Record] | BaseException] = {}
         self.dropped: set[tuple[int, int]] = set()
         self.rereads = 0
+        self.reads = 0  # chunks handed over by the prefetch thread or read again, so far
         self.local = threading.local()  # open files, per thread: the prefetch thread's and re-reads'
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, ds.config.prefetch_chunks))
         self.stop = threading.Event()
@@ -590,6 +592,7 @@ class ChunkFetcher:
         if chunk in self.dropped:  # dropped to bound memory: read it again, here
             self.dropped.discard(chunk)
             self.rereads += 1
+            self.reads += 1
             self.ready[chunk] = self._read_or_error(chunk)
             self._files().clear()
         patience = self.ds.config.retry_seconds + self.ds.config.stall_seconds
@@ -601,6 +604,7 @@ class ChunkFetcher:
                                          f"{patience:g} s; a read is hanging (is the NameNode or a DataNode "
                                          "stopped?)") from None
             self.ready[got] = result
+            self.reads += 1
         self._drop_beyond_limit(keep=chunk)
         result = self.ready[chunk]
         self.used += 1

@@ -33,6 +33,7 @@ from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -128,6 +129,19 @@ def resume_mismatch(ckpt: dict, cfg: Config, identity: dict, world: int) -> str 
     if ckpt["config"]["features"] != to_dict(cfg)["features"]:
         changed.append("features")
     return f"the checkpoint was made with other settings: {', '.join(changed)}" if changed else None
+
+
+def wait_summary(waits: list[tuple[bool, float]]) -> dict:
+    """Returns the median, mean and p95 of the data wait fraction, and the mean over epochs' first steps.
+
+    The median alone hides waits that come in bursts, such as at each epoch's start.
+    """
+    if not waits:
+        return {}
+    fractions = np.array([w for _, w in waits])
+    firsts = [w for first, w in waits if first]
+    return {"median": float(np.median(fractions)), "mean": float(fractions.mean()),
+            "p95": float(np.percentile(fractions, 95)), "first_step_of_epoch_mean": float(np.mean(firsts))}
 
 
 def default_log_dir(out: str) -> Path:
@@ -260,6 +274,7 @@ def run(argv: list[str] | None) -> int:
     log_dir = Path(args.log_dir) if args.log_dir else default_log_dir(args.out)
     metrics_file = writer = None
     pending: list[str] = []  # metrics lines not yet appended to OUT/metrics.jsonl
+    waits: list[tuple[bool, float]] = []  # rank 0: (first step of its epoch?, data wait fraction), per step
     if rank == 0:
         if resumed:
             checkpoint.cut_metrics(args.out, step)
@@ -310,6 +325,7 @@ def run(argv: list[str] | None) -> int:
             loader.set_epoch(epoch)
         resumed = False
         waited_from = time.perf_counter()
+        first_of_epoch = True
         for batch in loader:
             got_at = time.perf_counter()
             wave, lengths = batch["waveform"].to(device), batch["lengths"].to(device)
@@ -350,6 +366,7 @@ def run(argv: list[str] | None) -> int:
                           "data_wait_fraction": (got_at - waited_from) / step_s, "skipped_steps": skipped,
                           "skipped_utterances": skipped_utterances, "wall_s": clock["agreed_s"]}
                 log_metrics(record)
+                waits.append((first_of_epoch, record["data_wait_fraction"]))
                 if writer:
                     for k in ("loss", "lr", "audio_seconds_per_s", "data_wait_fraction", "skipped_steps"):
                         writer.add_scalar(f"train/{k}", record[k], step)
@@ -381,13 +398,14 @@ def run(argv: list[str] | None) -> int:
                 done = True
                 break
             waited_from = time.perf_counter()
+            first_of_epoch = False
         else:
             epoch += 1
     bar.close()
     save()
     if rank == 0:
         result = {"step": step, "epoch": epoch, "skipped_steps": skipped, "skipped_utterances": skipped_utterances,
-                  "wall_s": clock["agreed_s"]}
+                  "wall_s": clock["agreed_s"], "data_wait_fraction": wait_summary(waits)}
         if args.eval_dataset:
             result.update(evaluate(model, args.eval_dataset, cfg, device))
         print(json.dumps(result))

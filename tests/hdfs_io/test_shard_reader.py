@@ -338,6 +338,9 @@ def test_read_cli_reports_throughput(packed):
 
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["utterances"] > 0 and report["audio_seconds_per_s"] > 0 and report["skipped"] == 0
+    assert report["chunk_reads"] >= 1 and report["chunk_rereads"] == 0 and report["plan_seconds"] >= 0
+    assert 0 < report["first_batch_seconds"] <= report["wall_seconds"]
+    assert report["peak_rss_mb"]["reader"] > 0 and report["peak_rss_mb"]["largest_worker"] > 0
 
 
 def copy_dataset(cluster, uri: str, tmp_path: Path) -> str:

@@ -58,6 +58,9 @@ def test_two_process_torchrun_trains_from_hdfs_and_checkpoints_there(cluster, hd
 
     final = json.loads(result.stdout.strip().splitlines()[-1])
     assert final["step"] == 4 and final["utterances"] == 24 and 0 <= final["cer"]
+    wait = final["data_wait_fraction"]
+    assert 0 <= wait["median"] <= wait["p95"] <= 1 and 0 <= wait["mean"] <= 1
+    assert 0 <= wait["first_step_of_epoch_mean"] <= 1
     steps = metrics(tmp_path / "log")
     assert [m["step"] for m in steps] == [1, 2, 3, 4]
     assert all(m["loss"] > 0 and 0 <= m["data_wait_fraction"] <= 1 for m in steps)
