@@ -88,6 +88,7 @@ class BatchSequence:
         return self.batch_seconds[self.sequence]
 
 
+PLANNER_VERSION = 2  # a saved position means other batches under another version: resumes check it
 MIN_CYCLES = 64  # a balanced deal has at least this many cycles, so segments shrink in short epochs
 BLOCK_UTTERANCES = 1 << 20  # utterances cut per vectorized step: bounds the planner's temporary arrays
 
@@ -216,7 +217,7 @@ def epoch_batches(durations: np.ndarray, shards: np.ndarray, rows: np.ndarray,
     """
     durations = plan_durations(durations)
     n = len(durations)
-    w = max(1, cfg.window_utterances)
+    w = max(1, min(cfg.window_utterances, n))  # a window past the dataset is the dataset
     if epoch == 0:
         ordered = all(np.all(durations[a + 1:b] >= durations[a:b - 1]) for a, b in blocks_of_pairs(n))
         order = None if ordered else np.argsort(durations, kind="stable").astype(id_dtype(n))
@@ -314,7 +315,7 @@ def rank_plan(sequence: BatchSequence, positions: list[int]) -> tuple[RankPlan, 
     """Returns a rank's batches at the given global positions, and how many utterances it repeats.
 
     A padding slot (position past the last batch) repeats the rank's previous batch,
-    else the longest few.
+    else (a rank with no batch of its own) one of the first batches.
     """
     mine, flags, repeated = [], [], 0
     for p in positions:

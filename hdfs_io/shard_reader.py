@@ -52,7 +52,7 @@ from hdfs_io.dataset import open_dataset
 from hdfs_io.feature_stats import feature_stats, packed_config
 from hdfs_io.features import FeatureConfig, log_features
 from hdfs_io.filesystem import FilesystemRef, first_line, worker_start_method
-from hdfs_io.plan import PlanConfig, RankPlan, index_columns, plan_durations, plan_rank
+from hdfs_io.plan import PLANNER_VERSION, PlanConfig, RankPlan, index_columns, plan_durations, plan_rank
 from hdfs_io.sequencefile import OffsetBytes, SequenceFileReader, writable_bytes
 
 
@@ -214,7 +214,7 @@ class ShardDataset(IterableDataset):
         """Returns what a saved position is only valid for: the rank, the plan config and the dataset."""
         shards = hashlib.sha256(" ".join(str(s["checksum"]) for s in self.manifest["shards"]).encode())
         return {"rank": self.rank, "world_size": self.world_size, **asdict(self.config.plan),
-                "utterances": self.utterances, "shard_checksums": shards.hexdigest()[:16]}
+                "planner": PLANNER_VERSION, "utterances": self.utterances, "shard_checksums": shards.hexdigest()[:16]}
 
     def state_dict(self, next_position: int | None = None) -> dict:
         return {"epoch": self.epoch, "position": self.start_position if next_position is None else next_position,
@@ -228,7 +228,9 @@ class ShardDataset(IterableDataset):
                 config (batch_seconds, batch_size, window, segments, seed) or dataset; the
                 message names what changed, since its position would pick other batches.
         """
-        changed = [f"{k} {state[k]!r} -> {v!r}" for k, v in self._fit().items() if k in state and state[k] != v]
+        # a key the state lacks came with a later version; only the planner's own version must be there
+        changed = [f"{k} {state.get(k)!r} -> {v!r}" for k, v in self._fit().items()
+                   if (k in state or k == "planner") and state.get(k) != v]
         if changed:
             raise ValueError(f"the saved reader position does not fit this reader: {', '.join(changed)}")
         self.epoch, self.start_position = state["epoch"], state["position"]
@@ -302,12 +304,7 @@ class ShardDataset(IterableDataset):
             feats = np.frombuffer(feats, "<f2").reshape(-1, self.config.feature.num_bins).astype(np.float32)
             mean, std, _ = self.normalization()
             return (feats - mean) / std
-        if zlib.crc32(data) != self.checksums[u]:
-            raise CorruptRecord(f"{where}: checksum mismatch (key {record.key})")
-        try:
-            samples, rate = decode(data)
-        except BadAudio as e:
-            raise CorruptRecord(f"{where}: {e}") from None
+        samples, rate = verified_decode(data, int(self.checksums[u]), where, record.key)
         signal = resample(to_mono(samples), rate, self.config.feature.sample_rate)
         if self.config.output == "waveform":
             return signal
@@ -336,12 +333,7 @@ class ShardDataset(IterableDataset):
         for u, found, data, transcript in self._read_rows(fs, root, rows[first:last]):
             if found == key:
                 where = f"shard {self.manifest['shards'][self.shards[u]]['path']} row {self.rows[u]}"
-                if zlib.crc32(data) != self.checksums[u]:
-                    raise CorruptRecord(f"{where}: checksum mismatch (key {key})")
-                try:
-                    samples, rate = decode(data)
-                except BadAudio as e:
-                    raise CorruptRecord(f"{where}: {e}") from None
+                samples, rate = verified_decode(data, int(self.checksums[u]), where, key)
                 return {"key": key, "audio": data, "samples": samples, "sample_rate": rate,
                         "transcript": transcript, "duration_s": float(self.durations[u])}
         raise KeyError(key)
@@ -387,6 +379,20 @@ class ShardDataset(IterableDataset):
             rows = parquet_rows(pq.ParquetFile(fs.open_input_file(path)), group, self.rows[members].tolist(),
                                 [F.KEY, F.AUDIO, F.TRANSCRIPT])
             yield from zip(members.tolist(), rows[F.KEY], rows[F.AUDIO], rows[F.TRANSCRIPT])
+
+
+def verified_decode(data: bytes, crc: int, where: str, key: str) -> tuple[np.ndarray, int]:
+    """Returns the decoded (samples, rate) of audio bytes that match their CRC32.
+
+    Raises:
+        CorruptRecord: naming `where` and the key, if the bytes fail their checksum or do not decode.
+    """
+    if zlib.crc32(data) != crc:
+        raise CorruptRecord(f"{where}: checksum mismatch (key {key})")
+    try:
+        return decode(data)
+    except BadAudio as e:
+        raise CorruptRecord(f"{where}: {e}") from None
 
 
 def key_hash(key: str) -> int:
@@ -486,7 +492,7 @@ class ChunkFetcher:
             CorruptRecord: the chunk's bytes were served but could not be parsed.
         """
         deadline = time.monotonic() + self.ds.config.retry_seconds
-        delay, attempts = 0.5, 0
+        delay, attempts, damaged = 0.5, 0, False
         while True:
             attempts += 1
             try:
@@ -494,8 +500,16 @@ class ChunkFetcher:
             except OSError as e:
                 if isinstance(e, FileNotFoundError) and self._root_answers():
                     raise  # the filesystem answers, so the shard really is missing: no use retrying
-                if not isinstance(e, FileNotFoundError) and self._bytes_served(chunk):
-                    raise CorruptRecord(f"{self._where(chunk)}: damaged: {first_line(e)}") from e
+                # Parquet only: a SequenceFile's parse errors are not OSErrors. Twice in a row, so that a
+                # read that failed and recovered just before the probe is not taken for damage.
+                if not isinstance(e, FileNotFoundError) and not self.ds.sequencefile and self._bytes_served(chunk):
+                    served_twice = damaged
+                    damaged = True
+                    if served_twice:
+                        raise CorruptRecord(f"{self._where(chunk)}: damaged: {first_line(e)}") from e
+                    self._files().clear()
+                    continue
+                damaged = False
                 if self.stop.is_set() or time.monotonic() + delay > deadline:
                     raise StorageUnavailable(
                         f"{self._where(chunk)}: {self.ds.ref.uri} did not serve it after {attempts} attempt(s) "

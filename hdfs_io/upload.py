@@ -228,6 +228,7 @@ class RecordAppender:
         self.every_files, self.every_seconds = every_files, every_seconds
         self.pending: list[tuple[str, tuple[int, int]]] = []
         self.last = time.monotonic()
+        self.append_unsupported = False
 
     def add(self, rel: str, record: tuple[int, int]) -> None:
         self.pending.append((rel, record))
@@ -235,10 +236,31 @@ class RecordAppender:
             self.flush()
 
     def flush(self) -> None:
-        if self.pending:
+        """Appends the pending records; a failed append keeps them for the next flush.
+
+        Filesystems without append (object stores) keep them all for `finish`.
+        """
+        self.last = time.monotonic()
+        if not self.pending or self.append_unsupported:
+            return
+        try:
             self.client.append(self.path, record_lines(self.pending))
             self.pending = []
-        self.last = time.monotonic()
+        except NotImplementedError:
+            self.append_unsupported = True
+        except OSError:
+            pass  # a record only saves a re-run's read-back: try again at the next flush
+
+    def finish(self, dest_root: str, everything: dict[str, tuple[int, int]]) -> None:
+        """Flushes; if records are still pending, rewrites the whole record instead, or says it could not."""
+        self.flush()
+        if not self.pending:
+            return
+        try:
+            write_recorded(self.client, dest_root, everything)
+        except OSError as e:
+            print(f"upload: warning: checksum records not saved ({first_line(e)}); a re-run reads back "
+                  f"{len(self.pending)} files to verify them", file=sys.stderr)
 
 
 @dataclass
@@ -360,7 +382,7 @@ def upload(src: str, dest: str, workers: int = 8, client_name: str = "pyarrow", 
             settle(wait(in_flight).done)
     finally:
         bar.close()
-        appender.flush()
+        appender.finish(dest_root, summary.checksums)
     return summary
 
 

@@ -227,6 +227,18 @@ def error_lines(result: subprocess.CompletedProcess, tool: str) -> list[str]:
     return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith(f"{tool}:")]
 
 
+def assert_permission_denied_in_one_line(runs: dict[str, tuple[subprocess.CompletedProcess, str]]) -> None:
+    """Records each run as mallory, and checks it ended with exit 2 and one error line, no Python or Java trace."""
+    for what, (result, tool) in runs.items():
+        errors = [line for line in error_lines(result, tool) if "error" in line]
+        record(f"HDFS permission denied ({what}), user mallory", outcome=f"exit {result.returncode}",
+               keys_read=None, keys_lost=0, error=errors[-1] if errors else None)
+        assert result.returncode == 2, (what, result.stderr[-2000:])
+        assert len(errors) == 1 and "permission denied" in errors[0] and "mallory" in errors[0], what
+        assert "Traceback" not in result.stdout + result.stderr, what
+        assert "\tat " not in result.stdout + result.stderr, (what, "a Java trace reached the terminal")
+
+
 def test_hdfs_permission_denied_is_a_one_line_error_with_nothing_left_behind(cluster, locked_folders, tmp_path):
     private, readonly, local_corpus = locked_folders
     spark_submit = [str(Path(cluster.env["SPARK_HOME"]) / "bin" / "spark-submit"), "--master", "local[2]",
@@ -241,13 +253,7 @@ def test_hdfs_permission_denied_is_a_one_line_error_with_nothing_left_behind(clu
         "read, dataset denied": (as_mallory(cluster, sys.executable, "-m", "hdfs_io.read", private), "read"),
     }
 
-    for what, (result, tool) in runs.items():
-        errors = [line for line in error_lines(result, tool) if "error" in line]
-        record(f"HDFS permission denied ({what}), user mallory", outcome=f"exit {result.returncode}",
-               keys_read=None, keys_lost=0, error=errors[-1] if errors else None)
-        assert result.returncode == 2, (what, result.stderr[-2000:])
-        assert len(errors) == 1 and "permission denied" in errors[0] and "mallory" in errors[0], what
-        assert "Traceback" not in result.stderr, what
+    assert_permission_denied_in_one_line(runs)
     assert not (tmp_path / "out").exists()
     fs, path = open_filesystem(readonly)
     assert fs.get_file_info(FileSelector(path, recursive=True)) == []  # no partial output, no temporary folder
@@ -274,12 +280,5 @@ def test_cache_features_and_evaluate_refused_by_hdfs_are_one_line_errors(cluster
                                      "evaluate"),
     }
 
-    for what, (result, tool) in runs.items():
-        errors = [line for line in error_lines(result, tool) if "error" in line]
-        record(f"HDFS permission denied ({what}), user mallory", outcome=f"exit {result.returncode}",
-               keys_read=None, keys_lost=0, error=errors[-1] if errors else None)
-        assert result.returncode == 2, (what, result.stderr[-2000:])
-        assert len(errors) == 1 and "permission denied" in errors[0] and "mallory" in errors[0], what
-        assert "Traceback" not in result.stdout + result.stderr, what
-        assert "\tat " not in result.stdout + result.stderr, (what, "a Java trace reached the terminal")
+    assert_permission_denied_in_one_line(runs)
     assert listing() == before, "something was written"

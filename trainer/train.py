@@ -267,9 +267,10 @@ def run(argv: list[str] | None) -> int:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         step, epoch, skipped = ckpt["step"], ckpt["epoch"], ckpt["skipped_steps"]
-        skipped_utterances = ckpt.get("skipped_utterances", 0)
+        skipped_utterances = ckpt.get("skipped_utterances_by_rank", [0] * world)[rank]  # this rank's own
         clock["before_resume_s"] = clock["agreed_s"] = ckpt.get("wall_s", 0.0)
-        resumed = True
+        # a checkpoint written after an epoch ended holds the reader at the end of the epoch before
+        resumed = ckpt["readers"][rank]["epoch"] == epoch
 
     log_dir = Path(args.log_dir) if args.log_dir else default_log_dir(args.out)
     metrics_file = writer = None
@@ -296,20 +297,24 @@ def run(argv: list[str] | None) -> int:
         metrics_file.write(line)
         pending.append(line)
 
-    def save() -> None:
-        states = [None] * world
+    def save() -> int:
+        """Writes a checkpoint; returns the records skipped on all ranks so far."""
+        mine = (loader.state_dict(), skipped_utterances)
+        gathered = [None] * world
         if world > 1:
-            dist.all_gather_object(states, loader.state_dict())
+            dist.all_gather_object(gathered, mine)
         else:
-            states = [loader.state_dict()]
+            gathered = [mine]
+        states, skipped_by_rank = [g[0] for g in gathered], [g[1] for g in gathered]
         if rank == 0:
             checkpoint.append_metrics(args.out, pending)  # before the checkpoint: see trainer.checkpoint
             pending.clear()
             checkpoint.save(args.out, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "skipped_steps": skipped,
-                "skipped_utterances": skipped_utterances, "wall_s": clock["agreed_s"], "config": to_dict(cfg),
+                "skipped_utterances_by_rank": skipped_by_rank, "wall_s": clock["agreed_s"], "config": to_dict(cfg),
                 "vocabulary": model.vocabulary, "dataset": identity, "readers": states})
+        return sum(skipped_by_rank)
 
     # torchrun counts restarts; fault injection fires on the first attempt only
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
@@ -317,9 +322,9 @@ def run(argv: list[str] | None) -> int:
     if t.audit_keys:
         log_dir.mkdir(parents=True, exist_ok=True)
         audit = open(log_dir / f"keys.rank{rank}.jsonl", "a", buffering=1)
-    done = False
     bar = tqdm(total=None if t.max_minutes and not t.max_steps else total_steps, initial=step,
                disable=rank != 0 or not sys.stderr.isatty(), unit="step", file=sys.stderr)
+    done = bool(t.max_steps and step >= t.max_steps)  # a resume of a finished run trains no further step
     while epoch < t.epochs and not done:
         if not resumed:
             loader.set_epoch(epoch)
@@ -342,7 +347,7 @@ def run(argv: list[str] | None) -> int:
             # What every rank must agree on, in one collective: whether any rank's step went bad, and the
             # wall time (the slowest rank's) that the LR schedule and the time budget follow.
             agreed = torch.tensor([float(not (math.isfinite(loss.item()) and math.isfinite(grad_norm.item()))),
-                                   elapsed()], dtype=torch.float64)
+                                   elapsed()], dtype=torch.float64, device=device)  # NCCL reduces CUDA tensors
             if world > 1:
                 dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
             clock["agreed_s"] = agreed[1].item()
@@ -364,7 +369,7 @@ def run(argv: list[str] | None) -> int:
                           "utterances_per_s": len(batch["keys"]) * world / step_s,
                           "audio_seconds_per_s": audio_s * world / step_s,
                           "data_wait_fraction": (got_at - waited_from) / step_s, "skipped_steps": skipped,
-                          "skipped_utterances": skipped_utterances, "wall_s": clock["agreed_s"]}
+                          "skipped_utterances_rank0": skipped_utterances, "wall_s": clock["agreed_s"]}
                 log_metrics(record)
                 waits.append((first_of_epoch, record["data_wait_fraction"]))
                 if writer:
@@ -378,8 +383,6 @@ def run(argv: list[str] | None) -> int:
                           f"{record['audio_seconds_per_s']:.0f} audio-s/s, data wait "
                           f"{100 * record['data_wait_fraction']:.1f}%, {clock['agreed_s'] / 60:.1f} min",
                           file=sys.stderr, flush=True)
-            if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
-                save()
             if args.eval_dataset and t.eval_every_steps and step % t.eval_every_steps == 0 and rank == 0:
                 rates = evaluate(model, args.eval_dataset, cfg, device)
                 log_metrics({"step": step, "eval": rates, "wall_s": clock["agreed_s"]})
@@ -391,6 +394,8 @@ def run(argv: list[str] | None) -> int:
                                         "attempt": attempt, "keys": batch["keys"], "repeated": batch["repeated"],
                                         "skipped": len(batch["skipped"]),
                                         "lr": scheduler.get_last_lr()[0]}) + "\n")
+            if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:  # after the step's eval and audit
+                save()
             if step == t.crash_after_step and rank == t.crash_on_rank and attempt == 0:
                 os._exit(17)
             out_of_time = t.max_minutes and clock["agreed_s"] / 60 >= t.max_minutes  # agreed: ranks stop together
@@ -402,9 +407,9 @@ def run(argv: list[str] | None) -> int:
         else:
             epoch += 1
     bar.close()
-    save()
+    skipped_everywhere = save()
     if rank == 0:
-        result = {"step": step, "epoch": epoch, "skipped_steps": skipped, "skipped_utterances": skipped_utterances,
+        result = {"step": step, "epoch": epoch, "skipped_steps": skipped, "skipped_utterances": skipped_everywhere,
                   "wall_s": clock["agreed_s"], "data_wait_fraction": wait_summary(waits)}
         if args.eval_dataset:
             result.update(evaluate(model, args.eval_dataset, cfg, device))

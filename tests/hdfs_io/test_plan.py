@@ -155,3 +155,13 @@ def test_later_epochs_balance_ranks_by_audio_within_one_percent():
 
         per_rank = np.array([sum(d[b].sum() for b in r.batches) for r in plan.ranks])
         assert (per_rank.max() - per_rank.min()) / per_rank.mean() <= 0.01, epoch
+
+
+def test_a_window_larger_than_the_dataset_costs_what_the_dataset_does():
+    d, shards, rows = layout(list(np.linspace(1, 15, 100)))
+    cfg = PlanConfig(batch_seconds=30, window_utterances=10**12)  # "shuffle everything"
+
+    plan = plan_epoch(d, shards, rows, 2, 1, cfg)
+
+    assert sorted(int(u) for r in plan.ranks for b, rep in zip(r.batches, r.repeated) if not rep for u in b) \
+        == list(range(100))

@@ -403,3 +403,13 @@ def test_workers_persist_across_epochs_and_follow_set_epoch_and_resume(packed):
     assert len(pids[0]) == 2 and pids[0] == pids[1] == pids[2], "the workers were started again"
     assert [b["keys"] for b in epochs[1]] == [b["keys"] for b in read_all(uri, 1, 1, 0)[0]]
     assert [b["keys"] for b in first + rest] == [b["keys"] for b in read_all(uri, 1, 2, 0)[0]]
+
+
+def test_a_reader_position_saved_by_another_planner_is_refused(packed):
+    _, uris = packed
+    ds = ShardDataset(uris["local-parquet"], 0, 1, CONFIG)
+    saved = dict(ds.state_dict(), position=2)
+    del saved["planner"]  # saved before positions were tied to the planner's version
+
+    with pytest.raises(ValueError, match="planner"):
+        ds.load_state_dict(saved)

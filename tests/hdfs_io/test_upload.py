@@ -14,7 +14,7 @@ import pytest
 from pyarrow import fs as pafs
 
 from hdfs_io.filesystem import open_filesystem
-from hdfs_io.upload import CHECKSUMS, TMP_SUFFIX, ArrowClient, read_recorded, transfer, upload
+from hdfs_io.upload import CHECKSUMS, TMP_SUFFIX, ArrowClient, RecordAppender, read_recorded, transfer, upload
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENTS = ["pyarrow", "pydoop"]
@@ -170,3 +170,25 @@ def test_a_killed_upload_has_recorded_the_copies_it_finished_so_a_rerun_need_not
     recorded = read_recorded(ArrowClient(fs), root)
     assert len(recorded) == 6  # two batches of 3; the 7th was copied but not yet recorded
     assert all(recorded[rel] == (len(files[rel]), zlib.crc32(files[rel])) for rel in recorded)
+
+
+class NoAppendClient(ArrowClient):
+    """A destination without append, as object stores are."""
+
+    def append(self, path: str, data: bytes) -> None:
+        raise NotImplementedError("append is not supported")
+
+
+def test_without_append_the_checksum_record_is_written_whole_at_the_end(tmp_path):
+    files = small_files(tmp_path / "src", 5)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    client = NoAppendClient(pafs.LocalFileSystem())
+    appender = RecordAppender(client, str(dest), every_files=2, every_seconds=60.0)
+    records = {rel: (len(data), zlib.crc32(data)) for rel, data in files.items()}
+
+    for rel, record in records.items():
+        appender.add(rel, record)
+    appender.finish(str(dest), records)
+
+    assert read_recorded(client, str(dest)) == records

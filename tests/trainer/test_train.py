@@ -175,3 +175,16 @@ def test_torchrun_restarts_a_dead_rank_and_the_epoch_is_read_exactly_once(cluste
         consumed += [k for r in by_step.values() if not r["repeated"] for k in r["keys"]]
     expected = open_dataset(hdfs_dataset).index().column(F.KEY).to_pylist()
     assert Counter(consumed) == Counter(expected)  # one clean epoch: none missing, none twice
+
+
+def test_a_finished_run_resumed_with_more_epochs_trains_the_next_epoch_whole(cluster, hdfs_dataset, tmp_path):
+    common = ["--dataset", hdfs_dataset, "--out", str(tmp_path / "out"), "--log-dir", str(tmp_path / "log"),
+              "--train.audit_keys=true", "--train.batch_seconds=6"]
+    train(cluster, *common, "--epochs", "1")
+
+    more = train(cluster, *common, "--epochs", "2", "--resume")
+
+    records = audit(tmp_path / "log", 1)[0]
+    by_epoch = Counter(r["epoch"] for r in records)
+    assert by_epoch[0] == by_epoch[1] > 0, by_epoch  # epoch 1 in full, not skipped
+    assert json.loads(more.stdout.strip().splitlines()[-1])["epoch"] == 2
