@@ -98,31 +98,29 @@ def id_dtype(n: int):
 
 
 def batch_ends(d: np.ndarray, first: int, stop: int, window: int, cfg: PlanConfig) -> np.ndarray:
-    """Returns, for positions first..stop-1, where a batch starting there ends (exclusive).
+    """Returns, for queries first..stop-1, where a batch starting there ends (exclusive).
 
     `d` holds durations in cut order, non-decreasing inside each window of `window`
-    positions; no batch crosses a window. A batch's padded cost is its count times its
+    queries; `first` and `stop` are window boundaries (or len(d)), and no batch
+    crosses a window. A batch's padded cost is its count times its
     last duration; it holds the most utterances that fit `batch_seconds` (at least
     one). Vectorized: with c[j] the most utterances a batch ending at j may hold, a
     batch starting at i may end at j iff j - c[j] + 1 <= i, and j - c[j] increases
-    inside a window. Only the few positions a batch can reach past `stop` are looked at.
+    inside a window.
     """
     n = len(d)
     queries = np.arange(first, stop, dtype=np.int64)
     if cfg.batch_size > 0:
         return np.minimum(queries + cfg.batch_size, np.minimum(window_starts(first, stop, window) + window, n))
-    shortest = max(float(d[first:stop].min()), 1e-3)  # the longest batch starts with the shortest utterance
-    reach_past = min(window, int(cfg.batch_seconds / shortest) + 1)
-    positions = np.arange(first, min(n, stop + reach_past), dtype=np.int64)
-    dj = d[first:first + len(positions)].astype(np.float64)
+    dj = d[first:stop].astype(np.float64)
     c = np.floor(cfg.batch_seconds / dj)
     c += (c + 1) * dj <= cfg.batch_seconds  # exact: m * d <= budget, as the greedy cut checks it
     c -= c * dj > cfg.batch_seconds
-    window_start = window_starts(first, first + len(positions), window)
-    c = np.minimum(c.astype(np.int64), positions - window_start + 1)  # never reaching back past the window
+    window_start = window_starts(first, stop, window)
+    c = np.minimum(c.astype(np.int64), queries - window_start + 1)  # never reaching back past the window
     spread = 2 * (n + 1) // window + 1  # window starts are multiples of window: far enough apart, scaled
-    reach = positions - c + 1 + window_start * spread  # sorted: increasing inside a window, windows far apart
-    last = first + np.searchsorted(reach, queries + window_start[:len(queries)] * spread, side="right") - 1
+    reach = queries - c + 1 + window_start * spread  # sorted: increasing inside a window, windows far apart
+    last = first + np.searchsorted(reach, queries + window_start * spread, side="right") - 1
     return np.maximum(last + 1, queries + 1)
 
 
@@ -153,16 +151,6 @@ def cut(d: np.ndarray, window: int, cfg: PlanConfig) -> np.ndarray:
     starts = np.concatenate(found + [np.array([n], id_dtype(n + 1))])
     starts.sort()
     return starts
-
-
-def cut_batches(durations: np.ndarray, order: np.ndarray, cfg: PlanConfig) -> list[np.ndarray]:
-    """Returns consecutive slices of `order` as batches (greedy, padded-seconds or fixed count).
-
-    `durations[order]` should be non-decreasing: then a batch's padded cost is its
-    count times its last duration.
-    """
-    starts = cut(durations[order], max(1, len(order)), cfg)
-    return [order[a:b] for a, b in zip(starts[:-1], starts[1:])]
 
 
 def plan_durations(durations: np.ndarray) -> np.ndarray:

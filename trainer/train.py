@@ -210,11 +210,11 @@ def run(argv: list[str] | None) -> int:
     reader_config = ReaderConfig(
         plan=PlanConfig(batch_seconds=t.batch_seconds, window_utterances=t.window_utterances, seed=t.seed),
         feature=cfg.features, output="waveform", on_error=t.on_error)
-    if world > 1:  # rank 0 computes feature statistics the dataset lacks, once, before the others look
-        if rank == 0:
-            ShardDataset(args.dataset, 0, world, reader_config).normalization()
-        dist.barrier()
     reader = ShardDataset(args.dataset, rank, world, reader_config)
+    if rank == 0:  # computes feature statistics the dataset lacks, once, before the other ranks look for them
+        reader.normalization()
+    if world > 1:
+        dist.barrier()
     loader = ShardLoader(reader, num_workers=t.num_workers)
     manifest = reader.manifest
     model = build_model(cfg, manifest["vocabulary"], reader).to(device)
