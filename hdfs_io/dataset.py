@@ -33,16 +33,31 @@ class Dataset:
             hdfs_io.dataset_format.DatasetError: the index is missing, unreadable
                 (a Parquet page checksum included) or disagrees with the manifest.
         """
+        table = self._parquet(F.INDEX, columns)
+        return F.validate_index(table, self.manifest)
+
+    def index_part(self, shard: int, columns: list[str] | None = None) -> pa.Table:
+        """Returns the index rows of one shard, in row order: its own part from format version 2 on.
+
+        Raises:
+            hdfs_io.dataset_format.DatasetError: the part is missing or unreadable.
+        """
+        if self.manifest["format_version"] < 2:
+            index = self.index(sorted({*(columns or F.INDEX_SCHEMA.names), F.SHARD, F.ROW}))
+            mine = index.filter(pa.compute.equal(index.column(F.SHARD), shard)).sort_by(F.ROW)
+            return mine.select(columns) if columns else mine
+        return self._parquet(F.index_part_path(shard), columns)
+
+    def _parquet(self, name: str, columns: list[str] | None) -> pa.Table:
         try:
-            with self.fs.open_input_stream(self._file(F.INDEX)) as f:
+            with self.fs.open_input_stream(self._file(name)) as f:
                 data = f.read()  # read first, so an error below is about the bytes, not the filesystem
         except FileNotFoundError:
-            raise F.DatasetError(f"{self.uri} has no {F.INDEX}") from None
+            raise F.DatasetError(f"{self.uri} has no {name}") from None
         try:
-            table = pq.read_table(pa.BufferReader(data), columns=columns, page_checksum_verification=True)
+            return pq.read_table(pa.BufferReader(data), columns=columns, page_checksum_verification=True)
         except Exception as e:  # any failure to parse bytes already in memory: pyarrow raises several kinds
-            raise F.DatasetError(f"{self.uri}/{F.INDEX} is unreadable: {first_line(e)}") from None
-        return F.validate_index(table, self.manifest)
+            raise F.DatasetError(f"{self.uri}/{name} is unreadable: {first_line(e)}") from None
 
     def quarantine(self) -> list[dict]:
         """Returns quarantine.jsonl's records.

@@ -2,7 +2,8 @@
 
 A dataset folder holds:
     shards/part-NNNNN.parquet | shards/part-NNNNN.seq   the audio, original encoded bytes
-    index.parquet        one row per packed utterance: key -> (shard, row, duration, ...)
+    index.parquet        one row per packed utterance: key -> (shard, row, duration, ...), in (shard, row) order
+    index/part-NNNNN.parquet  the same rows, one file per shard (format version 2 on)
     quarantine.jsonl     one JSON object per rejected input: {"source", "reason"}
     dataset.json         written last; its presence means the dataset is complete
     features-<digest>/   optional feature cache (spark_jobs/cache_features.py), cache.json written last
@@ -20,11 +21,13 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
 FORMAT_NAME = "speechpack"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added index/part-NNNNN.parquet; version 1 datasets are still read
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "dataset.json"
 INDEX = "index.parquet"
 QUARANTINE = "quarantine.jsonl"
 SHARD_DIR = "shards"
+INDEX_DIR = "index"
 FORMATS = {"parquet": "parquet", "sequencefile": "seq"}  # --format -> shard file extension
 CHECKSUM_ALGORITHM = "crc32"  # zlib.crc32 of the audio bytes, stored as int64
 
@@ -124,6 +127,11 @@ def shard_path(shard: int, fmt: str) -> str:
     return f"{SHARD_DIR}/part-{shard:05d}.{FORMATS[fmt]}"
 
 
+def index_part_path(shard: int) -> str:
+    """Returns the path of a shard's index part relative to the dataset folder (format version 2 on)."""
+    return f"{INDEX_DIR}/part-{shard:05d}.parquet"
+
+
 def validate_manifest(manifest: Any) -> dict:
     """Returns `manifest` if it is a complete dataset.json of this format version.
 
@@ -132,8 +140,9 @@ def validate_manifest(manifest: Any) -> dict:
     """
     if not isinstance(manifest, dict):
         raise DatasetError("dataset.json is not a JSON object")
-    if manifest.get("format_name") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
-        raise DatasetError(f"dataset.json is not {FORMAT_NAME} format version {FORMAT_VERSION}")
+    if manifest.get("format_name") != FORMAT_NAME or manifest.get("format_version") not in READABLE_VERSIONS:
+        raise DatasetError(f"dataset.json is not {FORMAT_NAME} format version "
+                           f"{' or '.join(map(str, READABLE_VERSIONS))}")
     required = {"format": str, "utterances": int, "hours": (int, float), "quarantined": int,
                 "shards": list, "vocabulary": list, "stats": dict}
     for name, kind in required.items():

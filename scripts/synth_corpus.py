@@ -110,6 +110,60 @@ def librispeech_tree(root: Path, count: int, voices: tuple[str, ...] = DEFAULT_V
     return utterances
 
 
+def tones(folder: Path, count: int, min_s: float, max_s: float, seed: int = 0, rate: int = 16000) -> list[Path]:
+    """Writes `count` FLACs of sine tones lasting min_s..max_s seconds; returns their paths."""
+    import numpy as np
+    import soundfile as sf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        t = np.arange(int(rate * rng.uniform(min_s, max_s))) / rate
+        path = folder / f"tone-{i:04d}.flac"
+        sf.write(path, (0.3 * np.sin(2 * np.pi * rng.uniform(100, 1000) * t)).astype(np.float32), rate)
+        paths.append(path)
+    return paths
+
+
+def linked_corpus(root: Path, count: int, layout: str, sources: list[Path], per_chapter: int = 5000) -> Path:
+    """Writes a corpus of `count` utterances that are hard links to `sources` (cycled); returns the input to pack.
+
+    `layout` "manifest" gives root/audio/NNN/KEY.flac and root/manifest.jsonl; "librispeech" gives a
+    SPEAKER/CHAPTER tree with its transcripts. Links cost an inode each and no data, so a million files fit
+    in a few hundred MB of disk (ext4 allows 65,000 links per inode: keep count / len(sources) below that).
+    """
+    import json
+
+    texts = sentences(len(sources), seed=len(sources))
+    root.mkdir(parents=True, exist_ok=True)
+    manifest = root / "manifest.jsonl"
+    with manifest.open("w") as m:
+        transcripts = None
+        for i in range(count):
+            speaker, chapter, n = 1000 + i // (per_chapter * 10), 10 * (i // per_chapter), i % per_chapter
+            folder = root / ("audio" if layout == "manifest" else "") / str(speaker) / str(chapter)
+            key = f"{speaker}-{chapter}-{n:04d}"
+            if n == 0:
+                folder.mkdir(parents=True, exist_ok=True)
+                if transcripts:
+                    transcripts.close()
+                transcripts = (folder / f"{speaker}-{chapter}.trans.txt").open("w") if layout != "manifest" else None
+            (folder / f"{key}.flac").hardlink_to(sources[i % len(sources)])
+            text = texts[i % len(sources)]
+            if transcripts:
+                transcripts.write(f"{key} {text.upper()}\n")
+            else:
+                m.write(json.dumps({"audio_filepath": str((folder / f"{key}.flac").relative_to(root)),
+                                    "text": text}) + "\n")
+        if transcripts:
+            transcripts.close()
+    if layout != "manifest":
+        manifest.unlink()
+        return root
+    return manifest
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write a synthetic LibriSpeech-layout corpus with espeak-ng.")
     parser.add_argument("out", type=Path, help="folder to create")

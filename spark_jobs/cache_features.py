@@ -24,7 +24,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script by spark-submit from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from pyarrow import fs as pafs  # noqa: E402
@@ -40,13 +39,10 @@ def write_feature_shard(shard: int, *, dataset_uri: str, cache_rel: str, feature
     """Spark task: computes and writes the features of one audio shard; returns {path, rows, bytes}."""
     cfg = FeatureConfig(**feature_config)
     ds = open_dataset(dataset_uri)
-    index = ds.index([F.SHARD, F.ROW, F.ROW_GROUP, F.OFFSET, F.TRANSCRIPT])
-    mine = np.nonzero(index.column(F.SHARD).to_numpy() == shard)[0]
-    rows = index.column(F.ROW).to_numpy()[mine]
-    in_row_order = np.argsort(rows)
-    chunks = F.chunk_ids(ds.manifest["format"], index.column(F.ROW_GROUP).to_numpy()[mine],
-                         index.column(F.OFFSET).to_numpy()[mine])[in_row_order]
-    transcripts = index.column(F.TRANSCRIPT).take(mine[in_row_order]).to_pylist()
+    part = ds.index_part(shard, [F.ROW, F.ROW_GROUP, F.OFFSET, F.TRANSCRIPT])  # this shard's rows only
+    rows = part.column(F.ROW).to_numpy()
+    chunks = F.chunk_ids(ds.manifest["format"], part.column(F.ROW_GROUP).to_numpy(), part.column(F.OFFSET).to_numpy())
+    transcripts = part.column(F.TRANSCRIPT).to_pylist()
     rel = posixpath.join(cache_rel, posixpath.basename(ds.manifest["shards"][shard]["path"]).rsplit(".", 1)[0]
                          + ".parquet")
     fs, path = ds.fs, posixpath.join(ds.path, rel)

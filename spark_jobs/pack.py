@@ -24,22 +24,23 @@ import time
 import uuid
 import zipfile
 from dataclasses import asdict
-from functools import partial
 from pathlib import Path
 from urllib.parse import urlparse
 
 if __package__ in (None, ""):  # run as a script by spark-submit from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import pyarrow.parquet as pq  # noqa: E402
 from pyarrow import fs as pafs  # noqa: E402
+from pyspark import StorageLevel  # noqa: E402
+from pyspark.sql import functions as sf  # noqa: E402
 
 from hdfs_io import dataset_format as F  # noqa: E402
 from hdfs_io.features import FeatureConfig  # noqa: E402
 from hdfs_io.filesystem import FilesystemUnavailable, hdfs_user, probe_uri, uri_base  # noqa: E402
+from spark_jobs import pack_stages as stages  # noqa: E402
 from spark_jobs import packing, sources  # noqa: E402
 
-PROBE_FILES_PER_TASK = 500
+PROGRESS_EVERY_S = 30.0
 # Passed on to executors so libhdfs finds its jars and JVM there as it does here.
 EXECUTOR_ENV = ("CLASSPATH", "ARROW_LIBHDFS_DIR", "LIBHDFS_OPTS", "JAVA_HOME", "HADOOP_CONF_DIR",
                 "HADOOP_USER_NAME", "KRB5CCNAME")
@@ -65,6 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--exact-stats", action="store_true", help="feature mean/std over every utterance")
     p.add_argument("--feature", choices=["log_mel", "log_spectrogram"], default="log_mel")
     p.add_argument("--master", default=None, help="Spark master when run without spark-submit")
+    p.add_argument("--quiet", action="store_true", help=f"no progress lines (else one every {PROGRESS_EVERY_S:.0f} s)")
     args = p.parse_args(argv)
     if args.shard_size_mb <= 0 or args.row_group_mb <= 0 or args.stats_sample < 0:
         p.error("--shard-size-mb, --row-group-mb and --stats-sample must be positive")
@@ -133,7 +135,9 @@ def spark_session(master: str | None):
 
     if not os.environ.get("PYSPARK_GATEWAY_PORT"):  # plain `python`: workers use this interpreter
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    builder = SparkSession.builder.appName("speechpack-pack").config("spark.ui.showConsoleProgress", "false")
+    builder = (SparkSession.builder.appName("speechpack-pack").config("spark.ui.showConsoleProgress", "false")
+               # lets adaptive execution size the shuffles after a persisted DataFrame (metadata of any size)
+               .config("spark.sql.optimizer.canChangeCachedPlanOutputPartitioning", "true"))
     if master:
         builder = builder.master(master)
     elif not os.environ.get("PYSPARK_GATEWAY_PORT"):  # plain `python`, not spark-submit
@@ -150,56 +154,76 @@ def log(message: str) -> None:
     print(f"pack: {message}", file=sys.stderr, flush=True)
 
 
-def pack(sc, args: argparse.Namespace, command: list[str]) -> dict:
-    """Runs the pack job on SparkContext `sc` and returns the manifest it wrote."""
+def pack(spark, args: argparse.Namespace, command: list[str]) -> dict:
+    """Runs the pack job on `spark` and returns the manifest it wrote.
+
+    The driver holds a few numbers per input range, Spark partition and shard;
+    every per-utterance row stays on the executors (spark_jobs.pack_stages).
+    """
     started = time.perf_counter()
-    found = sources.discover(args.input)
-    rejects = [{F.SOURCE: r.source, F.REASON: r.reason} for r in found.rejects]
-    log(f"{found.kind} input: {len(found.candidates)} candidates, {len(rejects)} rejected while reading lists")
-
-    feature_config = FeatureConfig(kind=args.feature)
-    sampled = packing.choose_stats_sample(len(found.candidates), None if args.exact_stats else args.stats_sample,
-                                          args.seed)
-    candidates = [dict(asdict(c), in_stats_sample=i in sampled) for i, c in enumerate(found.candidates)]
-    slices = max(sc.defaultParallelism, -(-len(candidates) // PROBE_FILES_PER_TASK), 1)
-    probe = partial(packing.probe_partition, feature_config=asdict(feature_config))
-    probed = sc.parallelize(candidates, slices).mapPartitions(probe).collect()
-    probed.sort(key=lambda r: r["order"])
-    valid = [r for r in probed if r["error"] is None]
-    rejects += [{F.SOURCE: r["uri"], F.REASON: r["error"]} for r in probed if r["error"] is not None]
-    log(f"probed {len(probed)} files: {len(valid)} usable")
-    probed_at = time.perf_counter()
-
-    moments, stats_utterances = packing.merge_moments(valid, feature_config.num_bins)
-    planned = packing.plan_shards(valid, args.layout, int(args.shard_size_mb * 2**20), args.seed)
-
+    sc = spark.sparkContext
     out_fs, out_path = probe_uri(args.output)[:2]
     parent, name = posixpath.split(out_path.rstrip("/"))
     tmp_path = posixpath.join(parent, f".{name}.pack-{uuid.uuid4().hex[:12]}")
     tmp_uri = uri_base(args.output) + tmp_path
     try:
-        out_fs.create_dir(posixpath.join(tmp_path, F.SHARD_DIR), recursive=True)
+        for folder in (F.SHARD_DIR, F.INDEX_DIR, packing.QUARANTINE_PARTS):
+            out_fs.create_dir(posixpath.join(tmp_path, folder), recursive=True)
     except PermissionError:
         raise PermissionError(f"permission denied: user {hdfs_user()} may not create {args.output}") from None
+    progress = stages.Progress(spark, PROGRESS_EVERY_S, enabled=not args.quiet)
+    cached = []
     try:
-        write = partial(packing.write_shard, dataset_uri=tmp_uri, fmt=args.format,
-                        row_group_bytes=int(args.row_group_mb * 2**20))
-        jobs = list(enumerate(planned))
-        results = sc.parallelize(jobs, max(len(jobs), 1)).map(write).collect() if jobs else []
-        for r in results:
-            rejects += r["failed"]
-        index = packing.build_index(planned, results, args.format)
+        progress.stage = "discover"
+        kind, entries = stages.discover(spark, args.input)
+        entries = entries.persist(StorageLevel.MEMORY_AND_DISK)  # listed once, split in two by kind
+        resolved = stages.resolve(entries).persist(StorageLevel.MEMORY_AND_DISK)
+        cached += [entries, resolved]
+        kinds = dict(tuple(r) for r in resolved.groupBy(sources.KIND).count().collect())
+        if kind == "librispeech" and not kinds.get(sources.TRANS_FILE):
+            raise sources.no_transcripts(args.input)
+        candidates_n = kinds.get(sources.CANDIDATE, 0)
+        quarantined = stages.write_rejects(resolved.filter(sf.col(sources.KIND) == sources.REJECT), tmp_uri,
+                                           "discover")
+        log(f"{kind} input: {candidates_n} candidates, {quarantined} rejected while reading lists")
+
+        progress.stage = "probe"
+        feature_config = FeatureConfig(kind=args.feature)
+        candidates = stages.with_stats_sample(resolved.filter(sf.col(sources.KIND) == sources.CANDIDATE),
+                                              candidates_n, None if args.exact_stats else args.stats_sample,
+                                              args.seed)
+        probed = stages.probe(candidates, candidates_n, sc.defaultParallelism, asdict(feature_config))
+        probed = probed.persist(StorageLevel.MEMORY_AND_DISK)
+        cached.append(probed)
+        bad = stages.write_rejects(probed.filter(sf.col(packing.ERROR).isNotNull()).select(
+            sf.col(sources.URI).alias(F.SOURCE), sf.col(packing.ERROR).alias(F.REASON)), tmp_uri, "probe")
+        quarantined += bad
+        usable = candidates_n - bad
+        log(f"probed {candidates_n} files: {usable} usable")
+        moments, stats_utterances = stages.moments(probed, feature_config.num_bins)
+        probed_at = time.perf_counter()
+
+        progress.stage = "lay out"
+        layout = stages.lay_out(probed.filter(sf.col(packing.ERROR).isNull()), args.layout, usable,
+                                int(args.shard_size_mb * 2**20), args.seed)
+        progress.stage = "write"
+        log(f"writing {layout.shards} shards")
+        totals = packing.merge_summaries(stages.write(layout, tmp_uri, args.format, int(args.row_group_mb * 2**20)))
+        quarantined += totals["failed"]
+        progress.stage = "index"
+        index_rows, quarantine_lines = stages.consolidate(spark, tmp_uri, layout.shards)
+        if (index_rows, quarantine_lines) != (totals["utterances"], quarantined):
+            raise RuntimeError(f"pack: the index has {index_rows} rows and the quarantine {quarantine_lines} "
+                               f"lines; the shards hold {totals['utterances']} and {quarantined} were rejected")
         written_at = time.perf_counter()
         manifest = packing.build_manifest(
-            fmt=args.format, index=index, results=results, quarantined=len(rejects),
+            fmt=args.format, totals=totals, quarantined=quarantined,
             feature_config=feature_config, moments=moments, stats_utterances=stats_utterances,
             exact_stats=args.exact_stats, command=command,
-            config={k: v for k, v in vars(args).items() if k != "master"},
+            config={k: v for k, v in vars(args).items() if k not in ("master", "quiet")},
             timing_s={"discover_and_probe": probed_at - started, "write_shards": written_at - probed_at,
                       "total_in_spark": written_at - started})
-        pq.write_table(index, posixpath.join(tmp_path, F.INDEX), filesystem=out_fs, write_page_checksum=True)
-        with out_fs.open_output_stream(posixpath.join(tmp_path, F.QUARANTINE)) as f:
-            f.write(packing.quarantine_lines(rejects))
+        out_fs.delete_dir(posixpath.join(tmp_path, packing.WORK_DIR))
         with out_fs.open_output_stream(posixpath.join(tmp_path, F.MANIFEST)) as f:
             f.write(json.dumps(manifest, indent=1).encode())
         publish(out_fs, tmp_path, out_path)
@@ -207,8 +231,12 @@ def pack(sc, args: argparse.Namespace, command: list[str]) -> dict:
         if out_fs.get_file_info(tmp_path).type != pafs.FileType.NotFound:
             out_fs.delete_dir(tmp_path)
         raise
+    finally:
+        progress.close()
+        for df in cached:
+            df.unpersist()
     log(f"wrote {manifest['utterances']} utterances ({manifest['hours']:.3f} h) in "
-        f"{len(manifest['shards'])} shards to {args.output}; quarantined {len(rejects)}")
+        f"{len(manifest['shards'])} shards to {args.output}; quarantined {quarantined}")
     return manifest
 
 
@@ -231,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         spark = spark_session(args.master)
         try:
             ship_code(spark.sparkContext)
-            pack(spark.sparkContext, args, command)
+            pack(spark, args, command)
         finally:
             spark.stop()
     except (UserError, sources.InputError, FilesystemUnavailable, PermissionError) as e:

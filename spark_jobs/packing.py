@@ -1,14 +1,16 @@
-"""Packing logic: probe audio, plan byte-sized shards, write shards, assemble index and manifest.
+"""What the pack job's tasks do, on plain rows: probe audio, cut shards by bytes, write shards and their index parts.
 
-The functions here take plain lists, dicts and pyarrow tables, so they run in
-tests without a JVM; spark_jobs/pack.py distributes `probe_partition` and
-`write_shard` as Spark tasks (both are top-level and picklable).
+The functions take plain dicts, lists, numpy arrays and iterators, so they run in
+tests without a JVM; spark_jobs.pack_stages runs them as Spark tasks. Nothing
+here sees more than one task's share of the utterances, except the summaries of
+whole shards that the driver merges (`merge_summaries`, `build_manifest`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
-import math
+import posixpath
 import zlib
 from dataclasses import asdict
 from typing import Iterable, Iterator
@@ -23,9 +25,20 @@ from hdfs_io.audio import BadAudio, probe
 from hdfs_io.features import FeatureConfig, FeatureMoments, features_from_bytes
 from hdfs_io.filesystem import first_line, join_uri, open_filesystem
 from hdfs_io.sequencefile import SequenceFileWriter
+from spark_jobs.sources import URI
 
 HISTOGRAM_BIN_S = 1.0
+# Probe fields besides the format's own.
+ERROR = "error"
+IN_SAMPLE = "in_stats_sample"
+MOMENTS = "moments"  # float64 bytes: frames, per-bin sums, per-bin sums of squares (sampled utterances only)
+# Layout fields.
+POS = "pos"  # position in the layout's global order
+WORK_DIR = "_work"  # inside the temporary output folder; removed before it is published
+QUARANTINE_PARTS = f"{WORK_DIR}/quarantine"
 
+
+# ---- probe
 
 def read_audio(uri: str) -> bytes:
     """Returns the bytes of the file at `uri` (any filesystem open_filesystem knows).
@@ -47,24 +60,24 @@ def probe_one(candidate: dict, feature_config: dict | None = None) -> dict:
     A candidate marked `in_stats_sample` also gets `moments`: the per-bin sums of
     its features under `feature_config`, for the dataset statistics.
     """
-    out = dict(candidate, error=None, moments=None)
+    out = dict(candidate, **{ERROR: None, MOMENTS: None})
     try:
-        data = read_audio(candidate["uri"])
+        data = read_audio(candidate[URI])
     except FileNotFoundError:
-        out["error"] = "transcript line with no audio: file not found"
+        out[ERROR] = "transcript line with no audio: file not found"
         return out
     except OSError as e:
-        out["error"] = f"cannot read audio: {first_line(e)}"
+        out[ERROR] = f"cannot read audio: {first_line(e)}"
         return out
     try:
         info = probe(data)
-        if candidate.get("in_stats_sample") and feature_config is not None:
+        if candidate.get(IN_SAMPLE) and feature_config is not None:
             cfg = FeatureConfig(**feature_config)
             moments = FeatureMoments.empty(cfg.num_bins)
             moments.add(features_from_bytes(data, cfg))
-            out["moments"] = (moments.frames, moments.total.tolist(), moments.total_sq.tolist())
+            out[MOMENTS] = moments_bytes(moments)
     except BadAudio as e:
-        out["error"] = str(e)
+        out[ERROR] = str(e)
         return out
     out.update({F.NUM_BYTES: len(data), F.CHECKSUM: zlib.crc32(data), F.CODEC: info.codec,
                 F.SAMPLE_RATE: info.sample_rate, F.CHANNELS: info.channels,
@@ -72,45 +85,90 @@ def probe_one(candidate: dict, feature_config: dict | None = None) -> dict:
     return out
 
 
-def probe_partition(candidates: Iterable[dict], feature_config: dict | None = None) -> Iterator[dict]:
-    """Spark task: probes each candidate of a partition."""
-    for candidate in candidates:
-        yield probe_one(candidate, feature_config)
+def moments_bytes(m: FeatureMoments) -> bytes:
+    return np.concatenate([[m.frames], m.total, m.total_sq]).astype("<f8").tobytes()
 
 
-def choose_stats_sample(count: int, sample: int | None, seed: int) -> set[int]:
-    """Returns the positions of `sample` candidates picked at random (all of them if None)."""
-    if sample is None or sample >= count:
-        return set(range(count))
-    return set(np.random.default_rng(seed + 1).choice(count, sample, replace=False).tolist())
+def moments_from_bytes(data: bytes) -> FeatureMoments:
+    values = np.frombuffer(data, "<f8")
+    bins = (len(values) - 1) // 2
+    return FeatureMoments(int(values[0]), values[1:1 + bins].copy(), values[1 + bins:].copy())
 
 
-def plan_shards(probed: list[dict], layout: str, shard_bytes: int, seed: int) -> list[list[dict]]:
-    """Returns the utterances grouped into shards, each in row order, ready for `write_shard`.
+def merge_moments(blobs: Iterable[bytes | None], num_bins: int) -> tuple[FeatureMoments, int]:
+    """Returns the sum of the moments given as `moments_bytes` (None for none), and how many there were."""
+    total, count = FeatureMoments.empty(num_bins), 0
+    for blob in blobs:
+        if blob is not None:
+            total, count = total.merge(moments_from_bytes(blob)), count + 1
+    return total, count
 
-    `duration` layout sorts by (duration, key) and cuts runs of about `shard_bytes`,
-    so shard i holds shorter utterances than shard i+1 and each shard is sorted.
-    `shuffled` cuts the same way through a seeded random permutation.
-    """
-    if layout == "duration":
-        ordered = sorted(probed, key=lambda r: (r[F.DURATION_S], r[F.KEY]))
-    elif layout == "shuffled":
-        by_key = sorted(probed, key=lambda r: r[F.KEY])
-        ordered = [by_key[i] for i in np.random.default_rng(seed).permutation(len(by_key))]
-    else:
-        raise ValueError(f"unknown layout {layout!r}")
-    sizes = np.array([r[F.NUM_BYTES] for r in ordered], dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    shard_of = starts // max(shard_bytes, 1)
-    shards: list[list[dict]] = []
-    previous = None
-    for row, shard in zip(ordered, shard_of.tolist()):
-        if shard != previous:
-            shards.append([])
-            previous = shard
-        shards[-1].append({k: v for k, v in row.items() if k != "moments"})
-    return shards
 
+# ---- layout: shards cut by bytes along a global order that Spark sorted into partitions
+
+def partition_totals(sizes: np.ndarray, shard_bytes: int) -> dict:
+    """Returns one sorted partition's facts: rows, bytes, and `big`: (start within it, size) of each
+    utterance larger than a shard, the only ones that can leave a shard number unused."""
+    starts = np.cumsum(sizes) - sizes
+    big = np.nonzero(sizes > shard_bytes)[0]
+    return {"rows": int(len(sizes)), "bytes": int(sizes.sum()),
+            "big": [(int(starts[i]), int(sizes[i])) for i in big]}
+
+
+def layout_offsets(totals: list[dict], shard_bytes: int) -> tuple[list[int], list[int], list[tuple[int, int]], int]:
+    """Returns, from each partition's `partition_totals` in order: the first byte and first row of each
+    partition, the unused shard numbers as [lo, hi) ranges, and the number of shards."""
+    byte_starts = np.concatenate([[0], np.cumsum([t["bytes"] for t in totals])]).astype(np.int64)
+    row_starts = np.concatenate([[0], np.cumsum([t["rows"] for t in totals])]).astype(np.int64)
+    unused = []
+    for start, t in zip(byte_starts.tolist(), totals):
+        for local, size in t["big"]:
+            lo, hi = (start + local) // shard_bytes + 1, (start + local + size) // shard_bytes
+            if hi > lo:
+                unused.append((lo, hi))
+    total_rows = int(row_starts[-1])
+    if not total_rows:
+        return byte_starts[:-1].tolist(), row_starts[:-1].tolist(), unused, 0
+    last_start = int(byte_starts[-1]) - last_size(totals)
+    shards = int(dense_shards(np.array([last_start // shard_bytes]), unused)[0]) + 1
+    return byte_starts[:-1].tolist(), row_starts[:-1].tolist(), unused, shards
+
+
+def last_size(totals: list[dict]) -> int:
+    for t in reversed(totals):
+        if t["rows"]:
+            return t["last_size"]
+    return 0
+
+
+def dense_shards(shard_of: np.ndarray, unused: list[tuple[int, int]]) -> np.ndarray:
+    """Returns shard numbers with the unused ones squeezed out, so shards are numbered 0, 1, 2, ..."""
+    if not unused:
+        return shard_of
+    ends = np.array([hi for _, hi in sorted(unused)], np.int64)
+    lengths = np.cumsum([hi - lo for lo, hi in sorted(unused)])
+    below = np.searchsorted(ends, shard_of, side="right")  # unused ranges that end at or before the number
+    return shard_of - np.where(below > 0, lengths[np.maximum(below - 1, 0)], 0)
+
+
+def shard_numbers(sizes: np.ndarray, byte_start: int, shard_bytes: int, unused: list[tuple[int, int]]) -> np.ndarray:
+    """Returns the shard of each utterance of a partition: the one where its first byte falls."""
+    starts = byte_start + np.cumsum(sizes) - sizes
+    return dense_shards(starts // max(shard_bytes, 1), unused)
+
+
+def cut_shards(sizes: list[int], shard_bytes: int, partitions: list[int] | None = None) -> list[int]:
+    """Returns each utterance's shard for sizes in layout order, computed partition by partition as
+    Spark does (`partitions`: lengths of the partitions; one partition if None)."""
+    arr = np.asarray(sizes, np.int64)
+    bounds = np.cumsum([0, *(partitions or [len(arr)])])
+    parts = [arr[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    totals = [dict(partition_totals(p, shard_bytes), last_size=int(p[-1]) if len(p) else 0) for p in parts]
+    byte_starts, _, unused, _ = layout_offsets(totals, shard_bytes)
+    return [int(s) for p, b in zip(parts, byte_starts) for s in shard_numbers(p, b, shard_bytes, unused)]
+
+
+# ---- write
 
 class ChecksummingSink:
     """A write-only file object that forwards to a pyarrow stream and keeps a CRC32 of all bytes."""
@@ -140,17 +198,22 @@ class ChecksummingSink:
         return True
 
 
-def write_shard(job: tuple[int, list[dict]], *, dataset_uri: str, fmt: str, row_group_bytes: int) -> dict:
-    """Spark task: writes one shard from its planned rows and returns what was written.
+def write_shards(rows: Iterable[dict], *, dataset_uri: str, fmt: str, row_group_bytes: int) -> Iterator[dict]:
+    """Writes every shard whose rows come in `rows` (sorted by shard, then layout order); yields their summaries."""
+    for shard, group in itertools.groupby(rows, key=lambda r: r[F.SHARD]):
+        yield write_shard(shard, group, dataset_uri=dataset_uri, fmt=fmt, row_group_bytes=row_group_bytes)
+
+
+def write_shard(shard: int, rows: Iterable[dict], *, dataset_uri: str, fmt: str, row_group_bytes: int) -> dict:
+    """Writes one shard, its index part and its quarantine part; returns the shard's summary.
 
     Each row's audio is read again and checked against the probe's checksum; a
-    file that changed or vanished since is reported in `failed`, not written.
-    Returns shard facts: path, rows, bytes, checksum, durations, and the row
-    group (Parquet) or byte offset (SequenceFile) of each written key.
+    file that changed or vanished since is quarantined, not written. The summary
+    holds the shard's facts for dataset.json and its share of the statistics.
     """
-    shard, rows = job
     rel_path = F.shard_path(shard, fmt)
-    fs, path = open_filesystem(join_uri(dataset_uri, rel_path))
+    fs, root = open_filesystem(dataset_uri)
+    path = posixpath.join(root, rel_path)
     written, failed, locations = [], [], []
     sink = ChecksummingSink(fs.open_output_stream(path))
     if fmt == "parquet":
@@ -163,12 +226,12 @@ def write_shard(job: tuple[int, list[dict]], *, dataset_uri: str, fmt: str, row_
     try:
         for row in rows:
             try:
-                data = read_audio(row["uri"])
+                data = read_audio(row[URI])
             except OSError as e:
-                failed.append({F.SOURCE: row["uri"], F.REASON: f"audio vanished during packing: {first_line(e)}"})
+                failed.append({F.SOURCE: row[URI], F.REASON: f"audio vanished during packing: {first_line(e)}"})
                 continue
             if zlib.crc32(data) != row[F.CHECKSUM] or len(data) != row[F.NUM_BYTES]:
-                failed.append({F.SOURCE: row["uri"], F.REASON: "audio changed between probing and packing"})
+                failed.append({F.SOURCE: row[URI], F.REASON: "audio changed between probing and packing"})
                 continue
             written.append(row)
             if fmt == "parquet":
@@ -187,74 +250,148 @@ def write_shard(job: tuple[int, list[dict]], *, dataset_uri: str, fmt: str, row_
             writer.close()
     finally:
         sink.close()
-    durations = [r[F.DURATION_S] for r in written]
+    pq.write_table(index_part(shard, written, locations, fmt), posixpath.join(root, F.index_part_path(shard)),
+                   filesystem=fs, write_page_checksum=True)
+    if failed:
+        write_quarantine(join_uri(dataset_uri, QUARANTINE_PARTS, f"write-{shard:05d}.jsonl"), failed)
+    durations = np.array([r[F.DURATION_S] for r in written], np.float64)
     return {
-        "shard": shard, "path": rel_path, "rows": len(written), "bytes": sink.size,
+        F.SHARD: shard, "path": rel_path, "rows": len(written), "bytes": sink.size,
         "checksum": f"{F.CHECKSUM_ALGORITHM}:{sink.crc:08x}",
-        "min_duration_s": min(durations, default=0.0), "max_duration_s": max(durations, default=0.0),
-        "audio_seconds": float(sum(durations)),
-        "keys": [r[F.KEY] for r in written], "locations": locations, "failed": failed,
+        "min_duration_s": float(durations.min()) if len(durations) else 0.0,
+        "max_duration_s": float(durations.max()) if len(durations) else 0.0,
+        "audio_seconds": float(durations.sum()), "histogram": histogram_counts(durations).tolist(),
+        "vocabulary": "".join(sorted(set("".join(r[F.TRANSCRIPT] for r in written)))), "failed": len(failed),
     }
 
 
-def build_index(planned: list[list[dict]], results: list[dict], fmt: str) -> pa.Table:
-    """Returns index.parquet's table: one row per written utterance, in (shard, row) order."""
-    by_key = {row[F.KEY]: row for rows in planned for row in rows}
-    columns: dict[str, list] = {f.name: [] for f in F.INDEX_SCHEMA}
-    for result in sorted(results, key=lambda r: r["shard"]):
-        for row_number, (key, location) in enumerate(zip(result["keys"], result["locations"])):
-            row = by_key[key]
-            for name in columns:
-                columns[name].append(row.get(name))
-            columns[F.SOURCE][-1] = row["uri"]
-            columns[F.SHARD][-1] = result["shard"]
-            columns[F.ROW][-1] = row_number
-            columns[F.ROW_GROUP][-1] = location if fmt == "parquet" else -1
-            columns[F.OFFSET][-1] = location if fmt != "parquet" else -1
+def index_part(shard: int, written: list[dict], locations: list[int], fmt: str) -> pa.Table:
+    """Returns one shard's index part: a row per written utterance, in row order."""
+    columns = {f.name: [r.get(f.name) for r in written] for f in F.INDEX_SCHEMA}
+    columns[F.SOURCE] = [r[URI] for r in written]
+    columns[F.SHARD] = [shard] * len(written)
+    columns[F.ROW] = list(range(len(written)))
+    columns[F.ROW_GROUP] = locations if fmt == "parquet" else [-1] * len(written)
+    columns[F.OFFSET] = locations if fmt != "parquet" else [-1] * len(written)
     return pa.Table.from_pydict(columns, F.INDEX_SCHEMA)
+
+
+def write_quarantine(uri: str, rejects: Iterable[dict]) -> int:
+    """Writes {"source", "reason"} lines to `uri`; returns how many."""
+    fs, path = open_filesystem(uri)
+    count = 0
+    with fs.open_output_stream(path) as f:
+        for r in rejects:
+            f.write((json.dumps({F.SOURCE: r[F.SOURCE], F.REASON: r[F.REASON]}, ensure_ascii=False) + "\n")
+                    .encode("utf-8"))
+            count += 1
+    return count
+
+
+# ---- consolidate (one task each) and summarize (the driver, O(shards))
+
+def concat_index(dataset_uri: str, shards: int, rows_per_group: int = 1 << 18) -> int:
+    """Writes index.parquet from the shards' index parts, in shard order; returns its rows.
+
+    Runs as one task, holding at most a row group: readers open one file, not one per shard.
+    """
+    fs, root = open_filesystem(dataset_uri)
+    count, pending, pending_rows = 0, [], 0
+    with fs.open_output_stream(posixpath.join(root, F.INDEX)) as sink:
+        writer = pq.ParquetWriter(sink, F.INDEX_SCHEMA, write_page_checksum=True)
+        for shard in range(shards):
+            part = pq.read_table(posixpath.join(root, F.index_part_path(shard)), filesystem=fs)
+            pending.append(part)
+            pending_rows += part.num_rows
+            if pending_rows >= rows_per_group:
+                writer.write_table(pa.concat_tables(pending), row_group_size=pending_rows)
+                count, pending, pending_rows = count + pending_rows, [], 0
+        if pending_rows or not count:
+            writer.write_table(pa.concat_tables(pending) if pending else F.INDEX_SCHEMA.empty_table())
+            count += pending_rows
+        writer.close()
+    return count
+
+
+def concat_quarantine(dataset_uri: str) -> int:
+    """Writes quarantine.jsonl from the quarantine parts in name order; returns its lines."""
+    fs, root = open_filesystem(dataset_uri)
+    parts = posixpath.join(root, QUARANTINE_PARTS)
+    names = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(parts, allow_not_found=True))
+                   if i.type == pafs.FileType.File)
+    count = 0
+    with fs.open_output_stream(posixpath.join(root, F.QUARANTINE)) as out:
+        for name in names:
+            with fs.open_input_stream(name) as f:
+                while block := f.read(1 << 22):
+                    count += block.count(b"\n")
+                    out.write(block)
+    return count
+
+
+def histogram_counts(durations: np.ndarray, bin_s: float = HISTOGRAM_BIN_S) -> np.ndarray:
+    """Returns utterance counts per duration bin [i * bin_s, (i + 1) * bin_s), up to the longest."""
+    if not len(durations):
+        return np.zeros(0, np.int64)
+    return np.bincount(np.floor(np.asarray(durations) / bin_s).astype(np.int64))
+
+
+def add_counts(a: np.ndarray, b: Iterable[int]) -> np.ndarray:
+    b = np.asarray(list(b), np.int64)
+    out = np.zeros(max(len(a), len(b)), np.int64)
+    out[:len(a)] += a
+    out[:len(b)] += b
+    return out
+
+
+def duration_histogram_from_counts(counts: np.ndarray, bin_s: float = HISTOGRAM_BIN_S) -> dict:
+    """Returns {"bin_s", "edges_s", "counts"} for per-bin counts (at least one bin)."""
+    counts = counts if len(counts) else np.zeros(1, np.int64)
+    return {"bin_s": bin_s, "edges_s": [round(i * bin_s, 6) for i in range(len(counts) + 1)],
+            "counts": [int(c) for c in counts]}
 
 
 def duration_histogram(durations: list[float], bin_s: float = HISTOGRAM_BIN_S) -> dict:
     """Returns {"bin_s", "edges_s", "counts"}: counts of utterances per `bin_s`-wide duration bin."""
-    top = max(durations, default=0.0)
-    n_bins = max(1, math.ceil(top / bin_s + 1e-9)) if top else 1
-    edges = [round(i * bin_s, 6) for i in range(n_bins + 1)]
-    counts, _ = np.histogram(durations, bins=edges) if durations else (np.zeros(n_bins, int), None)
-    return {"bin_s": bin_s, "edges_s": edges, "counts": [int(c) for c in counts]}
+    return duration_histogram_from_counts(histogram_counts(np.asarray(durations, np.float64), bin_s), bin_s)
 
 
-def merge_moments(probed: list[dict], num_bins: int) -> tuple[FeatureMoments, int]:
-    """Returns the summed feature moments of the probed utterances that carry them, and their count."""
-    total, count = FeatureMoments.empty(num_bins), 0
-    for r in probed:
-        if r.get("moments"):
-            frames, s, sq = r["moments"]
-            total = total.merge(FeatureMoments(frames, np.asarray(s), np.asarray(sq)))
-            count += 1
-    return total, count
+def merge_summaries(summaries: list[dict]) -> dict:
+    """Returns the dataset's totals from its shards' summaries (O(shards) memory)."""
+    summaries = sorted(summaries, key=lambda s: s[F.SHARD])
+    if [s[F.SHARD] for s in summaries] != list(range(len(summaries))):
+        raise RuntimeError("pack: the write stage did not report every shard once")  # a bug, not a user error
+    counts = np.zeros(0, np.int64)
+    for s in summaries:
+        counts = add_counts(counts, s["histogram"])
+    return {
+        "shards": [{k: s[k] for k in ("path", "rows", "bytes", "min_duration_s", "max_duration_s", "checksum")}
+                   for s in summaries],
+        "utterances": sum(s["rows"] for s in summaries),
+        "hours": sum(s["audio_seconds"] for s in summaries) / 3600.0,
+        "vocabulary": sorted(set("".join(s["vocabulary"] for s in summaries))),
+        "duration_histogram": duration_histogram_from_counts(counts),
+        "failed": sum(s["failed"] for s in summaries),
+    }
 
 
-def build_manifest(*, fmt: str, index: pa.Table, results: list[dict], quarantined: int,
-                   feature_config: FeatureConfig, moments: FeatureMoments, stats_utterances: int,
-                   exact_stats: bool, command: list[str], config: dict, timing_s: dict) -> dict:
+def build_manifest(*, fmt: str, totals: dict, quarantined: int, feature_config: FeatureConfig,
+                   moments: FeatureMoments, stats_utterances: int, exact_stats: bool, command: list[str],
+                   config: dict, timing_s: dict) -> dict:
     """Returns dataset.json's content; `timing_s` is how long the job's phases took (JVM start excluded)."""
-    durations = index.column(F.DURATION_S).to_pylist()
-    transcripts = index.column(F.TRANSCRIPT).to_pylist()
     mean, std = moments.mean_std()
-    shards = [{k: r[k] for k in ("path", "rows", "bytes", "min_duration_s", "max_duration_s", "checksum")}
-              for r in sorted(results, key=lambda r: r["shard"])]
     return {
         "format_name": F.FORMAT_NAME,
         "format_version": F.FORMAT_VERSION,
         "format": fmt,
-        "utterances": index.num_rows,
-        "hours": sum(durations) / 3600.0,
+        "utterances": totals["utterances"],
+        "hours": totals["hours"],
         "quarantined": quarantined,
         "checksum_algorithm": F.CHECKSUM_ALGORITHM,
-        "shards": shards,
-        "vocabulary": sorted(set("".join(transcripts))),
+        "shards": totals["shards"],
+        "vocabulary": totals["vocabulary"],
         "stats": {
-            "duration_histogram": duration_histogram(durations),
+            "duration_histogram": totals["duration_histogram"],
             "features": {
                 "config": asdict(feature_config),
                 "utterances": stats_utterances,
@@ -268,9 +405,3 @@ def build_manifest(*, fmt: str, index: pa.Table, results: list[dict], quarantine
         "config": config,
         "timing_s": timing_s,
     }
-
-
-def quarantine_lines(rejects: list[dict]) -> bytes:
-    """Returns quarantine.jsonl's bytes: one {"source", "reason"} object per line."""
-    return "".join(json.dumps({F.SOURCE: r[F.SOURCE], F.REASON: r[F.REASON]}, ensure_ascii=False) + "\n"
-                   for r in rejects).encode("utf-8")

@@ -1,26 +1,53 @@
-"""Input corpora: LibriSpeech trees, DS2 JSON-lines manifests and Kaldi lists, read into utterance candidates.
+"""Input corpora: LibriSpeech trees, DS2 JSON-lines manifests and Kaldi lists, read into utterance entries.
 
-`discover(uri)` returns the candidates (key, audio URI, normalized transcript,
-speaker, input order) and the rejects found without opening any audio: bad
-transcript lines, transcripts without audio, audio without transcripts,
-duplicate keys. Audio itself is checked later, in Spark (spark_jobs.packing).
+Reading a corpus is two steps, both on plain iterators so Spark can run them as
+tasks (spark_jobs.pack_stages) and tests can run them on lists:
+  1. `*_entries` turn lines and file listings into entries: audio files,
+     transcript lines, speakers, manifest lines (audio and transcript together),
+     and rejects found without opening any audio (bad lines, unknown files).
+  2. `resolve` takes the entries of one key at a time, in input order, and
+     returns a candidate (key, audio URI, normalized transcript, speaker) or
+     rejects: duplicate keys (the first in input order wins), audio without
+     transcript, transcript without audio, empty transcripts.
+Audio itself is checked later, in Spark (spark_jobs.packing).
+
+`discover(uri)` does both in this process, for tests and small inputs.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import posixpath
 import re
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 from urllib.parse import urlparse
 
 from pyarrow import fs as pafs
 
-from hdfs_io.filesystem import probe_uri, uri_base
+from hdfs_io import dataset_format as F
+from hdfs_io.filesystem import first_line, probe_uri, uri_base
 
 AUDIO_EXTENSIONS = (".flac", ".wav", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au", ".sph")
 TRANS_SUFFIX = ".trans.txt"
+KALDI_FILES = ("wav.scp", "text", "utt2spk")
 _SPACES = re.compile(r"\s+")
+
+# Entry fields besides the format's own (F.KEY, F.TRANSCRIPT, F.SPEAKER, F.SOURCE, F.REASON).
+KIND = "kind"
+ORDER = "order"  # a string that sorts in input order: the first of duplicate keys wins
+URI = "uri"
+ENTRY_FIELDS = (KIND, ORDER, F.KEY, URI, F.TRANSCRIPT, F.SPEAKER, F.SOURCE, F.REASON)
+
+# Entry kinds.
+AUDIO = "audio"  # an audio file of a list-based corpus (LibriSpeech, Kaldi wav.scp)
+TEXT = "text"  # a transcript line of a list-based corpus
+SPEAKER = "speaker"  # a Kaldi utt2spk line
+PAIR = "pair"  # a manifest line: audio and transcript together
+TRANS_FILE = "trans_file"  # a LibriSpeech *.trans.txt was found (proves the layout; not an utterance)
+REJECT = "reject"
+CANDIDATE = "candidate"
 
 
 class InputError(ValueError):
@@ -29,7 +56,7 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class Candidate:
-    order: int  # position in input order; the first of duplicate keys wins
+    order: str
     key: str
     uri: str
     transcript: str
@@ -54,139 +81,146 @@ def normalize_transcript(text: str) -> str:
     return _SPACES.sub(" ", text).strip().upper()
 
 
-def discover(uri: str) -> Discovery:
-    """Returns the candidates and rejects of the corpus at `uri`.
+def entry(kind: str, order: str = "", key: str | None = None, uri: str | None = None, transcript: str | None = None,
+          speaker: str | None = None, source: str | None = None, reason: str | None = None) -> dict:
+    return {KIND: kind, ORDER: order, F.KEY: key, URI: uri, F.TRANSCRIPT: transcript, F.SPEAKER: speaker,
+            F.SOURCE: source, F.REASON: reason}
 
-    A file is a DS2 JSON-lines manifest; a folder with `wav.scp` and `text` is a
-    Kaldi data folder; any other folder is a LibriSpeech tree found by its
-    `*.trans.txt` files.
 
-    Raises:
-        InputError: the input does not exist or has no recognizable layout.
-        hdfs_io.filesystem.FilesystemUnavailable: its filesystem cannot be reached.
-    """
-    fs, path, info = probe_uri(uri)
-    base = uri_base(uri)
-    if info.type == pafs.FileType.NotFound:
-        raise InputError(f"input {uri} does not exist")
+def reject(source: str, reason: str, order: str = "") -> dict:
+    return entry(REJECT, order, source=source, reason=reason)
+
+
+# ---- the input's kind, decided on the driver from one listing
+
+def input_kind(fs: pafs.FileSystem, path: str, info: pafs.FileInfo) -> str:
+    """Returns "manifest" (a file), "kaldi" (a folder with wav.scp and text) or "librispeech" (any other folder)."""
     if info.type == pafs.FileType.File:
-        return read_manifest(fs, path, base)
+        return "manifest"
     names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(path))}
-    if {"wav.scp", "text"} <= names:
-        return read_kaldi(fs, path, base)
-    return read_librispeech(fs, path, base)
+    return "kaldi" if {"wav.scp", "text"} <= names else "librispeech"
 
 
-def read_librispeech(fs: pafs.FileSystem, root: str, base: str) -> Discovery:
-    """Reads a SPEAKER/CHAPTER/SPEAKER-CHAPTER-NNNN.<ext> tree with SPEAKER-CHAPTER.trans.txt files."""
-    files = sorted((i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
-                    if i.type == pafs.FileType.File))
-    trans_files = [p for p in files if p.endswith(TRANS_SUFFIX)]
-    if not trans_files:
-        raise InputError(f"no *{TRANS_SUFFIX} files under {base}{root}: not a LibriSpeech-layout tree, "
-                         "a Kaldi folder (wav.scp + text) or a JSON-lines manifest")
-    found = Discovery("librispeech")
-    chapter_dirs = {posixpath.dirname(p) for p in trans_files}
-    transcripts: dict[str, tuple[str, str]] = {}  # key -> (text, source)
-    for trans in trans_files:
-        with fs.open_input_stream(trans) as f:
-            data = f.read()
-        for key, text, source in parse_keyed_lines(data, f"{base}{trans}", found.rejects):
-            add_transcript(transcripts, key, text, source, found.rejects)
-    audio: dict[str, str] = {}  # key -> path, first in sorted order
-    for p in files:
-        if p.endswith(TRANS_SUFFIX):
-            continue
-        name = posixpath.basename(p)
-        stem, ext = posixpath.splitext(name)
-        if ext.lower() not in AUDIO_EXTENSIONS:
-            if posixpath.dirname(p) in chapter_dirs:
-                found.rejects.append(Reject(f"{base}{p}", "not an audio file name (unknown extension)"))
-            continue
-        if stem in audio:
-            found.rejects.append(Reject(f"{base}{p}", f"duplicate key: {stem!r} first seen at {base}{audio[stem]}"))
-            continue
-        audio[stem] = p
-    join(found, transcripts, {k: f"{base}{p}" for k, p in audio.items()},
-         lambda key, uri: posixpath.basename(posixpath.dirname(posixpath.dirname(urlparse(uri).path))))
-    return found
+# ---- lines of text files, read in byte ranges so that many tasks can share one large file
+
+def byte_ranges(size: int, range_bytes: int) -> list[tuple[int, int]]:
+    """Returns [start, end) ranges of at most `range_bytes` covering `size` bytes (none for an empty file)."""
+    return [(start, min(start + range_bytes, size)) for start in range(0, size, max(range_bytes, 1))]
 
 
-def read_manifest(fs: pafs.FileSystem, path: str, base: str) -> Discovery:
-    """Reads a DS2 JSON-lines manifest: {"audio_filepath", "text", optional "duration", "speaker"}."""
-    found = Discovery("manifest")
+def count_lines(fs: pafs.FileSystem, path: str, start: int, end: int, block: int = 1 << 22) -> int:
+    """Returns how many lines start in [start, end): the lines `lines_in_range` yields for that range."""
+    if end <= start:
+        return 0
+    count = 1 if start == 0 else 0
+    with fs.open_input_file(path) as f:  # a line starts after each newline at positions start-1 .. end-2
+        pos = max(start - 1, 0)
+        f.seek(pos)
+        while pos < end - 1:
+            data = f.read(min(block, end - 1 - pos))
+            if not data:
+                break
+            count += data.count(b"\n")
+            pos += len(data)
+    return count
+
+
+def lines_in_range(fs: pafs.FileSystem, path: str, start: int, end: int,
+                   block: int = 1 << 22) -> Iterator[tuple[int, bytes]]:
+    """Yields `(offset, line)` for each line that starts in [start, end), without its newline.
+
+    A line that starts in the range is read to its end, past `end` if need be, so
+    the ranges of `byte_ranges` together yield every line of the file once.
+    """
+    with fs.open_input_file(path) as f:
+        size = f.size()
+        end = min(end, size)
+        if start >= end:
+            return
+        buf_at = start - 1 if start else 0  # file offset of buf[0]
+        f.seek(buf_at)
+        buf, p = f.read(block), 0
+        if start:  # the first line starts after the first newline at or after start - 1
+            while (i := buf.find(b"\n", p)) < 0:
+                more = f.read(block)
+                if not more:
+                    return
+                buf_at, buf, p = buf_at + len(buf), more, 0
+            p = i + 1
+        while buf_at + p < end:
+            i = buf.find(b"\n", p)
+            while i < 0:  # the line goes on past this block
+                more = f.read(block)
+                if not more:
+                    break
+                buf_at, buf, p = buf_at + p, buf[p:] + more, 0
+                i = buf.find(b"\n", p)
+            if i < 0:  # the last line, with no newline after it
+                if p < len(buf):
+                    yield buf_at + p, buf[p:]
+                return
+            yield buf_at + p, buf[p:i]
+            p = i + 1
+            if p >= len(buf):
+                more = f.read(block)
+                if not more:
+                    return
+                buf_at, buf, p = buf_at + len(buf), more, 0
+
+
+def numbered(lines: Iterable[tuple[int, bytes]], first_lineno: int) -> Iterator[tuple[int, int, bytes]]:
+    """Yields `(offset, lineno, line)`, numbering lines from `first_lineno`."""
+    for lineno, (offset, raw) in enumerate(lines, first_lineno):
+        yield offset, lineno, raw
+
+
+def order_of(offset: int, prefix: str = "") -> str:
+    return f"{prefix}{offset:016d}"
+
+
+# ---- entries: manifests
+
+def manifest_entries(lines: Iterable[tuple[int, int, bytes]], path: str, base: str) -> Iterator[dict]:
+    """Yields a PAIR or a REJECT for every DS2 JSON-lines manifest line that says something.
+
+    A line is {"audio_filepath", "text", optional "speaker"}; the key is the audio
+    path without its extension; relative paths are relative to the manifest.
+    """
     folder = posixpath.dirname(path)
-    seen: set[str] = set()
-    with fs.open_input_stream(path) as f:
-        data = f.read()
-    for lineno, raw in enumerate(data.split(b"\n"), 1):
-        source = f"{base}{path}:{lineno}"
+    for offset, lineno, raw in lines:
+        source, order = f"{base}{path}:{lineno}", order_of(offset)
         if not raw.strip():
             continue
         try:
-            entry = json.loads(raw)
+            fields = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
-            found.rejects.append(Reject(source, "manifest line is not valid JSON"))
+            yield reject(source, "manifest line is not valid JSON", order)
             continue
-        if not isinstance(entry, dict) or not isinstance(entry.get("audio_filepath"), str) \
-                or not isinstance(entry.get("text"), str):
-            found.rejects.append(Reject(source, "manifest line needs string fields 'audio_filepath' and 'text'"))
+        if not isinstance(fields, dict) or not isinstance(fields.get("audio_filepath"), str) \
+                or not isinstance(fields.get("text"), str):
+            yield reject(source, "manifest line needs string fields 'audio_filepath' and 'text'", order)
             continue
-        audio_path = entry["audio_filepath"]
+        audio_path = fields["audio_filepath"]
         if not audio_path:
-            found.rejects.append(Reject(source, "manifest line has an empty 'audio_filepath'"))
+            yield reject(source, "manifest line has an empty 'audio_filepath'", order)
             continue
-        text = normalize_transcript(entry["text"])
+        text = normalize_transcript(fields["text"])
         key = posixpath.splitext(audio_path)[0]
         if not text:
-            found.rejects.append(Reject(source, f"empty transcript: {key!r}"))
-            continue
-        if key in seen:
-            found.rejects.append(Reject(source, f"duplicate key: {key!r}"))
+            yield reject(source, f"empty transcript: {key!r}", order)
             continue
         uri = audio_path if urlparse(audio_path).scheme else f"{base}{posixpath.join(folder, audio_path)}"
-        speaker = entry.get("speaker")
+        speaker = fields.get("speaker")
         speaker = str(speaker) if speaker is not None else posixpath.basename(posixpath.dirname(urlparse(uri).path))
-        found.candidates.append(Candidate(len(found.candidates), key, uri, text, speaker))
-        seen.add(key)
-    return found
+        yield entry(PAIR, order, key, uri, text, speaker, source)
 
 
-def read_kaldi(fs: pafs.FileSystem, folder: str, base: str) -> Discovery:
-    """Reads a Kaldi data folder: wav.scp (KEY PATH), text (KEY TRANSCRIPT), optional utt2spk."""
-    found = Discovery("kaldi")
+# ---- entries: KEY VALUE lines (Kaldi lists, LibriSpeech transcripts)
 
-    def lines(name: str) -> bytes:
-        with fs.open_input_stream(posixpath.join(folder, name)) as f:
-            return f.read()
-
-    transcripts: dict[str, tuple[str, str]] = {}
-    for key, text, source in parse_keyed_lines(lines("text"), f"{base}{folder}/text", found.rejects):
-        add_transcript(transcripts, key, text, source, found.rejects)
-    audio: dict[str, str] = {}
-    for key, where, source in parse_keyed_lines(lines("wav.scp"), f"{base}{folder}/wav.scp", found.rejects,
-                                                allow_empty=False):
-        if where.endswith("|"):
-            found.rejects.append(Reject(source, f"piped wav.scp entry not supported: {key!r}; "
-                                                "write the audio to files first"))
-        elif key in audio:
-            found.rejects.append(Reject(source, f"duplicate key: {key!r}"))
-        else:
-            audio[key] = where if urlparse(where).scheme else f"{base}{posixpath.join(folder, where)}"
-    speakers: dict[str, str] = {}
-    names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(folder))}
-    if "utt2spk" in names:
-        for key, spk, _ in parse_keyed_lines(lines("utt2spk"), f"{base}{folder}/utt2spk", found.rejects):
-            speakers.setdefault(key, spk)
-    join(found, transcripts, audio, lambda key, uri: speakers.get(key, key.split("-")[0]))
-    return found
-
-
-def parse_keyed_lines(data: bytes, source: str, rejects: list[Reject],
-                      allow_empty: bool = True) -> list[tuple[str, str, str]]:
-    """Returns `(key, rest, source:line)` for each `KEY REST` line; bad lines go to `rejects`."""
-    out = []
-    for lineno, raw in enumerate(data.split(b"\n"), 1):
+def keyed_lines(lines: Iterable[tuple[int, int, bytes]], source: str,
+                allow_empty: bool = True) -> Iterator[tuple[int, str, str, str] | dict]:
+    """Yields `(offset, key, rest, source:line)` for each `KEY REST` line, or a REJECT for a bad line."""
+    for offset, lineno, raw in lines:
         where = f"{source}:{lineno}"
         raw = raw.rstrip(b"\r")
         if not raw.strip():
@@ -194,36 +228,198 @@ def parse_keyed_lines(data: bytes, source: str, rejects: list[Reject],
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
-            rejects.append(Reject(where, "line is not valid UTF-8"))
+            yield reject(where, "line is not valid UTF-8")
             continue
         key, _, rest = line.strip().partition(" ")
         rest = rest.strip()
         if not rest and not allow_empty:
-            rejects.append(Reject(where, f"line has no value: key {key!r}"))
+            yield reject(where, f"line has no value: key {key!r}")
             continue
-        out.append((key, rest, where))
-    return out
+        yield offset, key, rest, where
 
 
-def add_transcript(transcripts: dict[str, tuple[str, str]], key: str, text: str, source: str,
-                   rejects: list[Reject]) -> None:
-    if key in transcripts:
-        rejects.append(Reject(source, f"duplicate key: {key!r} first seen at {transcripts[key][1]}"))
+def kaldi_entries(lines: Iterable[tuple[int, int, bytes]], name: str, folder: str, base: str) -> Iterator[dict]:
+    """Yields the entries of one Kaldi list: `name` is "wav.scp" (AUDIO), "text" (TEXT) or "utt2spk" (SPEAKER)."""
+    prefix = f"{KALDI_FILES.index(name)}:"
+    for item in keyed_lines(lines, f"{base}{folder}/{name}", allow_empty=name != "wav.scp"):
+        if isinstance(item, dict):
+            yield item
+            continue
+        offset, key, rest, where = item
+        order = order_of(offset, prefix)
+        if name == "text":
+            yield entry(TEXT, order, key, transcript=normalize_transcript(rest), source=where)
+        elif name == "utt2spk":
+            yield entry(SPEAKER, order, key, speaker=rest, source=where)
+        elif rest.endswith("|"):
+            yield reject(where, f"piped wav.scp entry not supported: {key!r}; write the audio to files first", order)
+        else:
+            uri = rest if urlparse(rest).scheme else f"{base}{posixpath.join(folder, rest)}"
+            yield entry(AUDIO, order, key, uri, source=uri)
+
+
+# ---- entries: LibriSpeech trees
+
+def tree_entries(fs: pafs.FileSystem, files: Iterable[str], base: str) -> Iterator[dict]:
+    """Yields the entries of a LibriSpeech tree's files: every file of any folder it names must be in `files`.
+
+    SPEAKER/CHAPTER/SPEAKER-CHAPTER.trans.txt gives TEXT entries, any file with an
+    audio extension an AUDIO entry keyed by its name; another file in a folder
+    that holds a transcript is rejected.
+    """
+    files = sorted(files)
+    chapters = {posixpath.dirname(p) for p in files if p.endswith(TRANS_SUFFIX)}
+    for path in files:
+        uri = f"{base}{path}"
+        if path.endswith(TRANS_SUFFIX):
+            yield entry(TRANS_FILE, path, source=uri)
+            try:
+                with fs.open_input_stream(path) as f:
+                    data = f.read()
+            except OSError as e:
+                yield reject(uri, f"cannot read transcript file: {first_line(e)}", path)
+                continue
+            lines = ((lineno, lineno, raw) for lineno, raw in enumerate(data.split(b"\n"), 1))
+            for item in keyed_lines(lines, uri):
+                if isinstance(item, dict):
+                    yield item
+                else:
+                    lineno, key, rest, where = item
+                    yield entry(TEXT, f"{path}\x00{lineno:012d}", key, transcript=normalize_transcript(rest),
+                                source=where)
+            continue
+        stem, ext = posixpath.splitext(posixpath.basename(path))
+        if ext.lower() in AUDIO_EXTENSIONS:
+            speaker = posixpath.basename(posixpath.dirname(posixpath.dirname(path)))
+            yield entry(AUDIO, path, stem, uri, speaker=speaker, source=uri)
+        elif posixpath.dirname(path) in chapters:
+            yield reject(uri, "not an audio file name (unknown extension)", path)
+
+
+def list_tree(fs: pafs.FileSystem, folder: str) -> list[str]:
+    """Returns the paths of every file under `folder`."""
+    return [i.path for i in fs.get_file_info(pafs.FileSelector(folder, recursive=True))
+            if i.type == pafs.FileType.File]
+
+
+def split_tree(fs: pafs.FileSystem, root: str, want: int, max_depth: int = 2) -> tuple[list[str], list[str]]:
+    """Returns `(folders, files)`: the top of the tree, listed level by level until `want` folders are found.
+
+    Each folder is then listed whole by one task; `files` are the files met on the way down,
+    every file of the folders they are in.
+    """
+    folders, files = [root], []
+    for _ in range(max_depth):
+        if len(folders) >= want:
+            break
+        deeper = []
+        for folder in folders:
+            for info in fs.get_file_info(pafs.FileSelector(folder)):
+                (deeper if info.type == pafs.FileType.Directory else files).append(info.path)
+        folders = sorted(deeper)
+    return folders, sorted(files)
+
+
+# ---- resolve: one key's entries, in input order, to a candidate and rejects
+
+def resolve(entries: Iterable[dict]) -> Iterator[dict]:
+    """Yields a CANDIDATE or REJECT for each key, from entries sorted by (key, order).
+
+    REJECT and TRANS_FILE entries must be taken out before; nothing else is dropped.
+    """
+    for key, group in itertools.groupby(entries, key=lambda e: e[F.KEY]):
+        by_kind: dict[str, list[dict]] = {}
+        for e in group:
+            by_kind.setdefault(e[KIND], []).append(e)
+        yield from _resolve_key(key, by_kind)
+
+
+def _resolve_key(key: str, by_kind: dict[str, list[dict]]) -> Iterator[dict]:
+    for kind in (PAIR, AUDIO, TEXT):  # the first in input order wins, the rest are duplicates
+        first, *rest = by_kind.get(kind) or [None]
+        for e in rest:
+            yield reject(e[F.SOURCE], f"duplicate key: {key!r} first seen at {first[F.SOURCE]}", e[ORDER])
+    if PAIR in by_kind:
+        first = by_kind[PAIR][0]
+        yield dict(first, **{KIND: CANDIDATE, F.SOURCE: None})
         return
-    transcripts[key] = (normalize_transcript(text), source)
+    audio, text = (by_kind.get(AUDIO) or [None])[0], (by_kind.get(TEXT) or [None])[0]
+    if audio is None:
+        if text is not None:
+            yield reject(text[F.SOURCE], f"transcript line with no audio: {key!r}", text[ORDER])
+        return
+    if text is None:
+        yield reject(audio[URI], "audio with no transcript line", audio[ORDER])
+    elif not text[F.TRANSCRIPT]:
+        yield reject(audio[URI], f"empty transcript: at {text[F.SOURCE]}", audio[ORDER])
+    else:
+        speaker = audio[F.SPEAKER] or (by_kind[SPEAKER][0][F.SPEAKER] if SPEAKER in by_kind else key.split("-")[0])
+        yield entry(CANDIDATE, audio[ORDER], key, audio[URI], text[F.TRANSCRIPT], speaker)
 
 
-def join(found: Discovery, transcripts: dict[str, tuple[str, str]], audio: dict[str, str], speaker_of) -> None:
-    """Pairs transcripts with audio by key, in audio input order; the unpaired become rejects."""
-    for key, uri in audio.items():
-        if key not in transcripts:
-            found.rejects.append(Reject(uri, "audio with no transcript line"))
-            continue
-        text, source = transcripts[key]
-        if not text:
-            found.rejects.append(Reject(uri, f"empty transcript: at {source}"))
-            continue
-        found.candidates.append(Candidate(len(found.candidates), key, uri, text, speaker_of(key, uri)))
-    for key, (_, source) in transcripts.items():
-        if key not in audio:
-            found.rejects.append(Reject(source, f"transcript line with no audio: {key!r}"))
+# ---- the whole input in this process (tests, small inputs)
+
+def discover(uri: str) -> Discovery:
+    """Returns the candidates (in input order) and rejects of the corpus at `uri`, read in this process.
+
+    Raises:
+        InputError: the input does not exist or has no recognizable layout.
+        hdfs_io.filesystem.FilesystemUnavailable: its filesystem cannot be reached.
+    """
+    fs, path, info = probe_uri(uri)
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"input {uri} does not exist")
+    kind = input_kind(fs, path, info)
+    return {"manifest": read_manifest, "kaldi": read_kaldi, "librispeech": read_librispeech}[kind](
+        fs, path, uri_base(uri))
+
+
+def whole_file(fs: pafs.FileSystem, path: str) -> Iterator[tuple[int, int, bytes]]:
+    with fs.open_input_file(path) as f:
+        size = f.size()
+    return numbered(lines_in_range(fs, path, 0, size), 1)
+
+
+def read_manifest(fs: pafs.FileSystem, path: str, base: str) -> Discovery:
+    """Reads a DS2 JSON-lines manifest: {"audio_filepath", "text", optional "duration", "speaker"}."""
+    return resolved("manifest", manifest_entries(whole_file(fs, path), path, base))
+
+
+def read_kaldi(fs: pafs.FileSystem, folder: str, base: str) -> Discovery:
+    """Reads a Kaldi data folder: wav.scp (KEY PATH), text (KEY TRANSCRIPT), optional utt2spk."""
+    names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(folder))}
+    entries = itertools.chain.from_iterable(
+        kaldi_entries(whole_file(fs, posixpath.join(folder, name)), name, folder, base)
+        for name in KALDI_FILES if name in names)
+    return resolved("kaldi", entries)
+
+
+def read_librispeech(fs: pafs.FileSystem, root: str, base: str) -> Discovery:
+    """Reads a SPEAKER/CHAPTER/SPEAKER-CHAPTER-NNNN.<ext> tree with SPEAKER-CHAPTER.trans.txt files."""
+    entries = list(tree_entries(fs, list_tree(fs, root), base))
+    if not any(e[KIND] == TRANS_FILE for e in entries):
+        raise no_transcripts(f"{base}{root}")
+    return resolved("librispeech", entries)
+
+
+def no_transcripts(where: str) -> InputError:
+    return InputError(f"no *{TRANS_SUFFIX} files under {where}: not a LibriSpeech-layout tree, "
+                      "a Kaldi folder (wav.scp + text) or a JSON-lines manifest")
+
+
+def resolved(kind: str, entries: Iterable[dict]) -> Discovery:
+    found = Discovery(kind)
+    keyed = []
+    for e in entries:
+        if e[KIND] == REJECT:
+            found.rejects.append(Reject(e[F.SOURCE], e[F.REASON]))
+        elif e[KIND] != TRANS_FILE:
+            keyed.append(e)
+    keyed.sort(key=lambda e: (e[F.KEY], e[ORDER]))
+    out = list(resolve(keyed))
+    for e in sorted(out, key=lambda e: e[ORDER]):
+        if e[KIND] == CANDIDATE:
+            found.candidates.append(Candidate(e[ORDER], e[F.KEY], e[URI], e[F.TRANSCRIPT], e[F.SPEAKER]))
+        else:
+            found.rejects.append(Reject(e[F.SOURCE], e[F.REASON]))
+    return found

@@ -14,6 +14,7 @@ import pytest
 from hdfs_io import dataset_format as F
 from hdfs_io.dataset import open_dataset
 from hdfs_io.upload import upload
+from scripts.synth_corpus import linked_corpus, tones
 from tests.corpora import Expected, bad_librispeech, ds2_manifest, good_librispeech, kaldi_folder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -269,3 +270,20 @@ def test_overwrite_never_replaces_the_input_or_a_folder_that_is_not_a_dataset(cl
     assert result.returncode == 2, output_text[-2000:]
     assert len(errors) == 1 and errors[0].startswith("pack: error: ") and words in errors[0]
     assert snapshot(tmp_path) == before, "a file was deleted or written"
+
+
+@pytest.mark.parametrize("layout", ["manifest", "librispeech"])
+def test_twenty_thousand_files_pack_under_a_driver_result_limit_of_one_megabyte(cluster, layout, tmp_path):
+    # 20,000 utterances at even 100 bytes each would be 2 MB: nothing per utterance may reach the driver
+    corpus = linked_corpus(tmp_path / "corpus", 20_000, layout, tones(tmp_path / "tones", 20, 0.1, 0.3))
+
+    result = cluster.spark_submit("--driver-memory", "1g",
+                                  "--conf", "spark.driver.maxResultSize=1m", str(ROOT / "spark_jobs" / "pack.py"),
+                                  "--input", str(corpus), "--output", str(tmp_path / "ds"), "--shard-size-mb", "16",
+                                  "--quiet", master="local[2]", check=False)
+
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    ds = open_dataset(str(tmp_path / "ds"))
+    keys = ds.index([F.KEY]).column(F.KEY).to_pylist()
+    assert ds.manifest["utterances"] == len(set(keys)) == 20_000 and ds.manifest["quarantined"] == 0
+    assert sum(len(ds.index_part(s, [F.KEY])) for s in range(len(ds.manifest["shards"]))) == 20_000

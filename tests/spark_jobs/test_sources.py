@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from pyarrow import fs as pafs
 
-from spark_jobs.sources import InputError, discover, normalize_transcript
+from spark_jobs.sources import (InputError, byte_ranges, count_lines, discover, lines_in_range, normalize_transcript,
+                                numbered)
 
 
 def test_normalize_transcript_upper_cases_and_collapses_whitespace():
@@ -63,3 +66,26 @@ def test_unusable_inputs_raise_input_error(tmp_path, make, message):
 
     with pytest.raises(InputError, match=message.replace("*", r"\*")):
         discover(str(target))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.binary(max_size=12).map(lambda b: b.replace(b"\n", b"")), max_size=30), st.booleans(),
+       st.integers(1, 40), st.integers(1, 16))
+def test_byte_ranges_read_every_line_once_with_its_number(tmp_path_factory, lines, trailing_newline, range_bytes,
+                                                          block):
+    data = b"\n".join(lines) + (b"\n" if trailing_newline and lines else b"")
+    path = tmp_path_factory.mktemp("ranges") / "list.txt"
+    path.write_bytes(data)
+    fs = pafs.LocalFileSystem()
+    ranges = byte_ranges(len(data), range_bytes)
+
+    counts = [count_lines(fs, str(path), a, b, block) for a, b in ranges]
+    got, first = [], 1
+    for (a, b), count in zip(ranges, counts):
+        got += list(numbered(lines_in_range(fs, str(path), a, b, block), first))
+        first += count
+
+    expected = data.split(b"\n")[:-1] if data.endswith(b"\n") else data.split(b"\n") if data else []
+    assert [raw for _, _, raw in got] == expected
+    assert [lineno for _, lineno, _ in got] == list(range(1, len(expected) + 1))
+    assert [data[offset:offset + len(raw)] for offset, _, raw in got] == expected
