@@ -42,11 +42,11 @@ def descendants(pid: int) -> list[int]:
     while todo:
         p = todo.pop()
         out.append(p)
-        try:
-            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
-        except OSError:
-            continue
-        todo += [int(c) for c in children]
+        for thread in Path(f"/proc/{p}/task").glob("*"):  # a JVM starts processes from many threads
+            try:
+                todo += [int(c) for c in (thread / "children").read_text().split()]
+            except OSError:
+                continue
     return out
 
 

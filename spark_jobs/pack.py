@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import posixpath
+import re
 import sys
 import tempfile
 import time
@@ -184,7 +185,7 @@ def pack(spark, args: argparse.Namespace, command: list[str]) -> dict:
             raise sources.no_transcripts(args.input)
         candidates_n = kinds.get(sources.CANDIDATE, 0)
         quarantined = stages.write_rejects(resolved.filter(sf.col(sources.KIND) == sources.REJECT), tmp_uri,
-                                           "discover")
+                                           "discover", sc.defaultParallelism)
         log(f"{kind} input: {candidates_n} candidates, {quarantined} rejected while reading lists")
 
         progress.stage = "probe"
@@ -196,11 +197,12 @@ def pack(spark, args: argparse.Namespace, command: list[str]) -> dict:
         probed = probed.persist(StorageLevel.MEMORY_AND_DISK)
         cached.append(probed)
         bad = stages.write_rejects(probed.filter(sf.col(packing.ERROR).isNotNull()).select(
-            sf.col(sources.URI).alias(F.SOURCE), sf.col(packing.ERROR).alias(F.REASON)), tmp_uri, "probe")
+            sf.col(sources.URI).alias(F.SOURCE), sf.col(packing.ERROR).alias(F.REASON)), tmp_uri, "probe",
+            sc.defaultParallelism)
         quarantined += bad
         usable = candidates_n - bad
         log(f"probed {candidates_n} files: {usable} usable")
-        moments, stats_utterances = stages.moments(probed, feature_config.num_bins)
+        moments, stats_utterances = stages.moments(probed, feature_config.num_bins, sc.defaultParallelism)
         probed_at = time.perf_counter()
 
         progress.stage = "lay out"
@@ -265,7 +267,27 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, sources.InputError, FilesystemUnavailable, PermissionError) as e:
         print(f"pack: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a Spark job failed: a limit the user set is their mistake, anything else a bug
+        limit = spark_limit(e)
+        if limit is None:
+            raise
+        print(f"pack: error: {limit}", file=sys.stderr)
+        return 2
     return 0
+
+
+_RESULT_LIMIT = re.compile(r"Total size of serialized results of \d+ tasks \(([^)]*)\) is bigger than "
+                           r"spark\.driver\.maxResultSize \(([^)]*)\)")
+
+
+def spark_limit(error: BaseException) -> str | None:
+    """Returns one line naming the Spark limit a failed job ran into, or None if it was not a limit."""
+    found = _RESULT_LIMIT.search(str(error))
+    if found:
+        return (f"Spark refused {found.group(1)} of task results, over spark.driver.maxResultSize "
+                f"({found.group(2)}); this job sends the driver a few numbers per shard and per Spark partition, "
+                "so raise the limit (--conf spark.driver.maxResultSize=64m)")
+    return None
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ from spark_jobs.sources import KIND, ORDER, URI
 
 RANGE_BYTES = 32 * 2**20  # a text input (manifest, Kaldi list) is read in ranges of this size
 LIST_TASKS = 64  # a tree is split into about this many folders, each listed whole by one task
-PROBE_FILES_PER_TASK = 500
+# A Python task costs Spark about 0.1 s whatever it does (measured here on local[2]): a task probes
+# enough files that this stays small, and passes over few rows run in `parallelism` tasks.
+PROBE_FILES_PER_TASK = 2000
 LAYOUT_ROWS_PER_PARTITION = 200_000
 ITEM = "item"
 
@@ -191,7 +193,7 @@ def with_stats_sample(candidates: DataFrame, count: int, sample: int | None, see
 
 def probe(candidates: DataFrame, count: int, parallelism: int, feature_config: dict) -> DataFrame:
     """Returns every candidate probed (PROBED rows), in tasks of about PROBE_FILES_PER_TASK files in input order."""
-    tasks = max(parallelism, math.ceil(count / PROBE_FILES_PER_TASK), 1)
+    tasks = max(2 * parallelism, math.ceil(count / PROBE_FILES_PER_TASK), 1)
     spread = candidates.select(*CANDIDATE.names).repartitionByRange(tasks, ORDER)
     return map_rows(spread, partial(probe_task, feature_config=feature_config), PROBED)
 
@@ -201,10 +203,10 @@ def probe_task(rows: Iterable[dict], partition: int, *, feature_config: dict) ->
         yield packing.probe_one(row, feature_config)
 
 
-def moments(probed: DataFrame, num_bins: int):
-    """Returns the summed feature moments of the sampled utterances and their count (one row per partition)."""
-    parts = map_rows(probed.select(packing.MOMENTS).filter(sf.col(packing.MOMENTS).isNotNull()),
-                     partial(moments_task, num_bins=num_bins), MOMENTS).collect()
+def moments(probed: DataFrame, num_bins: int, parallelism: int):
+    """Returns the summed feature moments of the sampled utterances and their count (one row per task)."""
+    sampled = probed.select(packing.MOMENTS).filter(sf.col(packing.MOMENTS).isNotNull()).coalesce(parallelism)
+    parts = map_rows(sampled, partial(moments_task, num_bins=num_bins), MOMENTS).collect()
     total, _ = packing.merge_moments([r[packing.MOMENTS] for r in parts], num_bins)
     return total, sum(r["count"] for r in parts)
 
@@ -216,10 +218,10 @@ def moments_task(rows: Iterable[dict], partition: int, *, num_bins: int) -> Iter
 
 # ---- quarantine parts, written by executors
 
-def write_rejects(rejects: DataFrame, dataset_uri: str, stage: str) -> int:
-    """Writes the rejects as quarantine parts `<stage>-NNNNN.jsonl`; returns how many (per-partition counts)."""
-    counts = map_rows(rejects.select(F.SOURCE, F.REASON), partial(rejects_task, dataset_uri=dataset_uri, stage=stage),
-                      COUNT).collect()
+def write_rejects(rejects: DataFrame, dataset_uri: str, stage: str, parallelism: int) -> int:
+    """Writes the rejects as quarantine parts `<stage>-NNNNN.jsonl` in `parallelism` tasks; returns how many."""
+    counts = map_rows(rejects.select(F.SOURCE, F.REASON).coalesce(parallelism),
+                      partial(rejects_task, dataset_uri=dataset_uri, stage=stage), COUNT).collect()
     return sum(r["count"] for r in counts)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import zlib
@@ -130,6 +131,17 @@ def test_pack_local_files_on_local2(cluster, bad_corpus, tmp_path):
     assert f"utterances   {manifest['utterances']}" in as_text and "duplicate key" in as_text
     assert "#" in as_text.split("duration histogram")[1]
 
+    # each shard's index part holds its rows of index.parquet; a version 1 dataset (no parts) reads the same
+    v1 = tmp_path / "v1"
+    shutil.copytree(tmp_path / "dataset", v1)
+    shutil.rmtree(v1 / F.INDEX_DIR)
+    (v1 / F.MANIFEST).write_text(json.dumps(dict(manifest, format_version=1)))
+    whole = open_dataset(out).index().to_pylist()
+    for shard in range(len(manifest["shards"])):
+        mine = [r for r in whole if r[F.SHARD] == shard]
+        assert open_dataset(out).index_part(shard).to_pylist() == mine
+        assert open_dataset(str(v1)).index_part(shard).select(F.INDEX_SCHEMA.names).to_pylist() == mine
+
 
 def test_pack_hdfs_on_standalone_master(cluster, bad_corpus, hdfs_dir):
     root, expected = bad_corpus
@@ -225,7 +237,7 @@ def test_parquet_audio_column_is_uncompressed_and_row_groups_bounded(cluster, ba
     assert all(starts[r[F.ROW_GROUP]] <= r[F.ROW] < starts[r[F.ROW_GROUP] + 1] for r in shard0)
 
 
-@pytest.mark.parametrize("case", ["missing input", "existing output", "unreachable hdfs"])
+@pytest.mark.parametrize("case", ["missing input", "existing output", "unreachable hdfs", "driver result limit"])
 def test_user_errors_exit_2_with_one_line_and_write_nothing(cluster, case, bad_corpus, tmp_path):
     root, _ = bad_corpus
     (tmp_path / "exists").mkdir()
@@ -233,9 +245,11 @@ def test_user_errors_exit_2_with_one_line_and_write_nothing(cluster, case, bad_c
         "missing input": ["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "out")],
         "existing output": ["--input", str(root), "--output", str(tmp_path / "exists")],
         "unreachable hdfs": ["--input", "hdfs://127.0.0.1:1/corpus", "--output", str(tmp_path / "out")],
+        "driver result limit": ["--input", str(root), "--output", str(tmp_path / "out")],
     }[case]
+    conf = ["--conf", "spark.driver.maxResultSize=1k"] if case == "driver result limit" else []
 
-    result = run_pack(cluster, "local[2]", *args, check=False)
+    result = cluster.spark_submit(*conf, str(ROOT / "spark_jobs" / "pack.py"), *args, master="local[2]", check=False)
 
     output = result.stdout + result.stderr  # spark-submit sends the driver's stderr to stdout
     errors = [line for line in output.splitlines() if line.startswith("pack: ")]
