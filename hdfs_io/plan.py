@@ -21,6 +21,11 @@ How a plan is made, for epoch e:
 4. Padding. The W*k - batches <= W-1 slots left over are filled with repeats (a
    rank's own previous batch), counted in `repeated`.
 Everything depends only on (index, world size, epoch, seed, config).
+5. Elastic resume. A run stopped mid-epoch on W ranks, each having read the first
+   p_r of its batches, can finish the epoch on W' ranks: the global positions no
+   old rank read are dealt to the W' ranks as in step 3 (`plan_rank_resumed`), so
+   every batch is read once over the old and new ranks, and the new ranks get
+   equal counts (padded with counted repeats).
 
 The global batch sequence is three flat arrays (BatchSequence), cut by vectorized
 numpy in blocks; a rank turns only its own k batches into arrays (plan_rank).
@@ -320,11 +325,7 @@ def rank_plan(sequence: BatchSequence, positions: list[int]) -> tuple[RankPlan, 
 def plan_rank(durations: np.ndarray, shards: np.ndarray, rows: np.ndarray, world_size: int, rank: int,
               epoch: int, cfg: PlanConfig) -> RankPlan:
     """Returns one rank's batches for one epoch, materializing no other rank's."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world size {world_size}")
-    sequence = epoch_batches(durations, shards, rows, epoch, cfg)
-    firsts, lengths = deal_cycles(len(sequence), world_size, max(1, cfg.segment_batches), sequence.seconds())
-    return rank_plan(sequence, positions_of(firsts, lengths, rank))[0]
+    return plan_rank_resumed(durations, shards, rows, epoch, cfg, [], world_size, rank)
 
 
 def plan_epoch(durations: np.ndarray, shards: np.ndarray, rows: np.ndarray,
@@ -340,6 +341,58 @@ def plan_epoch(durations: np.ndarray, shards: np.ndarray, rows: np.ndarray,
         repeated_batches += sum(plan.repeated)
         repeated_utterances += repeated
     return EpochPlan(ranks, repeated_batches, repeated_utterances)
+
+
+def read_mask(num_batches: int, world_size: int, consumed: list[int], cfg: PlanConfig,
+              seconds: np.ndarray) -> np.ndarray:
+    """Returns a mask over `num_batches` dealt to `world_size` ranks: True where a rank had read the batch.
+
+    `consumed[r]` is how many of its batches rank r had read (its reader position).
+    Padding slots (past the batches) are not in the mask: they were repeats.
+    """
+    if len(consumed) != world_size:
+        raise ValueError(f"{len(consumed)} positions saved for {world_size} ranks")
+    firsts, lengths = deal_cycles(num_batches, world_size, max(1, cfg.segment_batches), seconds)
+    bounds = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    mask = np.zeros(num_batches, bool)
+    for r, count in enumerate(consumed):
+        whole = int(np.searchsorted(bounds, count, side="right")) - 1  # cycles read entirely
+        for c in range(whole):
+            mask[firsts[c, r]:firsts[c, r] + lengths[c]] = True
+        if whole < len(lengths):
+            mask[firsts[whole, r]:firsts[whole, r] + count - bounds[whole]] = True
+    return mask
+
+
+def left_after(seconds: np.ndarray, cfg: PlanConfig, history: list[tuple[int, list[int]]]) -> np.ndarray:
+    """Returns the global positions of an epoch's batches that no earlier run read, in order.
+
+    `history` holds one (world size, each rank's position) per earlier run of the epoch; the
+    first run dealt every batch, each later one what the runs before it had left.
+    """
+    left = np.arange(len(seconds))
+    for world_size, consumed in history:
+        left = left[~read_mask(len(left), world_size, consumed, cfg, seconds[left])]
+    return left
+
+
+def plan_rank_resumed(durations: np.ndarray, shards: np.ndarray, rows: np.ndarray, epoch: int, cfg: PlanConfig,
+                      history: list[tuple[int, list[int]]], world_size: int, rank: int) -> RankPlan:
+    """Returns one rank's batches for the rest of an epoch that earlier runs (`history`) had partly read.
+
+    The batches no earlier run read are dealt to `world_size` ranks like a whole epoch's,
+    heaviest segment first to the rank that has read least, padded with counted repeats.
+    With an empty history this is `plan_rank`.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    sequence = epoch_batches(durations, shards, rows, epoch, cfg)
+    seconds = sequence.seconds()
+    left = left_after(seconds, cfg, history)
+    firsts, lengths = deal_cycles(len(left), world_size, max(1, cfg.segment_batches), seconds[left])
+    mine = positions_of(firsts, lengths, rank)
+    # a slot past the remaining batches stays past the sequence, so rank_plan makes it a repeat
+    return rank_plan(sequence, [int(left[p]) if p < len(left) else len(sequence) + p - len(left) for p in mine])[0]
 
 
 def index_columns(index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -52,7 +52,7 @@ from hdfs_io.dataset import open_dataset
 from hdfs_io.feature_stats import feature_stats, packed_config
 from hdfs_io.features import FeatureConfig, log_features
 from hdfs_io.filesystem import FilesystemRef, first_line, worker_start_method
-from hdfs_io.plan import PLANNER_VERSION, PlanConfig, RankPlan, index_columns, plan_durations, plan_rank
+from hdfs_io.plan import PLANNER_VERSION, PlanConfig, RankPlan, index_columns, plan_durations, plan_rank_resumed
 from hdfs_io.sequencefile import OffsetBytes, SequenceFileReader, writable_bytes
 
 
@@ -140,6 +140,8 @@ class ShardDataset(IterableDataset):
         self._stats: tuple[np.ndarray, np.ndarray, str] | None = None
         self.cache_dir = self._feature_cache(ds) if config.output == "features" and config.use_feature_cache else None
         self.epoch, self.start_position = 0, 0
+        self.history: list[tuple[int, list[int]]] = []  # earlier runs of the resumed epoch: (world size, positions)
+        self._history_epoch: int | None = None
         self._shared_position = None  # (epoch, start position) for persistent workers: see share_position
         self._plan: tuple[int, RankPlan] | None = None
         self._members: dict[tuple[int, int], np.ndarray] | None = None
@@ -197,11 +199,16 @@ class ShardDataset(IterableDataset):
     # -- planning and position ------------------------------------------------
 
     def plan(self, epoch: int) -> RankPlan:
-        """Returns this rank's batches for `epoch`; the other ranks' are not kept."""
+        """Returns this rank's batches for `epoch`; the other ranks' are not kept.
+
+        For the epoch a resume on another world size began in, these are the batches the
+        earlier runs left (see hdfs_io.plan, step 5).
+        """
         if self._plan is None or self._plan[0] != epoch:
             self._plan = None  # free the previous epoch's plan before making the next
-            self._plan = (epoch, plan_rank(self.durations, self.shards, self.rows, self.world_size, self.rank,
-                                           epoch, self.config.plan))
+            history = self.history if epoch == self._history_epoch else []
+            self._plan = (epoch, plan_rank_resumed(self.durations, self.shards, self.rows, epoch, self.config.plan,
+                                                   history, self.world_size, self.rank))
         return self._plan[1]
 
     def __len__(self) -> int:
@@ -209,6 +216,7 @@ class ShardDataset(IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.start_position = epoch, 0
+        self.history, self._history_epoch = [], None
 
     def _fit(self) -> dict:
         """Returns what a saved position is only valid for: the rank, the plan config and the dataset."""
@@ -217,23 +225,55 @@ class ShardDataset(IterableDataset):
                 "planner": PLANNER_VERSION, "utterances": self.utterances, "shard_checksums": shards.hexdigest()[:16]}
 
     def state_dict(self, next_position: int | None = None) -> dict:
+        history = self.history if self._history_epoch == self.epoch else []
         return {"epoch": self.epoch, "position": self.start_position if next_position is None else next_position,
-                **self._fit()}
+                "history": [[w, list(p)] for w, p in history], **self._fit()}
+
+    def _changed(self, state: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+        # a key the state lacks came with a later version; only the planner's own version must be there
+        return [f"{k} {state.get(k)!r} -> {v!r}" for k, v in self._fit().items()
+                if k not in ignore and (k in state or k == "planner") and state.get(k) != v]
 
     def load_state_dict(self, state: dict) -> None:
-        """Resumes at a saved position.
+        """Resumes at a position this rank saved, in a run of the same world size.
 
         Raises:
             ValueError: the state was saved by a reader with another rank, world size, plan
                 config (batch_seconds, batch_size, window, segments, seed) or dataset; the
                 message names what changed, since its position would pick other batches.
         """
-        # a key the state lacks came with a later version; only the planner's own version must be there
-        changed = [f"{k} {state.get(k)!r} -> {v!r}" for k, v in self._fit().items()
-                   if (k in state or k == "planner") and state.get(k) != v]
+        changed = self._changed(state)
         if changed:
             raise ValueError(f"the saved reader position does not fit this reader: {', '.join(changed)}")
         self.epoch, self.start_position = state["epoch"], state["position"]
+        self.history = [(int(w), [int(x) for x in p]) for w, p in state.get("history", [])]
+        self._history_epoch = self.epoch if self.history else None
+        self._plan = None
+
+    def load_state_dicts(self, states: list[dict]) -> None:
+        """Resumes from the positions every rank of a run saved, on this run's world size.
+
+        On the same world size each rank goes on from its own position. On another, the
+        batches of the epoch that no rank had read are dealt afresh to this run's ranks,
+        so the epoch is read once over both runs and every rank gets the same count.
+
+        Raises:
+            ValueError: the states disagree with each other, or were saved with another plan
+                config or dataset (named in the message).
+        """
+        if len(states) == self.world_size:
+            self.load_state_dict(states[self.rank])
+            return
+        changed = self._changed(dict(states[0], world_size=len(states)), ignore=("rank", "world_size"))
+        epochs = {(s["epoch"], json.dumps(s.get("history", []))) for s in states}
+        if changed or len(epochs) != 1:
+            what = ", ".join(changed) or "the saved ranks are at different epochs"
+            raise ValueError(f"the saved reader positions do not fit this reader: {what}")
+        history = [(int(w), [int(x) for x in p]) for w, p in states[0].get("history", [])]
+        self.epoch, self.start_position = states[0]["epoch"], 0
+        self.history = history + [(len(states), [int(s["position"]) for s in states])]
+        self._history_epoch = self.epoch
+        self._plan = None
 
     # -- iteration ----------------------------------------------------------------
 
@@ -730,3 +770,8 @@ class ShardLoader:
     def load_state_dict(self, state: dict) -> None:
         self.dataset.load_state_dict(state)
         self.next_position = state["position"]
+
+    def load_state_dicts(self, states: list[dict]) -> None:
+        """Resumes from every rank's saved state, on this world size or another (ShardDataset.load_state_dicts)."""
+        self.dataset.load_state_dicts(states)
+        self.next_position = self.dataset.start_position

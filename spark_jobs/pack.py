@@ -67,10 +67,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--exact-stats", action="store_true", help="feature mean/std over every utterance")
     p.add_argument("--feature", choices=["log_mel", "log_spectrogram"], default="log_mel")
     p.add_argument("--master", default=None, help="Spark master when run without spark-submit")
-    p.add_argument("--quiet", action="store_true", help=f"no progress lines (else one every {PROGRESS_EVERY_S:.0f} s)")
+    p.add_argument("--progress-s", type=float, default=PROGRESS_EVERY_S,
+                   help=f"seconds between progress lines on stderr (default {PROGRESS_EVERY_S:.0f})")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
-    if args.shard_size_mb <= 0 or args.row_group_mb <= 0 or args.stats_sample < 0:
-        p.error("--shard-size-mb, --row-group-mb and --stats-sample must be positive")
+    if args.shard_size_mb <= 0 or args.row_group_mb <= 0 or args.stats_sample < 0 or args.progress_s <= 0:
+        p.error("--shard-size-mb, --row-group-mb, --stats-sample and --progress-s must be positive")
     return args
 
 
@@ -172,7 +174,7 @@ def pack(spark, args: argparse.Namespace, command: list[str]) -> dict:
             out_fs.create_dir(posixpath.join(tmp_path, folder), recursive=True)
     except PermissionError:
         raise PermissionError(f"permission denied: user {hdfs_user()} may not create {args.output}") from None
-    progress = stages.Progress(spark, PROGRESS_EVERY_S, enabled=not args.quiet)
+    progress = stages.Progress(spark, args.progress_s, enabled=not args.quiet)
     cached = []
     try:
         progress.stage = "discover"
@@ -222,7 +224,7 @@ def pack(spark, args: argparse.Namespace, command: list[str]) -> dict:
             fmt=args.format, totals=totals, quarantined=quarantined,
             feature_config=feature_config, moments=moments, stats_utterances=stats_utterances,
             exact_stats=args.exact_stats, command=command,
-            config={k: v for k, v in vars(args).items() if k not in ("master", "quiet")},
+            config={k: v for k, v in vars(args).items() if k not in ("master", "quiet", "progress_s")},
             timing_s={"discover_and_probe": probed_at - started, "write_shards": written_at - probed_at,
                       "total_in_spark": written_at - started})
         out_fs.delete_dir(posixpath.join(tmp_path, packing.WORK_DIR))

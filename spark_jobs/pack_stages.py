@@ -103,7 +103,7 @@ def discover(spark: SparkSession, uri: str) -> tuple[str, DataFrame]:
         items = [{ITEM: i, "folder": f, "files": None} for i, f in enumerate(folders)]
         if files:
             items.append({ITEM: len(items), "folder": None, "files": json.dumps(files)})
-        tasks = frame(spark, items, TREE_ITEM, max(parallelism, len(items)))
+        tasks = frame(spark, items, TREE_ITEM, 4 * parallelism)  # a task lists several folders
         return kind, map_rows(tasks, partial(tree_task, fs_uri=uri), ENTRY)
     names = ["manifest"] if kind == "manifest" else [n for n in sources.KALDI_FILES
                                                      if fs.get_file_info(posixpath.join(path, n)).type
@@ -333,8 +333,9 @@ class Progress:
             tasks = [t for t in tasks if t is not None]
             done = sum(t.numCompletedTasks for t in tasks)
             total = sum(t.numTasks for t in tasks)
-            print(f"pack: {self.stage}: {done}/{total} tasks of the running Spark stages done", file=sys.stderr,
-                  flush=True)
+            if total:
+                print(f"pack: {self.stage}: {done}/{total} tasks of the running Spark stages done", file=sys.stderr,
+                      flush=True)
 
     def close(self) -> None:
         self.done.set()

@@ -115,10 +115,11 @@ def dataset_identity(manifest: dict, uri: str) -> dict:
 RESUME_MUST_MATCH = ("batch_seconds", "window_utterances", "seed")
 
 
-def resume_mismatch(ckpt: dict, cfg: Config, identity: dict, world: int) -> str | None:
-    """Returns why a checkpoint cannot be resumed by this run, or None if it can."""
-    if len(ckpt["readers"]) != world:
-        return f"the checkpoint was written by {len(ckpt['readers'])} ranks, not {world}"
+def resume_mismatch(ckpt: dict, cfg: Config, identity: dict) -> str | None:
+    """Returns why a checkpoint cannot be resumed by this run, or None if it can.
+
+    Another world size can: the readers deal the rest of the epoch to this run's ranks.
+    """
     saved = ckpt["dataset"]
     if (saved["utterances"], saved["shards"]) != (identity["utterances"], identity["shards"]):
         return (f"the checkpoint was trained on another dataset ({saved['uri']}, {saved['utterances']} "
@@ -254,10 +255,10 @@ def run(argv: list[str] | None) -> int:
         print(f"train: --resume: no checkpoint in {args.out}; starting from step 0", file=sys.stderr)
     if found is not None:
         ckpt, where = found
-        why = resume_mismatch(ckpt, cfg, identity, world)
+        why = resume_mismatch(ckpt, cfg, identity)
         try:
             if why is None:
-                loader.load_state_dict(ckpt["readers"][rank])
+                loader.load_state_dicts(ckpt["readers"])
         except ValueError as e:
             why = str(e)
         if why:
@@ -267,10 +268,15 @@ def run(argv: list[str] | None) -> int:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         step, epoch, skipped = ckpt["step"], ckpt["epoch"], ckpt["skipped_steps"]
-        skipped_utterances = ckpt.get("skipped_utterances_by_rank", [0] * world)[rank]  # this rank's own
+        by_rank = ckpt.get("skipped_utterances_by_rank", [])
+        # this rank's own count; on another world size rank 0 carries the total
+        if len(by_rank) == world:
+            skipped_utterances = by_rank[rank]
+        else:
+            skipped_utterances = sum(by_rank) if rank == 0 else 0
         clock["before_resume_s"] = clock["agreed_s"] = ckpt.get("wall_s", 0.0)
         # a checkpoint written after an epoch ended holds the reader at the end of the epoch before
-        resumed = ckpt["readers"][rank]["epoch"] == epoch
+        resumed = ckpt["readers"][0]["epoch"] == epoch
 
     log_dir = Path(args.log_dir) if args.log_dir else default_log_dir(args.out)
     metrics_file = writer = None

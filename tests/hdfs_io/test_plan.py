@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from hdfs_io.plan import PlanConfig, cut, deal, deal_cycles, plan_epoch, plan_rank
+from hdfs_io.plan import PlanConfig, cut, deal, deal_cycles, plan_epoch, plan_rank, plan_rank_resumed
 
 corpora = st.lists(st.floats(0.2, 20.0, allow_nan=False), min_size=1, max_size=400)
 
@@ -165,3 +165,32 @@ def test_a_window_larger_than_the_dataset_costs_what_the_dataset_does():
 
     assert sorted(int(u) for r in plan.ranks for b, rep in zip(r.batches, r.repeated) if not rep for u in b) \
         == list(range(100))
+
+
+@settings(max_examples=150, deadline=None)
+@given(corpora, st.lists(st.integers(1, 64), min_size=2, max_size=3), st.integers(0, 1), configs, st.data())
+def test_resumes_on_other_world_sizes_read_every_key_once_over_all_runs(durations, worlds, epoch, cfg, data):
+    # runs of one epoch on worlds[0], then worlds[1], ...: each stops after a random number of its batches
+    d, shards, rows = layout(durations)
+    history, read = [], []
+    for i, world in enumerate(worlds):
+        ranks = [plan_rank_resumed(d, shards, rows, epoch, cfg, history, world, r) for r in range(world)]
+        assert len({len(r.batches) for r in ranks}) == 1, f"run {i}: ranks have unequal batch counts"
+        assert sum(rep for r in ranks for rep in r.repeated) <= world - 1
+        last = i == len(worlds) - 1
+        stops = [len(r.batches) if last else data.draw(st.integers(0, len(r.batches)), label=f"run {i} rank {n}")
+                 for n, r in enumerate(ranks)]
+        read += [(b, rep) for r, p in zip(ranks, stops) for b, rep in zip(r.batches[:p], r.repeated[:p])]
+        history.append((world, stops))
+
+    seen = Counter(int(u) for b, rep in read if not rep for u in b)
+    assert seen == Counter(range(len(d)))
+
+
+@given(corpora, st.integers(1, 16), st.integers(0, 2), configs)
+def test_a_resume_with_nothing_read_is_the_epochs_own_plan(durations, world, epoch, cfg):
+    d, shards, rows = layout(durations)
+    whole = [plan_rank(d, shards, rows, world, r, epoch, cfg) for r in range(world)]
+    for history in ([], [(world, [0] * world)]):
+        resumed = [plan_rank_resumed(d, shards, rows, epoch, cfg, history, world, r) for r in range(world)]
+        assert [[b.tolist() for b in r.batches] for r in resumed] == [[b.tolist() for b in r.batches] for r in whole]

@@ -413,3 +413,32 @@ def test_a_reader_position_saved_by_another_planner_is_refused(packed):
 
     with pytest.raises(ValueError, match="planner"):
         ds.load_state_dict(saved)
+
+
+def test_an_epoch_stopped_on_three_ranks_is_finished_by_two_reading_each_utterance_once(packed):
+    _, uris = packed
+    uri = uris["local-parquet"]
+    old = [ShardLoader(ShardDataset(uri, r, 3, CONFIG), num_workers=0) for r in range(3)]
+    seen = []
+    for r, loader in enumerate(old):  # the ranks stop at different places, as after a lost node
+        loader.set_epoch(1)
+        for n, batch in zip(range(r + 1), loader):
+            seen.append(batch)
+    states = [json.loads(json.dumps(loader.state_dict())) for loader in old]
+    changed = ShardDataset(uri, 0, 2, ReaderConfig(plan=PlanConfig(batch_seconds=7.0, segment_batches=2,
+                                                                   window_utterances=8)))
+
+    new = [ShardLoader(ShardDataset(uri, r, 2, CONFIG), num_workers=w) for r, w in ((0, 0), (1, 2))]
+    for loader in new:
+        loader.load_state_dicts(states)
+    rest = [list(loader) for loader in new]
+    # a checkpoint written mid-way through the resumed epoch resumes again, on one rank
+    again = ShardLoader(ShardDataset(uri, 0, 1, CONFIG), num_workers=0)
+    again.load_state_dicts([json.loads(json.dumps(loader.state_dict())) for loader in new])
+
+    assert len(rest[0]) == len(rest[1]) > 0
+    assert list(again) == [], "a finished epoch left batches behind"
+    keys = [k for b in seen + rest[0] + rest[1] if not b["repeated"] for k in b["keys"]]
+    assert Counter(keys) == Counter(open_dataset(uri).index([F.KEY]).column(F.KEY).to_pylist())
+    with pytest.raises(ValueError, match="batch_seconds 12.0 -> 7.0"):
+        changed.load_state_dicts(states)

@@ -206,14 +206,19 @@ def test_sequencefile_shards_read_by_spark_and_the_hadoop_cli(cluster, bad_corpu
         "from pyspark import SparkContext\n"
         "sc = SparkContext.getOrCreate()\n"
         "for k, v in sorted(sc.sequenceFile(sys.argv[1]).collect()):\n"
-        "    print('REC', k, len(v), zlib.crc32(bytes(v)))\n")
+        "    print('REC', k, len(v), zlib.crc32(bytes(v)))\n"
+        "from pyspark.sql import SparkSession\n"
+        "spark = SparkSession.builder.getOrCreate()\n"
+        "print('INDEX', spark.read.parquet(sys.argv[2]).count(), spark.read.parquet(sys.argv[3]).count())\n")
 
-    spark_out = cluster.spark_submit(str(job), f"{out}/shards").stdout
+    spark_out = cluster.spark_submit(str(job), f"{out}/shards", f"{out}/{F.INDEX}", f"{out}/{F.INDEX_DIR}").stdout
     text = cluster.hadoop("dfs", "-text", f"{out}/shards/part-00000.seq").stdout
 
     records = {line.split()[1]: (int(line.split()[2]), int(line.split()[3]))
                for line in spark_out.splitlines() if line.startswith("REC ")}
     assert records == {k: (len(b), zlib.crc32(b)) for k, (b, _) in expected.packed.items()}
+    # Spark reads the index and its per-shard parts without this project's code
+    assert f"INDEX {len(expected.packed)} {len(expected.packed)}" in spark_out.splitlines()
     first_key = open_dataset(out).index().to_pylist()[0][F.KEY]
     assert text.splitlines()[0].startswith(first_key + "\t")
 
@@ -286,17 +291,22 @@ def test_overwrite_never_replaces_the_input_or_a_folder_that_is_not_a_dataset(cl
     assert snapshot(tmp_path) == before, "a file was deleted or written"
 
 
-@pytest.mark.parametrize("layout", ["manifest", "librispeech"])
-def test_twenty_thousand_files_pack_under_a_driver_result_limit_of_one_megabyte(cluster, layout, tmp_path):
+@pytest.mark.parametrize("layout, progress", [("manifest", ["--quiet"]), ("librispeech", ["--progress-s", "2"])])
+def test_twenty_thousand_files_pack_under_a_driver_result_limit_of_one_megabyte(cluster, layout, progress, tmp_path):
     # 20,000 utterances at even 100 bytes each would be 2 MB: nothing per utterance may reach the driver
     corpus = linked_corpus(tmp_path / "corpus", 20_000, layout, tones(tmp_path / "tones", 20, 0.1, 0.3))
 
     result = cluster.spark_submit("--driver-memory", "1g",
                                   "--conf", "spark.driver.maxResultSize=1m", str(ROOT / "spark_jobs" / "pack.py"),
                                   "--input", str(corpus), "--output", str(tmp_path / "ds"), "--shard-size-mb", "16",
-                                  "--quiet", master="local[2]", check=False)
+                                  *progress, master="local[2]", check=False)
 
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    progress_lines = [line for line in (result.stdout + result.stderr).splitlines()
+                      if line.startswith("pack: ") and "tasks of the running Spark stages done" in line]
+    assert bool(progress_lines) == (progress != ["--quiet"]), progress_lines
+    assert all(line.split(":")[1].strip() in ("discover", "probe", "lay out", "write", "index")
+               for line in progress_lines)
     ds = open_dataset(str(tmp_path / "ds"))
     keys = ds.index([F.KEY]).column(F.KEY).to_pylist()
     assert ds.manifest["utterances"] == len(set(keys)) == 20_000 and ds.manifest["quarantined"] == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import uuid
@@ -188,3 +189,37 @@ def test_a_finished_run_resumed_with_more_epochs_trains_the_next_epoch_whole(clu
     by_epoch = Counter(r["epoch"] for r in records)
     assert by_epoch[0] == by_epoch[1] > 0, by_epoch  # epoch 1 in full, not skipped
     assert json.loads(more.stdout.strip().splitlines()[-1])["epoch"] == 2
+
+
+ELASTIC = ["--train.batch_seconds=6", "--train.checkpoint_every_steps=3", "--train.audit_keys=true", "--epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def stopped_on_two_ranks(cluster, hdfs_dataset, tmp_path_factory) -> Path:
+    """A 2-rank run of one epoch that died after step 4, its checkpoint at step 3; returns its folder."""
+    root = tmp_path_factory.mktemp("elastic")
+    ds = ShardDataset(hdfs_dataset, 0, 2, ReaderConfig(plan=PlanConfig(batch_seconds=6)))
+    assert len(ds) >= 5, "the epoch must outlast the crash"
+    stopped = train(cluster, "--dataset", hdfs_dataset, *ELASTIC, "--out", str(root / "out"),
+                    "--log-dir", str(root / "log"), "--train.crash_after_step=4", "--train.dist_timeout_minutes=1",
+                    procs=2, check=False)
+    assert stopped.returncode != 0 and (root / "out" / "checkpoint.pt").exists(), stopped.stderr[-2000:]
+    return root
+
+
+@pytest.mark.parametrize("new_world", [1, 3])
+def test_an_epoch_stopped_on_two_ranks_finishes_on_another_number_of_ranks_read_once(
+        cluster, hdfs_dataset, stopped_on_two_ranks, tmp_path, new_world):
+    shutil.copytree(stopped_on_two_ranks / "out", tmp_path / "out")
+
+    train(cluster, "--dataset", hdfs_dataset, *ELASTIC, "--out", str(tmp_path / "out"), "--log-dir",
+          str(tmp_path / "log"), "--resume", procs=new_world)
+
+    before = [r for records in audit(stopped_on_two_ranks / "log", 2).values() for r in records if r["step"] <= 3]
+    after = audit(tmp_path / "log", new_world)
+    assert len({len(records) for records in after.values()}) == 1, "the new ranks read unequal batch counts"
+    assert all(r["step"] > 3 for records in after.values() for r in records)
+    consumed = [k for r in before + [r for records in after.values() for r in records] if not r["repeated"]
+                for k in r["keys"]]
+    expected = open_dataset(hdfs_dataset).index().column(F.KEY).to_pylist()
+    assert Counter(consumed) == Counter(expected)  # one clean epoch over both runs: none missing, none twice
