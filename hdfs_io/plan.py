@@ -388,6 +388,9 @@ def plan_rank_resumed(durations: np.ndarray, shards: np.ndarray, rows: np.ndarra
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     sequence = epoch_batches(durations, shards, rows, epoch, cfg)
     seconds = sequence.seconds()
+    if not history:  # the whole epoch: no copies of the per-batch arrays (30M utterances: 6M batches)
+        firsts, lengths = deal_cycles(len(sequence), world_size, max(1, cfg.segment_batches), seconds)
+        return rank_plan(sequence, positions_of(firsts, lengths, rank))[0]
     left = left_after(seconds, cfg, history)
     firsts, lengths = deal_cycles(len(left), world_size, max(1, cfg.segment_batches), seconds[left])
     mine = positions_of(firsts, lengths, rank)

@@ -772,6 +772,10 @@ class ShardLoader:
         self.next_position = state["position"]
 
     def load_state_dicts(self, states: list[dict]) -> None:
-        """Resumes from every rank's saved state, on this world size or another (ShardDataset.load_state_dicts)."""
+        """Resumes from every rank's saved state, on this world size or another (ShardDataset.load_state_dicts).
+
+        Call it before the first iteration: persistent workers keep the dataset they started with, and
+        after that only the epoch and position reach them, not the history of a re-dealt epoch.
+        """
         self.dataset.load_state_dicts(states)
         self.next_position = self.dataset.start_position
