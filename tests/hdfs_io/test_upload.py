@@ -32,9 +32,17 @@ def small_files(root: Path, count: int, size: int = 4096) -> dict[str, bytes]:
 
 
 def remote_count(uri: str) -> int:
+    """Returns how many files are under `uri` so far, for polling while an upload writes there (0 if none yet).
+
+    A recursive HDFS listing taken while the upload creates the folders can fail with "No such file or
+    directory" (seen once in CI); a poll that races the upload counts as none yet and polls again.
+    """
     fs, root = open_filesystem(uri)
     selector = pafs.FileSelector(root, recursive=True, allow_not_found=True)
-    return sum(i.type == pafs.FileType.File for i in fs.get_file_info(selector))
+    try:
+        return sum(i.type == pafs.FileType.File for i in fs.get_file_info(selector))
+    except FileNotFoundError:
+        return 0
 
 
 def remote_files(uri: str) -> dict[str, bytes]:
