@@ -7,13 +7,16 @@
         for batch in loader: ...                 # batch["features"]: (B, T, F), batch["lengths"], ...
         state = loader.state_dict()              # exactly where this rank is; load_state_dict() resumes
 
-The pipeline, per DataLoader worker: plan (hdfs_io.plan, from the index alone)
--> this worker's batches (every k-th position, so the output order does not depend
-on k) -> chunks to read, in order of first use (Parquet row groups; byte ranges
-of about 16 MB in SequenceFiles) -> a background thread prefetching a
-bounded number of chunks -> verify each record's CRC32 -> decode -> down-mix and
-resample -> features -> collate. Errors follow one policy: "fail" raises
-CorruptRecord naming shard and row, "skip" drops the record and counts it.
+The pipeline, in files: hdfs_io.plan deals the epoch's batches to ranks, from the
+index alone -> hdfs_io.work gives each DataLoader worker every k-th of the rank's
+positions (so the output order does not depend on k) with just the index fields
+those need -> hdfs_io.chunks reads their chunks (Parquet row groups; byte ranges of
+about 16 MB in SequenceFiles) in order of first use, prefetched on a thread and
+bounded in number -> hdfs_io.batches verifies each record's CRC32, decodes,
+down-mixes and resamples, computes features and collates. Errors follow one
+policy: "fail" raises CorruptRecord naming shard and row, "skip" drops the
+record and counts it. This module holds the rank's side (index, plan, position)
+and the loader that hands workers their Work.
 
 A read that fails with an I/O error (a NameNode restarting, a DataNode gone
 with no replica left yet) is retried with exponential backoff for
@@ -30,45 +33,30 @@ import hashlib
 import json
 import multiprocessing
 import os
-import posixpath
 import queue
 import threading
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import Iterator, NamedTuple
+from typing import Iterator
 
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyarrow.fs import FileType
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from hdfs_io import dataset_format as F
-from hdfs_io.audio import BadAudio, decode, resample, to_mono
+from hdfs_io.batches import form_batches, prepare, verified_decode
+from hdfs_io.chunks import ChunkFetcher, CorruptRecord, Shards, StorageUnavailable, parquet_rows
 from hdfs_io.dataset import open_dataset
 from hdfs_io.feature_stats import feature_stats, packed_config
-from hdfs_io.features import FeatureConfig, log_features
-from hdfs_io.filesystem import FilesystemRef, first_line, worker_start_method
+from hdfs_io.features import FeatureConfig
+from hdfs_io.filesystem import FilesystemRef, worker_start_method
 from hdfs_io.plan import PLANNER_VERSION, PlanConfig, RankPlan, index_columns, plan_durations, plan_rank_resumed
-from hdfs_io.sequencefile import OffsetBytes, SequenceFileReader, writable_bytes
-
-
-class CorruptRecord(RuntimeError):
-    """A record failed its checksum or could not be decoded; the message names shard and row."""
-
-
-class StorageUnavailable(RuntimeError):
-    """A shard could not be read within the retry budget; the message names the filesystem and shard."""
-
-
-class Record(NamedTuple):
-    """One utterance as read from its chunk."""
-    key: str
-    transcript: str
-    data: bytes | tuple[bytes, int]  # audio bytes, or (float16 features, CRC32) from the feature cache
+from hdfs_io.sequencefile import SequenceFileReader, writable_bytes
+from hdfs_io.work import Work, work_for, worker_positions
 
 
 def error_message(error: BaseException) -> str:
@@ -142,10 +130,8 @@ class ShardDataset(IterableDataset):
         self.epoch, self.start_position = 0, 0
         self.history: list[tuple[int, list[int]]] = []  # earlier runs of the resumed epoch: (world size, positions)
         self._history_epoch: int | None = None
-        self._shared_position = None  # (epoch, start position) for persistent workers: see share_position
-        self._plan: tuple[int, RankPlan] | None = None
-        self._members: dict[tuple[int, int], np.ndarray] | None = None
-        self._cache_row_groups: dict[tuple[int, int], int] | None = None
+        self._plans: dict[tuple[int, str], RankPlan] = {}  # by (epoch, history)
+        self._cache_chunks: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # see _cache_places
         self._keys: tuple[np.ndarray, np.ndarray] | None = None  # for get(): sorted key hashes, index rows
 
     def _feature_cache(self, ds) -> str | None:
@@ -176,40 +162,29 @@ class ShardDataset(IterableDataset):
             self._stats = (stats.mean, np.maximum(stats.std, 1e-5), stats.source)
         return self._stats
 
-    def chunk_members(self, shard: int, chunk: int) -> np.ndarray:
-        """Returns the utterance ids in one chunk, from a grouping of the index built once per process."""
-        if self._members is None:
-            order = np.lexsort((self.chunks, self.shards))
-            keys = np.stack([self.shards[order], self.chunks[order]], axis=1)
-            starts = np.flatnonzero(np.r_[True, (keys[1:] != keys[:-1]).any(axis=1)])
-            self._members = {(int(keys[a, 0]), int(keys[a, 1])): order[a:b]
-                             for a, b in zip(starts, np.r_[starts[1:], len(order)])}
-        return self._members.get((shard, chunk), np.empty(0, np.int64))
-
-    def chunk_row_group(self, shard: int, chunk: int) -> int:
-        """Returns the feature-cache row group of a chunk: its rank among the shard's chunk ids."""
-        if self._cache_row_groups is None:
-            self.chunk_members(shard, chunk)
-            self._cache_row_groups, previous, rank = {}, None, 0
-            for s, c in sorted(self._members):
-                rank = rank + 1 if s == previous else 0
-                self._cache_row_groups[(s, c)], previous = rank, s
-        return self._cache_row_groups[(shard, chunk)]
-
     # -- planning and position ------------------------------------------------
+
+    def _history_of(self, epoch: int) -> list[tuple[int, list[int]]]:
+        return self.history if epoch == self._history_epoch else []
 
     def plan(self, epoch: int) -> RankPlan:
         """Returns this rank's batches for `epoch`; the other ranks' are not kept.
 
         For the epoch a resume on another world size began in, these are the batches the
-        earlier runs left (see hdfs_io.plan, step 5).
+        earlier runs left (see hdfs_io.plan, step 5). The plans of the last two epochs asked
+        for are kept, so ShardLoader can plan the next epoch while this one is read.
         """
-        if self._plan is None or self._plan[0] != epoch:
-            self._plan = None  # free the previous epoch's plan before making the next
-            history = self.history if epoch == self._history_epoch else []
-            self._plan = (epoch, plan_rank_resumed(self.durations, self.shards, self.rows, epoch, self.config.plan,
-                                                   history, self.world_size, self.rank))
-        return self._plan[1]
+        history = self._history_of(epoch)
+        key = (epoch, json.dumps(history))
+        if key not in self._plans:
+            self._plans = {k: v for k, v in self._plans.items() if k[0] in (epoch - 1, epoch)}
+            self._plans[key] = plan_rank_resumed(self.durations, self.shards, self.rows, epoch, self.config.plan,
+                                                 history, self.world_size, self.rank)
+        return self._plans[key]
+
+    def position(self) -> tuple[int, int, str]:
+        """Returns where iteration starts: (epoch, position, the resumed runs it follows), as a hashable key."""
+        return self.epoch, self.start_position, json.dumps(self._history_of(self.epoch))
 
     def __len__(self) -> int:
         return len(self.plan(self.epoch).batches)
@@ -248,7 +223,6 @@ class ShardDataset(IterableDataset):
         self.epoch, self.start_position = state["epoch"], state["position"]
         self.history = [(int(w), [int(x) for x in p]) for w, p in state.get("history", [])]
         self._history_epoch = self.epoch if self.history else None
-        self._plan = None
 
     def load_state_dicts(self, states: list[dict]) -> None:
         """Resumes from the positions every rank of a run saved, on this run's world size.
@@ -273,83 +247,66 @@ class ShardDataset(IterableDataset):
         self.epoch, self.start_position = states[0]["epoch"], 0
         self.history = history + [(len(states), [int(s["position"]) for s in states])]
         self._history_epoch = self.epoch
-        self._plan = None
 
     # -- iteration ----------------------------------------------------------------
 
-    def share_position(self, context) -> None:
-        """Makes the epoch and start position reach DataLoader workers that persist across epochs.
+    def shards_spec(self) -> Shards:
+        """Returns where this dataset's bytes are, for chunk reads in any process."""
+        return Shards(self.ref.uri, tuple(s["path"] for s in self.manifest["shards"]), self.sequencefile,
+                      self.cache_dir)
 
-        A persistent worker keeps the copy of this dataset it was started with, so what
-        set_epoch and load_state_dict change in the parent travels through a small
-        shared array, written by `publish_position` before each iteration.
+    def work(self, epoch: int, start: int, worker: int, workers: int) -> Work:
+        """Returns what DataLoader worker `worker` of `workers` reads of this rank's epoch from `start`."""
+        plan = self.plan(epoch)
+        return work_for(epoch, plan, worker_positions(len(plan.batches), start, worker, workers), self._fields)
+
+    def _fields(self, ids: np.ndarray) -> dict:
+        """Returns the per-item fields of a Work for index rows `ids` (see hdfs_io.work.Work)."""
+        fields = {"shards": self.shards[ids], "chunks": self.chunks[ids], "rows": self.rows[ids],
+                  "checksums": self.checksums[ids], "durations": self.durations[ids]}
+        if self.sequencefile:
+            fields.update(offsets=self.offsets[ids], record_bytes=self.record_bytes[ids],
+                          transcripts=self.transcripts.take(ids).to_pylist())
+        if self.cache_dir:
+            fields["cache_groups"], fields["cache_rows"] = self._cache_places(ids)
+        return fields
+
+    def _cache_places(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Returns, for index rows `ids`, their chunk's row group in the feature cache file and their row in it.
+
+        The cache holds a chunk's rows, in row order, as one row group, and a shard's chunks
+        in chunk order; the table of chunks it needs (first row, row group) is built once.
         """
-        self._shared_position = context.Array("q", 2, lock=False)
-
-    def publish_position(self) -> None:
-        self._shared_position[0], self._shared_position[1] = self.epoch, self.start_position
+        if self._cache_chunks is None:
+            codes = self.shards.astype(np.int64) << 32 | self.chunks
+            order = np.argsort(codes, kind="stable")
+            sorted_codes = codes[order]
+            del codes
+            starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
+            first_rows = np.minimum.reduceat(self.rows[order], starts)
+            chunk_codes = sorted_codes[starts]
+            del order, sorted_codes
+            shard_of = chunk_codes >> 32
+            shard_starts = np.flatnonzero(np.r_[True, shard_of[1:] != shard_of[:-1]])
+            groups = np.arange(len(chunk_codes)) - np.repeat(shard_starts, np.diff(np.r_[shard_starts, len(shard_of)]))
+            self._cache_chunks = (chunk_codes, first_rows, groups.astype(np.int32))
+        chunk_codes, first_rows, groups = self._cache_chunks
+        at = np.searchsorted(chunk_codes, self.shards[ids].astype(np.int64) << 32 | self.chunks[ids])
+        return groups[at], (self.rows[ids] - first_rows[at]).astype(np.int64)
 
     def __iter__(self) -> Iterator[dict]:
+        """Yields this rank's batches from the start position, in this process or a plain DataLoader's workers.
+
+        ShardLoader's workers do not come here: they receive their Work (see WorkStream).
+        """
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        epoch, start = ((int(self._shared_position[0]), int(self._shared_position[1]))
-                        if info is not None and self._shared_position is not None else (self.epoch, self.start_position))
-        mine = self.plan(epoch)
-        positions = list(range(start + worker, len(mine.batches), workers))
-        if info is None:  # in-process iteration tracks its own position
-            for batch in self._batches(epoch, positions, mine):
+        stats = self.normalization()[:2] if self.config.output == "features" else None
+        work = self.work(self.epoch, self.start_position, worker, workers)
+        for batch in read_work(self.shards_spec(), self.config, stats, work):
+            if info is None:  # in-process iteration tracks its own position
                 self.start_position = batch["position"] + 1
-                yield batch
-        else:
-            yield from self._batches(epoch, positions, mine)
-
-    def _batches(self, epoch: int, positions: list[int], mine: RankPlan) -> Iterator[dict]:
-        fs, root = self.ref.open()
-        ids = np.concatenate([mine.batches[p] for p in positions]) if positions else np.empty(0, np.int64)
-        fetcher = ChunkFetcher(self, fs, root, self.shards[ids].astype(np.int64) << 32 | self.chunks[ids])
-        try:
-            for p in positions:
-                rereads, reads = fetcher.rereads, fetcher.reads
-                batch = self._collate(epoch, p, mine.batches[p], mine.repeated[p], fetcher)
-                batch["chunk_reads"] = fetcher.reads - reads  # chunks this batch waited for, re-reads included
-                batch["chunk_rereads"] = fetcher.rereads - rereads  # chunks read again to bound memory
-                yield batch
-        finally:
-            fetcher.close()
-
-    def _collate(self, epoch: int, position: int, ids: np.ndarray, repeated: bool, fetcher: "ChunkFetcher") -> dict:
-        items, skipped = [], []
-        for u in ids:
-            u = int(u)
-            try:  # one policy for a damaged chunk and a damaged record alike
-                record = fetcher.get((int(self.shards[u]), int(self.chunks[u])), u)
-                items.append((record.key, record.transcript, float(self.durations[u]), self._prepare(u, record)))
-            except CorruptRecord as e:
-                if self.config.on_error == "fail":
-                    raise
-                skipped.append(str(e))
-        batch = collate(position, epoch, items, repeated, skipped, self.config.output)
-        batch["worker_pid"] = os.getpid()
-        return batch
-
-    def _prepare(self, u: int, record: Record | None) -> np.ndarray:
-        where = f"shard {self.manifest['shards'][self.shards[u]]['path']} row {self.rows[u]}"
-        if record is None:
-            raise CorruptRecord(f"{where}: record missing from its chunk")
-        data = record.data
-        if isinstance(data, tuple):  # from the feature cache: float16 features and their CRC32
-            feats, crc = data
-            if zlib.crc32(feats) != crc:
-                raise CorruptRecord(f"{self.cache_dir}/ {where}: feature checksum mismatch (key {record.key})")
-            feats = np.frombuffer(feats, "<f2").reshape(-1, self.config.feature.num_bins).astype(np.float32)
-            mean, std, _ = self.normalization()
-            return (feats - mean) / std
-        samples, rate = verified_decode(data, int(self.checksums[u]), where, record.key)
-        signal = resample(to_mono(samples), rate, self.config.feature.sample_rate)
-        if self.config.output == "waveform":
-            return signal
-        mean, std, _ = self.normalization()
-        return (log_features(signal, self.config.feature) - mean) / std
+            yield batch
 
     # -- random access ------------------------------------------------------------
 
@@ -421,278 +378,10 @@ class ShardDataset(IterableDataset):
             yield from zip(members.tolist(), rows[F.KEY], rows[F.AUDIO], rows[F.TRANSCRIPT])
 
 
-def verified_decode(data: bytes, crc: int, where: str, key: str) -> tuple[np.ndarray, int]:
-    """Returns the decoded (samples, rate) of audio bytes that match their CRC32.
-
-    Raises:
-        CorruptRecord: naming `where` and the key, if the bytes fail their checksum or do not decode.
-    """
-    if zlib.crc32(data) != crc:
-        raise CorruptRecord(f"{where}: checksum mismatch (key {key})")
-    try:
-        return decode(data)
-    except BadAudio as e:
-        raise CorruptRecord(f"{where}: {e}") from None
-
-
 def key_hash(key: str) -> int:
     """Returns a 64-bit hash of a key's UTF-8 bytes that is the same in every process (unlike `hash`)."""
     return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
                           "little", signed=True)
-
-
-def parquet_rows(parquet: pq.ParquetFile, group: int, rows: list[int], columns: list[str]) -> dict[str, list]:
-    """Returns `columns` of the given shard rows, all in row group `group`, as lists in `rows` order."""
-    group_start = sum(parquet.metadata.row_group(i).num_rows for i in range(group))
-    table = parquet.read_row_group(group, columns=columns)
-    return table.take(np.asarray(rows, np.int64) - group_start).to_pydict()
-
-
-def collate(position: int, epoch: int, items: list[tuple[str, str, float, np.ndarray]], repeated: bool,
-            skipped: list[str], output: str) -> dict:
-    """Returns a padded batch: features (B, T, F) or waveforms (B, S), with lengths and transcripts."""
-    lengths = [len(x) for *_, x in items]
-    longest = max(lengths, default=0)
-    if output == "features":
-        bins = items[0][3].shape[1] if items else 0
-        padded = np.zeros((len(items), longest, bins), np.float32)
-    else:
-        padded = np.zeros((len(items), longest), np.float32)
-    for i, (*_, x) in enumerate(items):
-        padded[i, :len(x)] = x
-    return {"position": position, "epoch": epoch, "keys": [k for k, *_ in items],
-            "transcripts": [t for _, t, *_ in items], "durations": [d for _, _, d, _ in items],
-            output: torch.from_numpy(padded), "lengths": torch.tensor(lengths, dtype=torch.int64),
-            "repeated": repeated, "skipped": skipped}
-
-
-class ChunkFetcher:
-    """Reads the chunks a worker needs, in order, on a background thread; keeps at most `depth` ahead.
-
-    A chunk stays in memory from its read until its last use, then is dropped.
-    At most `max_held_chunks` are held: past that, the one needed again last is
-    dropped and read again when needed (a plan that reads chunks far out of
-    order, such as SortaGrad over a shuffled layout, costs reads, not memory).
-    A shard's file is closed after its last chunk is read, since an open
-    Parquet file keeps the buffers of its last read.
-    """
-
-    def __init__(self, ds: ShardDataset, fs, root: str, uses: np.ndarray):
-        """`uses`: the chunk of every utterance the worker will read, in order, as shard << 32 | chunk id."""
-        self.ds, self.fs, self.root = ds, fs, root
-        codes, first, inverse, counts = np.unique(uses, return_index=True, return_inverse=True, return_counts=True)
-        chunks = [(int(c >> 32), int(c & 0xFFFFFFFF)) for c in codes]
-        self.order = [chunks[i] for i in np.argsort(first)]
-        self.remaining = dict(zip(chunks, counts.tolist()))
-        by_chunk, ends = np.argsort(inverse, kind="stable"), np.cumsum(counts)
-        self.use_positions = {c: by_chunk[end - n:end] for c, n, end in zip(chunks, counts, ends)}
-        self.used = 0  # uses served so far: the position in `uses`
-        self.last_of_shard = {shard: i for i, (shard, _) in enumerate(self.order)}
-        self.ready: dict[tuple[int, int], dict[int, Record] | BaseException] = {}
-        self.dropped: set[tuple[int, int]] = set()
-        self.rereads = 0
-        self.reads = 0  # chunks handed over by the prefetch thread or read again, so far
-        self.local = threading.local()  # open files, per thread: the prefetch thread's and re-reads'
-        self.queue: queue.Queue = queue.Queue(maxsize=max(1, ds.config.prefetch_chunks))
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _files(self) -> dict[str, pq.ParquetFile]:
-        return self.local.__dict__.setdefault("files", {})
-
-    def _run(self) -> None:
-        for i, chunk in enumerate(self.order):
-            if self.stop.is_set():
-                return
-            result = self._read_or_error(chunk)
-            if self.last_of_shard[chunk[0]] == i:
-                for path in self._paths(chunk[0]):
-                    self._files().pop(path, None)
-            self.queue.put((chunk, result))
-
-    def _read_or_error(self, chunk: tuple[int, int]) -> dict[int, Record] | BaseException:
-        try:
-            return self._read_retrying(chunk)
-        except BaseException as e:  # handed to the consumer, which applies the policy
-            return e
-
-    def _where(self, chunk: tuple[int, int]) -> str:
-        unit = "byte range" if self.ds.sequencefile else "row group"
-        return f"shard {self.ds.manifest['shards'][chunk[0]]['path']} {unit} {chunk[1]}"
-
-    def _read_retrying(self, chunk: tuple[int, int]) -> dict[int, bytes]:
-        """Returns `_read(chunk)`, retrying I/O errors with exponential backoff for `retry_seconds`.
-
-        A failed read whose raw bytes the filesystem does serve (a damaged Parquet page
-        or footer) is damage, not an outage: it is not retried.
-
-        Raises:
-            StorageUnavailable: the read still failed when the retry budget ran out.
-            CorruptRecord: the chunk's bytes were served but could not be parsed.
-        """
-        deadline = time.monotonic() + self.ds.config.retry_seconds
-        delay, attempts, damaged = 0.5, 0, False
-        while True:
-            attempts += 1
-            try:
-                return self._read(chunk)
-            except OSError as e:
-                if isinstance(e, FileNotFoundError) and self._root_answers():
-                    raise  # the filesystem answers, so the shard really is missing: no use retrying
-                # Parquet only: a SequenceFile's parse errors are not OSErrors. Twice in a row, so that a
-                # read that failed and recovered just before the probe is not taken for damage.
-                if not isinstance(e, FileNotFoundError) and not self.ds.sequencefile and self._bytes_served(chunk):
-                    served_twice = damaged
-                    damaged = True
-                    if served_twice:
-                        raise CorruptRecord(f"{self._where(chunk)}: damaged: {first_line(e)}") from e
-                    self._files().clear()
-                    continue
-                damaged = False
-                if self.stop.is_set() or time.monotonic() + delay > deadline:
-                    raise StorageUnavailable(
-                        f"{self._where(chunk)}: {self.ds.ref.uri} did not serve it after {attempts} attempt(s) "
-                        f"in {self.ds.config.retry_seconds:g} s: {first_line(e)}") from e
-                self._files().clear()  # handles may be bound to a dead connection
-                self.stop.wait(delay)
-                delay = min(delay * 2, 8.0)
-
-    def _bytes_served(self, chunk: tuple[int, int]) -> bool:
-        """Returns True if the filesystem serves the raw bytes of `chunk` now.
-
-        Those are its row group's column chunks when the shard's footer was parsed,
-        else the footer itself; a Parquet read that failed on bytes that are served
-        failed on their content.
-        """
-        path, cache_path = self._paths(chunk[0])
-        path = cache_path or path
-        parsed = self._files().get(path)
-        try:
-            with self.fs.open_input_file(path) as f:
-                size = f.size()
-                if parsed is None or self.ds.sequencefile:
-                    start, length = max(0, size - 2**16), min(size, 2**16)
-                else:
-                    group = self.ds.chunk_row_group(*chunk) if cache_path else chunk[1]
-                    columns = [parsed.metadata.row_group(group).column(i)
-                               for i in range(parsed.metadata.num_columns)]
-                    start = min(c.dictionary_page_offset or c.data_page_offset for c in columns)
-                    length = min(sum(c.total_compressed_size for c in columns), size - start)
-                return len(f.read_at(length, start)) == length
-        except OSError:
-            return False
-        except Exception:  # the parsed footer does not describe this chunk: the shard is damaged
-            return True
-
-    def _root_answers(self) -> bool:
-        try:
-            return self.fs.get_file_info("/").type == FileType.Directory
-        except OSError:
-            return False
-
-    def _parquet(self, path: str) -> pq.ParquetFile:
-        """Returns the shard's ParquetFile, opened once per fetcher so its footer is read once."""
-        files = self._files()
-        if path not in files:
-            files[path] = pq.ParquetFile(self.fs.open_input_file(path))
-        return files[path]
-
-    def _paths(self, shard: int) -> tuple[str, str | None]:
-        """Returns the shard's file and its feature cache file (None without a cache)."""
-        name = self.ds.manifest["shards"][shard]["path"]
-        if not self.ds.cache_dir:
-            return f"{self.root}/{name}", None
-        stem = posixpath.splitext(posixpath.basename(name))[0]
-        return f"{self.root}/{name}", f"{self.root}/{self.ds.cache_dir}/{stem}.parquet"
-
-    def _read(self, chunk: tuple[int, int]) -> dict[int, Record]:
-        """Returns {utterance id: its record} for one chunk."""
-        shard, chunk_id = chunk
-        ds = self.ds
-        path, cache_path = self._paths(shard)
-        members = ds.chunk_members(shard, chunk_id)
-        if cache_path:  # the cache's row group holds the chunk's rows in row order; the audio is not read
-            ids = sorted((int(u) for u in members), key=lambda u: ds.rows[u])
-            columns = [F.KEY, F.TRANSCRIPT, F.FEATURES, F.CHECKSUM]
-            cached = self._parquet(cache_path).read_row_group(ds.chunk_row_group(shard, chunk_id), columns=columns)
-            return {u: Record(key, text, (feats, crc)) for u, (key, text, feats, crc)
-                    in zip(ids, zip(*(cached.column(c).to_pylist() for c in columns)))}
-        if not ds.sequencefile:
-            ids = [int(u) for u in members]
-            group = parquet_rows(self._parquet(path), chunk_id, [ds.rows[u] for u in ids],
-                                 [F.KEY, F.TRANSCRIPT, F.AUDIO])
-            return {u: Record(*fields) for u, *fields in zip(ids, group[F.KEY], group[F.TRANSCRIPT], group[F.AUDIO])}
-        by_offset = {int(ds.offsets[u]): int(u) for u in members}
-        start, last = min(by_offset), max(by_offset)
-        # a record is its lengths, key and value, perhaps after a 20-byte sync marker
-        end = last + 64 + int(ds.record_bytes[by_offset[last]])
-        with self.fs.open_input_file(path) as f:
-            header = SequenceFileReader(f, name=path)
-            blob = f.read_at(min(end, f.size()) - start, start)
-        reader = header.over(OffsetBytes(blob, start))
-        return {by_offset[offset]: Record(writable_bytes(reader.key_class, key).decode("utf-8"),
-                                          ds.transcripts[by_offset[offset]].as_py(),
-                                          writable_bytes(reader.value_class, value))
-                for key, value, offset in reader.iter_range(start, last) if offset in by_offset}
-
-    def get(self, chunk: tuple[int, int], u: int) -> Record | None:
-        """Returns the record of utterance `u` from `chunk`, waiting for the prefetch thread if needed.
-
-        Raises:
-            StorageUnavailable: the chunk could not be read, or nothing arrived for too long.
-            CorruptRecord: the chunk was read but could not be parsed.
-        """
-        if chunk in self.dropped:  # dropped to bound memory: read it again, here
-            self.dropped.discard(chunk)
-            self.rereads += 1
-            self.reads += 1
-            self.ready[chunk] = self._read_or_error(chunk)
-            self._files().clear()
-        patience = self.ds.config.retry_seconds + self.ds.config.stall_seconds
-        while chunk not in self.ready:
-            try:
-                got, result = self.queue.get(timeout=patience)
-            except queue.Empty:
-                raise StorageUnavailable(f"{self._where(chunk)}: no data from {self.ds.ref.uri} for "
-                                         f"{patience:g} s; a read is hanging (is the NameNode or a DataNode "
-                                         "stopped?)") from None
-            self.ready[got] = result
-            self.reads += 1
-        self._drop_beyond_limit(keep=chunk)
-        result = self.ready[chunk]
-        self.used += 1
-        self.remaining[chunk] -= 1
-        if self.remaining[chunk] == 0:
-            del self.ready[chunk]
-        if isinstance(result, StorageUnavailable):
-            raise result
-        if isinstance(result, CorruptRecord):
-            raise CorruptRecord(str(result)) from result  # once for each of the chunk's records
-        if isinstance(result, BaseException):
-            raise CorruptRecord(f"{self._where(chunk)}: cannot read: {first_line(result)}") from result
-        return result.get(u)
-
-    def _drop_beyond_limit(self, keep: tuple[int, int]) -> None:
-        """Drops held chunks, the one needed again last first, until at most `max_held_chunks` are held."""
-        def next_use(c: tuple[int, int]) -> int:
-            positions = self.use_positions[c]
-            return int(positions[np.searchsorted(positions, self.used)])
-
-        while len(self.ready) > max(1, self.ds.config.max_held_chunks):
-            victim = max((c for c in self.ready if c != keep), key=next_use)
-            del self.ready[victim]
-            self.dropped.add(victim)
-
-    def close(self) -> None:
-        self.stop.set()
-        deadline = time.monotonic() + 1.0
-        while self.thread.is_alive():
-            try:
-                self.queue.get(timeout=0.1)
-            except queue.Empty:
-                if time.monotonic() > deadline:
-                    return  # stuck in a read that hangs; it is a daemon thread, so leave it behind
 
 
 def process_alive(pid: int) -> bool:
@@ -724,58 +413,200 @@ def exit_with_parent(parent_pid: int, _worker_id: int = 0) -> None:
     threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
+def read_work(shards: Shards, config: ReaderConfig, stats, work: Work) -> Iterator[dict]:
+    """Yields a Work's batches: its chunks read (hdfs_io.chunks), then formed (hdfs_io.batches).
+
+    Each batch also says how many chunks it waited for and how many of those were re-reads.
+    """
+    fs, root = FilesystemRef(shards.uri).open()
+    fetcher = ChunkFetcher(shards, config, fs, root, work)
+    to_input = partial(prepare, feature=config.feature, output=config.output, stats=stats, cache_dir=shards.cache_dir)
+    reads = rereads = 0
+    try:
+        for batch in form_batches(work, fetcher.get, to_input, shards.where, config.on_error, config.output):
+            batch["chunk_reads"], reads = fetcher.reads - reads, fetcher.reads  # re-reads included
+            batch["chunk_rereads"], rereads = fetcher.rereads - rereads, fetcher.rereads  # read again to bound memory
+            batch["worker_pid"], batch["formed_at"] = os.getpid(), time.time()  # wall clock: comparable across processes
+            yield batch
+    finally:
+        fetcher.close()
+
+
+class Ahead:
+    """An iteration's batches whose first one is formed on a thread, before the iteration is asked for."""
+
+    def __init__(self, tag: int, batches: Iterator[dict]):
+        self.tag, self.batches = tag, batches
+        self.first: dict | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True, name="reader-ahead")
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.first = next(self.batches)
+        except StopIteration:
+            pass
+        except BaseException as e:  # raised where the batch is asked for
+            self.error = e
+
+    def take(self) -> Iterator[dict]:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        if self.first is not None:
+            yield self.first
+            yield from self.batches
+
+    def close(self) -> None:
+        self.thread.join()  # bounded: a read gives up after retry_seconds + stall_seconds
+        self.batches.close()
+
+
+class WorkStream(IterableDataset):
+    """What ShardLoader's persistent workers iterate: each takes its Work for an iteration from its inbox.
+
+    The loader puts every worker's Work in its inbox, tagged, then sets `current` to the
+    tag to read; older tags are dropped. A worker that has read all of an iteration looks in
+    its inbox for the next one (the next epoch, planned ahead by the loader) and starts
+    reading it at once, so an epoch's first batch is ready when the epoch starts.
+    """
+
+    def __init__(self, shards: Shards, config: ReaderConfig, stats, inboxes: list, current):
+        self.shards, self.config, self.stats, self.inboxes, self.current = shards, config, stats, inboxes, current
+        self._ahead: Ahead | None = None
+
+    def _batches(self, work: Work) -> Iterator[dict]:
+        return read_work(self.shards, self.config, self.stats, work)
+
+    def _receive(self, inbox, tag: int) -> Work:
+        patience = self.config.retry_seconds + self.config.stall_seconds
+        while True:
+            try:
+                got, work = inbox.get(timeout=patience)
+            except queue.Empty:
+                raise RuntimeError(f"reader worker: no work arrived for iteration {tag} in {patience:g} s") from None
+            if got == tag:
+                return work
+            if got > tag:
+                raise RuntimeError(f"reader worker: work for iteration {got} arrived before {tag}")
+
+    def __iter__(self) -> Iterator[dict]:
+        inbox = self.inboxes[get_worker_info().id]
+        tag = int(self.current[0])
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.tag == tag:
+            yield from ahead.take()
+        else:
+            if ahead is not None:
+                ahead.close()
+            yield from self._batches(self._receive(inbox, tag))
+        # reached only when the iteration was read to its end, not when the loader cut it short
+        latest = None
+        while True:
+            try:
+                latest = inbox.get_nowait()
+            except queue.Empty:
+                break
+        if latest is not None and latest[0] > tag:
+            self._ahead = Ahead(latest[0], self._batches(latest[1]))
+
+
 class ShardLoader:
     """A DataLoader over a ShardDataset that records how far the consumer got, for exact resume.
 
-    Its worker processes start once, at the first iteration, and serve every epoch
-    after it (persistent_workers): set_epoch and load_state_dict reach them through
-    ShardDataset.share_position, so an epoch start costs no process start (and, on
-    HDFS, no JVM start per worker).
+    Its worker processes start once, at the first iteration, and serve every epoch after
+    it (persistent_workers), so an epoch start costs no process start (and, on HDFS, no
+    JVM start per worker). They never see the index or the plan: the loader plans this
+    rank's epoch and hands each worker its Work (hdfs_io.work), about 40 bytes per
+    utterance of its share. While an epoch is read, the loader plans the next one on a
+    thread and hands it out too, so workers start reading it as they finish this one.
     """
 
     def __init__(self, dataset: ShardDataset, num_workers: int = 2, **kwargs):
         self.dataset, self.num_workers, self.kwargs = dataset, num_workers, kwargs
         self.next_position = dataset.start_position
         self._loader: DataLoader | None = None
+        self._inboxes: list = []
+        self._current = None  # the tag of the iteration workers read, in shared memory
+        self._tag = 0
+        self._ahead: tuple[tuple, int] | None = None  # (the position it starts at, its tag): handed out early
+        self._planner: threading.Thread | None = None
+
+    def _wait_for_planner(self) -> None:
+        if self._planner is not None:
+            self._planner.join()
+            self._planner = None
 
     def set_epoch(self, epoch: int) -> None:
+        self._wait_for_planner()
         self.dataset.set_epoch(epoch)
         self.next_position = 0
 
     def __len__(self) -> int:
+        self._wait_for_planner()
         return len(self.dataset)
 
     def __iter__(self) -> Iterator[dict]:
+        self._wait_for_planner()
         self.dataset.start_position = self.next_position
         if self.dataset.config.output == "features":
             self.dataset.normalization()  # here, once, not in every worker
         if self._loader is None:
-            if self.num_workers:
-                context = multiprocessing.get_context(worker_start_method())
-                self.dataset.share_position(context)
-                self._loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                                          multiprocessing_context=context, persistent_workers=True,
-                                          worker_init_fn=partial(exit_with_parent, os.getpid()), **self.kwargs)
-            else:
-                self._loader = DataLoader(self.dataset, batch_size=None, num_workers=0, **self.kwargs)
+            self._loader = self._start()
         if self.num_workers:
-            self.dataset.publish_position()
+            self._hand_out()
         for batch in self._loader:
             self.next_position = batch["position"] + 1
             yield batch
+
+    def _start(self) -> DataLoader:
+        if not self.num_workers:
+            return DataLoader(self.dataset, batch_size=None, num_workers=0, **self.kwargs)
+        ds = self.dataset
+        context = multiprocessing.get_context(worker_start_method())
+        self._inboxes = [context.Queue() for _ in range(self.num_workers)]
+        self._current = context.Array("q", 1, lock=False)
+        stats = ds.normalization()[:2] if ds.config.output == "features" else None
+        stream = WorkStream(ds.shards_spec(), ds.config, stats, self._inboxes, self._current)
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, multiprocessing_context=context,
+                          persistent_workers=True, worker_init_fn=partial(exit_with_parent, os.getpid()),
+                          **self.kwargs)
+
+    def _send(self, epoch: int, start: int) -> int:
+        """Puts every worker's Work of this rank's epoch from `start` in its inbox; returns their tag."""
+        self._tag += 1
+        for worker, inbox in enumerate(self._inboxes):
+            inbox.put((self._tag, self.dataset.work(epoch, start, worker, self.num_workers)))
+        return self._tag
+
+    def _hand_out(self) -> None:
+        """Makes the workers read from the dataset's position, then plans and hands out the next epoch early."""
+        ds = self.dataset
+        if self._ahead is not None and self._ahead[0] == ds.position():
+            tag = self._ahead[1]
+        else:
+            tag = self._send(ds.epoch, ds.start_position)
+        self._current[0] = tag
+        self._ahead = None
+        following = ds.epoch + 1
+
+        def plan_ahead() -> None:
+            self._ahead = ((following, 0, json.dumps([])), self._send(following, 0))
+
+        self._planner = threading.Thread(target=plan_ahead, daemon=True, name="reader-plan-ahead")
+        self._planner.start()
 
     def state_dict(self) -> dict:
         return self.dataset.state_dict(self.next_position)
 
     def load_state_dict(self, state: dict) -> None:
+        self._wait_for_planner()
         self.dataset.load_state_dict(state)
         self.next_position = state["position"]
 
     def load_state_dicts(self, states: list[dict]) -> None:
-        """Resumes from every rank's saved state, on this world size or another (ShardDataset.load_state_dicts).
-
-        Call it before the first iteration: persistent workers keep the dataset they started with, and
-        after that only the epoch and position reach them, not the history of a re-dealt epoch.
-        """
+        """Resumes from every rank's saved state, on this world size or another (ShardDataset.load_state_dicts)."""
+        self._wait_for_planner()
         self.dataset.load_state_dicts(states)
         self.next_position = self.dataset.start_position

@@ -405,6 +405,40 @@ def test_workers_persist_across_epochs_and_follow_set_epoch_and_resume(packed):
     assert [b["keys"] for b in first + rest] == [b["keys"] for b in read_all(uri, 1, 2, 0)[0]]
 
 
+def test_each_worker_forms_its_first_batch_of_the_next_epoch_before_the_epoch_is_asked_for(packed):
+    _, uris = packed
+    for name in ("local-parquet", "hdfs-seq"):
+        loader = ShardLoader(ShardDataset(uris[name], 0, 1, CONFIG), num_workers=2, timeout=300)
+        loader.set_epoch(0)
+        list(loader)
+        time.sleep(3.0)  # the trainer's last steps of the epoch: the workers have nothing else to do
+        loader.set_epoch(1)
+        asked_at = time.time()
+        epoch1 = list(loader)
+
+        firsts = [min((b for b in epoch1 if b["worker_pid"] == pid), key=lambda b: b["position"])
+                  for pid in {b["worker_pid"] for b in epoch1}]
+        assert len(firsts) == 2
+        assert all(b["formed_at"] < asked_at for b in firsts), f"{name}: formed after the epoch was asked for"
+        assert [b["keys"] for b in epoch1] == [b["keys"] for b in read_all(uris[name], 1, 1, 0)[0]]
+
+
+def test_a_worker_receives_only_its_own_batches_and_their_index_fields(packed):
+    _, uris = packed
+    ds = ShardDataset(uris["hdfs-seq"], 0, 1, CONFIG)
+    plan = ds.plan(1)
+
+    works = [ds.work(1, 1, w, 2) for w in range(2)]
+
+    assert [w.positions.tolist() for w in works] == [list(range(1, len(plan.batches), 2)),
+                                                     list(range(2, len(plan.batches), 2))]
+    for work in works:
+        ids = np.concatenate([plan.batches[p] for p in work.positions])
+        assert len(work.shards) == len(work.transcripts) == len(ids) == work.bounds[-1]
+        assert work.rows.tolist() == ds.rows[ids].tolist() and work.checksums.tolist() == ds.checksums[ids].tolist()
+        assert work.transcripts == ds.transcripts.take(ids).to_pylist()
+
+
 def test_a_reader_position_saved_by_another_planner_is_refused(packed):
     _, uris = packed
     ds = ShardDataset(uris["local-parquet"], 0, 1, CONFIG)

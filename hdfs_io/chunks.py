@@ -1,0 +1,292 @@
+"""Chunk reads for one worker's Work: Parquet row groups or SequenceFile byte ranges, prefetched and bounded.
+
+A chunk is read once for all the items of the Work that need it, on a background
+thread that keeps at most `prefetch_chunks` ahead, and is held until its last use.
+I/O errors are retried with backoff for `retry_seconds`, then raise
+StorageUnavailable; bytes that are served but do not parse raise CorruptRecord.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+import pyarrow.parquet as pq
+from pyarrow.fs import FileType
+
+from hdfs_io import dataset_format as F
+from hdfs_io.filesystem import first_line
+from hdfs_io.sequencefile import OffsetBytes, SequenceFileReader, writable_bytes
+from hdfs_io.work import Work
+
+if TYPE_CHECKING:
+    from hdfs_io.shard_reader import ReaderConfig
+
+
+class CorruptRecord(RuntimeError):
+    """A record failed its checksum or could not be decoded; the message names shard and row."""
+
+
+class StorageUnavailable(RuntimeError):
+    """A shard could not be read within the retry budget; the message names the filesystem and shard."""
+
+
+class Record(NamedTuple):
+    """One utterance as read from its chunk."""
+    key: str
+    transcript: str
+    data: bytes | tuple[bytes, int]  # audio bytes, or (float16 features, CRC32) from the feature cache
+
+
+@dataclass(frozen=True)
+class Shards:
+    """Where a dataset's bytes are: all a chunk read needs besides the Work."""
+    uri: str
+    paths: tuple[str, ...]  # shard files, relative to the dataset root, by shard number
+    sequencefile: bool
+    cache_dir: str | None = None  # features-<digest>/ to read instead of the audio
+
+    def where(self, shard: int, row: int) -> str:
+        return f"shard {self.paths[shard]} row {row}"
+
+    def files(self, root: str, shard: int) -> tuple[str, str | None]:
+        """Returns the shard's file and its feature cache file (None without a cache)."""
+        name = self.paths[shard]
+        if not self.cache_dir:
+            return f"{root}/{name}", None
+        stem = posixpath.splitext(posixpath.basename(name))[0]
+        return f"{root}/{name}", f"{root}/{self.cache_dir}/{stem}.parquet"
+
+
+def parquet_rows(parquet: pq.ParquetFile, group: int, rows: list[int], columns: list[str]) -> dict[str, list]:
+    """Returns `columns` of the given shard rows, all in row group `group`, as lists in `rows` order."""
+    group_start = sum(parquet.metadata.row_group(i).num_rows for i in range(group))
+    table = parquet.read_row_group(group, columns=columns)
+    return table.take(np.asarray(rows, np.int64) - group_start).to_pydict()
+
+
+class ChunkFetcher:
+    """Reads the chunks a Work needs, in order of first use, on a background thread.
+
+    A chunk stays in memory from its read until its last use, then is dropped.
+    At most `max_held_chunks` are held: past that, the one needed again last is
+    dropped and read again when needed (a plan that reads chunks far out of
+    order costs reads, not memory). A shard's file is closed after its last
+    chunk is read, since an open Parquet file keeps the buffers of its last read.
+    """
+
+    def __init__(self, shards: Shards, config: "ReaderConfig", fs, root: str, work: Work):
+        self.shards, self.config, self.fs, self.root, self.work = shards, config, fs, root, work
+        codes, first, inverse, counts = np.unique(work.chunk_codes(), return_index=True, return_inverse=True,
+                                                  return_counts=True)
+        chunks = [(int(c >> 32), int(c & 0xFFFFFFFF)) for c in codes]
+        self.order = [chunks[i] for i in np.argsort(first)]
+        self.remaining = dict(zip(chunks, counts.tolist()))
+        by_chunk, ends = np.argsort(inverse, kind="stable"), np.cumsum(counts)
+        self.items_of = {c: by_chunk[end - n:end] for c, n, end in zip(chunks, counts, ends)}  # in reading order
+        self.used = 0  # items served so far: the item index in reading order
+        self.last_of_shard = {shard: i for i, (shard, _) in enumerate(self.order)}
+        self.ready: dict[tuple[int, int], dict[int, Record] | BaseException] = {}
+        self.dropped: set[tuple[int, int]] = set()
+        self.rereads = 0
+        self.reads = 0  # chunks handed over by the prefetch thread or read again, so far
+        self.local = threading.local()  # open files, per thread: the prefetch thread's and re-reads'
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, config.prefetch_chunks))
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _files(self) -> dict[str, pq.ParquetFile]:
+        return self.local.__dict__.setdefault("files", {})
+
+    def _run(self) -> None:
+        for i, chunk in enumerate(self.order):
+            if self.stop.is_set():
+                return
+            result = self._read_or_error(chunk)
+            if self.last_of_shard[chunk[0]] == i:
+                for path in self.shards.files(self.root, chunk[0]):
+                    self._files().pop(path, None)
+            self.queue.put((chunk, result))
+
+    def _read_or_error(self, chunk: tuple[int, int]) -> dict[int, Record] | BaseException:
+        try:
+            return self._read_retrying(chunk)
+        except BaseException as e:  # handed to the consumer, which applies the policy
+            return e
+
+    def _where(self, chunk: tuple[int, int]) -> str:
+        unit = "byte range" if self.shards.sequencefile else "row group"
+        return f"shard {self.shards.paths[chunk[0]]} {unit} {chunk[1]}"
+
+    def _read_retrying(self, chunk: tuple[int, int]) -> dict[int, Record]:
+        """Returns `_read(chunk)`, retrying I/O errors with exponential backoff for `retry_seconds`.
+
+        A failed read whose raw bytes the filesystem does serve (a damaged Parquet page
+        or footer) is damage, not an outage: it is not retried.
+
+        Raises:
+            StorageUnavailable: the read still failed when the retry budget ran out.
+            CorruptRecord: the chunk's bytes were served but could not be parsed.
+        """
+        deadline = time.monotonic() + self.config.retry_seconds
+        delay, attempts, damaged = 0.5, 0, False
+        while True:
+            attempts += 1
+            try:
+                return self._read(chunk)
+            except OSError as e:
+                if isinstance(e, FileNotFoundError) and self._root_answers():
+                    raise  # the filesystem answers, so the shard really is missing: no use retrying
+                # Parquet only: a SequenceFile's parse errors are not OSErrors. Twice in a row, so that a
+                # read that failed and recovered just before the probe is not taken for damage.
+                if not isinstance(e, FileNotFoundError) and not self.shards.sequencefile and self._bytes_served(chunk):
+                    served_twice = damaged
+                    damaged = True
+                    if served_twice:
+                        raise CorruptRecord(f"{self._where(chunk)}: damaged: {first_line(e)}") from e
+                    self._files().clear()
+                    continue
+                damaged = False
+                if self.stop.is_set() or time.monotonic() + delay > deadline:
+                    raise StorageUnavailable(
+                        f"{self._where(chunk)}: {self.shards.uri} did not serve it after {attempts} attempt(s) "
+                        f"in {self.config.retry_seconds:g} s: {first_line(e)}") from e
+                self._files().clear()  # handles may be bound to a dead connection
+                self.stop.wait(delay)
+                delay = min(delay * 2, 8.0)
+
+    def _bytes_served(self, chunk: tuple[int, int]) -> bool:
+        """Returns True if the filesystem serves the raw bytes of `chunk` now.
+
+        Those are its row group's column chunks when the shard's footer was parsed,
+        else the footer itself; a Parquet read that failed on bytes that are served
+        failed on their content.
+        """
+        path, cache_path = self.shards.files(self.root, chunk[0])
+        path = cache_path or path
+        parsed = self._files().get(path)
+        try:
+            with self.fs.open_input_file(path) as f:
+                size = f.size()
+                if parsed is None or self.shards.sequencefile:
+                    start, length = max(0, size - 2**16), min(size, 2**16)
+                else:
+                    group = self._cache_group(chunk) if cache_path else chunk[1]
+                    columns = [parsed.metadata.row_group(group).column(i)
+                               for i in range(parsed.metadata.num_columns)]
+                    start = min(c.dictionary_page_offset or c.data_page_offset for c in columns)
+                    length = min(sum(c.total_compressed_size for c in columns), size - start)
+                return len(f.read_at(length, start)) == length
+        except OSError:
+            return False
+        except Exception:  # the parsed footer does not describe this chunk: the shard is damaged
+            return True
+
+    def _root_answers(self) -> bool:
+        try:
+            return self.fs.get_file_info("/").type == FileType.Directory
+        except OSError:
+            return False
+
+    def _parquet(self, path: str) -> pq.ParquetFile:
+        """Returns the shard's ParquetFile, opened once per fetcher so its footer is read once."""
+        files = self._files()
+        if path not in files:
+            files[path] = pq.ParquetFile(self.fs.open_input_file(path))
+        return files[path]
+
+    def _cache_group(self, chunk: tuple[int, int]) -> int:
+        return int(self.work.cache_groups[self.items_of[chunk][0]])
+
+    def _read(self, chunk: tuple[int, int]) -> dict[int, Record]:
+        """Returns {shard row: its record} for the rows of one chunk that the Work needs."""
+        shard, chunk_id = chunk
+        w = self.work
+        path, cache_path = self.shards.files(self.root, shard)
+        rows = {int(w.rows[j]): int(j) for j in self.items_of[chunk]}  # an item for each row needed
+        if cache_path:  # the cache's row group holds the chunk's rows in row order; the audio is not read
+            columns = [F.KEY, F.TRANSCRIPT, F.FEATURES, F.CHECKSUM]
+            table = self._parquet(cache_path).read_row_group(self._cache_group(chunk), columns=columns)
+            got = table.take(np.array([w.cache_rows[j] for j in rows.values()], np.int64)).to_pydict()
+            return {row: Record(key, text, (feats, crc)) for row, key, text, feats, crc
+                    in zip(rows, *(got[c] for c in columns))}
+        if not self.shards.sequencefile:
+            got = parquet_rows(self._parquet(path), chunk_id, list(rows), [F.KEY, F.TRANSCRIPT, F.AUDIO])
+            return {row: Record(*fields) for row, *fields in zip(rows, got[F.KEY], got[F.TRANSCRIPT], got[F.AUDIO])}
+        by_offset = {int(w.offsets[j]): j for j in rows.values()}
+        start, last = min(by_offset), max(by_offset)
+        # a record is its lengths, key and value, perhaps after a 20-byte sync marker
+        end = last + 64 + int(w.record_bytes[by_offset[last]])
+        with self.fs.open_input_file(path) as f:
+            header = SequenceFileReader(f, name=path)
+            blob = f.read_at(min(end, f.size()) - start, start)
+        reader = header.over(OffsetBytes(blob, start))
+        return {int(w.rows[by_offset[offset]]): Record(writable_bytes(reader.key_class, key).decode("utf-8"),
+                                                       w.transcripts[by_offset[offset]],
+                                                       writable_bytes(reader.value_class, value))
+                for key, value, offset in reader.iter_range(start, last) if offset in by_offset}
+
+    def get(self, item: int) -> Record | None:
+        """Returns the record of the Work's item `item` (the next one in reading order), waiting if needed.
+
+        Raises:
+            StorageUnavailable: the chunk could not be read, or nothing arrived for too long.
+            CorruptRecord: the chunk was read but could not be parsed.
+        """
+        chunk = (int(self.work.shards[item]), int(self.work.chunks[item]))
+        if chunk in self.dropped:  # dropped to bound memory: read it again, here
+            self.dropped.discard(chunk)
+            self.rereads += 1
+            self.reads += 1
+            self.ready[chunk] = self._read_or_error(chunk)
+            self._files().clear()
+        patience = self.config.retry_seconds + self.config.stall_seconds
+        while chunk not in self.ready:
+            try:
+                got, result = self.queue.get(timeout=patience)
+            except queue.Empty:
+                raise StorageUnavailable(f"{self._where(chunk)}: no data from {self.shards.uri} for "
+                                         f"{patience:g} s; a read is hanging (is the NameNode or a DataNode "
+                                         "stopped?)") from None
+            self.ready[got] = result
+            self.reads += 1
+        self._drop_beyond_limit(keep=chunk)
+        result = self.ready[chunk]
+        self.used = item + 1
+        self.remaining[chunk] -= 1
+        if self.remaining[chunk] == 0:
+            del self.ready[chunk]
+        if isinstance(result, StorageUnavailable):
+            raise result
+        if isinstance(result, CorruptRecord):
+            raise CorruptRecord(str(result)) from result  # once for each of the chunk's records
+        if isinstance(result, BaseException):
+            raise CorruptRecord(f"{self._where(chunk)}: cannot read: {first_line(result)}") from result
+        return result.get(int(self.work.rows[item]))
+
+    def _drop_beyond_limit(self, keep: tuple[int, int]) -> None:
+        """Drops held chunks, the one needed again last first, until at most `max_held_chunks` are held."""
+        def next_use(c: tuple[int, int]) -> int:
+            items = self.items_of[c]
+            return int(items[np.searchsorted(items, self.used)])
+
+        while len(self.ready) > max(1, self.config.max_held_chunks):
+            victim = max((c for c in self.ready if c != keep), key=next_use)
+            del self.ready[victim]
+            self.dropped.add(victim)
+
+    def close(self) -> None:
+        self.stop.set()
+        deadline = time.monotonic() + 1.0
+        while self.thread.is_alive():
+            try:
+                self.queue.get(timeout=0.1)
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    return  # stuck in a read that hangs; it is a daemon thread, so leave it behind

@@ -1,0 +1,77 @@
+"""hdfs_io.work and hdfs_io.batches on plain lists: a worker's share, and batches formed under each error policy."""
+
+from __future__ import annotations
+
+import io
+import zlib
+
+import numpy as np
+import pytest
+import soundfile
+
+from hdfs_io.batches import form_batches, prepare
+from hdfs_io.chunks import CorruptRecord, Record
+from hdfs_io.features import FeatureConfig
+from hdfs_io.plan import RankPlan
+from hdfs_io.work import work_for, worker_positions
+
+FEATURE = FeatureConfig()
+
+
+def flac(seconds: float, rate: int = 16000) -> bytes:
+    out = io.BytesIO()
+    t = np.arange(int(seconds * rate)) / rate
+    soundfile.write(out, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), rate, format="FLAC")
+    return out.getvalue()
+
+
+def fields(ids: np.ndarray, audio: list[bytes]) -> dict:
+    return {"shards": np.zeros(len(ids), np.int32), "chunks": np.zeros(len(ids), np.int32), "rows": ids,
+            "checksums": np.array([zlib.crc32(audio[u]) for u in ids], np.int64),
+            "durations": np.ones(len(ids), np.float32)}
+
+
+def test_a_worker_takes_every_kth_position_from_the_start_and_only_those_batches():
+    plan = RankPlan([np.array([0, 1]), np.array([2]), np.array([3, 4, 5]), np.array([2])], [False, False, False, True])
+
+    work = work_for(7, plan, worker_positions(4, 1, 1, 2), lambda ids: fields(ids, [b""] * 6))
+
+    assert work.positions.tolist() == [2] and work.epoch == 7
+    assert work.rows.tolist() == [3, 4, 5] and list(work.items(0)) == [0, 1, 2]
+    assert work_for(0, plan, worker_positions(4, 0, 0, 2), lambda ids: fields(ids, [b""] * 6)).repeated.tolist() \
+        == [False, False]
+    assert worker_positions(4, 0, 1, 2).tolist() == [1, 3]
+
+
+@pytest.mark.parametrize("on_error", ["fail", "skip"])
+def test_a_damaged_or_missing_record_fails_or_is_skipped_and_named(on_error):
+    audio = [flac(0.5), flac(0.7), flac(0.4)]
+    plan = RankPlan([np.array([0, 1]), np.array([2])], [False, False])
+    work = work_for(0, plan, worker_positions(2, 0, 0, 1), lambda ids: fields(ids, audio))
+    records = {0: Record("a", "x", audio[0]), 1: Record("b", "y", audio[1][:-9] + b"\0" * 9)}  # 2 is missing
+
+    def to_input(record, crc, where):
+        return prepare(record, crc, where, feature=FEATURE, output="waveform", stats=None)
+
+    batches = form_batches(work, records.get, to_input, lambda s, r: f"shard {s} row {r}", on_error, "waveform")
+
+    if on_error == "fail":
+        with pytest.raises(CorruptRecord, match="shard 0 row 1: checksum mismatch"):
+            list(batches)
+        return
+    first, second = list(batches)
+    assert first["keys"] == ["a"] and first["skipped"] == ["shard 0 row 1: checksum mismatch (key b)"]
+    assert second["keys"] == [] and second["skipped"] == ["shard 0 row 2: record missing from its chunk"]
+    assert first["lengths"].tolist() == [8000]
+
+
+def test_features_are_normalized_with_the_given_statistics():
+    audio = flac(1.0)
+    record = Record("a", "x", audio)
+    mean, std = np.full(FEATURE.num_bins, 2.0, np.float32), np.full(FEATURE.num_bins, 4.0, np.float32)
+
+    raw = prepare(record, zlib.crc32(audio), "here", feature=FEATURE, output="features",
+                  stats=(np.zeros_like(mean), np.ones_like(std)))
+    normalized = prepare(record, zlib.crc32(audio), "here", feature=FEATURE, output="features", stats=(mean, std))
+
+    assert raw.shape[1] == FEATURE.num_bins and np.allclose(normalized, (raw - 2.0) / 4.0)
