@@ -24,7 +24,8 @@ from bench.common import write_result
 from bench.plan import synthetic_index
 from hdfs_io import dataset_format as F
 from hdfs_io.plan import PlanConfig, plan_rank
-from hdfs_io.shard_reader import ReaderConfig
+from hdfs_io.reader_config import ReaderConfig
+from hdfs_io.shard_reader import ShardDataset
 
 
 def replay(uses: np.ndarray, cap: int) -> tuple[int, int]:
@@ -93,7 +94,6 @@ def main(argv: list[str] | None = None) -> int:
     cfg = PlanConfig(window_utterances=args.window_utterances)
     cap = ReaderConfig().max_held_chunks
     if args.dataset:
-        from hdfs_io.shard_reader import ShardDataset
         ds = ShardDataset(args.dataset, 0, args.world_size)
         inputs = [((ds.durations, ds.shards, ds.rows, ds.chunks), args.world_size)]
     else:

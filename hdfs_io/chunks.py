@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -22,10 +22,8 @@ from pyarrow.fs import FileType
 from hdfs_io import dataset_format as F
 from hdfs_io.filesystem import first_line
 from hdfs_io.sequencefile import OffsetBytes, SequenceFileReader, writable_bytes
+from hdfs_io.reader_config import ReaderConfig
 from hdfs_io.work import Work
-
-if TYPE_CHECKING:
-    from hdfs_io.shard_reader import ReaderConfig
 
 
 class CorruptRecord(RuntimeError):
@@ -50,6 +48,7 @@ class Shards:
     paths: tuple[str, ...]  # shard files, relative to the dataset root, by shard number
     sequencefile: bool
     cache_dir: str | None = None  # features-<digest>/ to read instead of the audio
+    backend: str | None = None  # the HDFS backend (hdfs_io.filesystem.hdfs_backend) the reader chose
 
     def where(self, shard: int, row: int) -> str:
         return f"shard {self.paths[shard]} row {row}"
@@ -80,7 +79,7 @@ class ChunkFetcher:
     chunk is read, since an open Parquet file keeps the buffers of its last read.
     """
 
-    def __init__(self, shards: Shards, config: "ReaderConfig", fs, root: str, work: Work):
+    def __init__(self, shards: Shards, config: ReaderConfig, fs, root: str, work: Work):
         self.shards, self.config, self.fs, self.root, self.work = shards, config, fs, root, work
         codes, first, inverse, counts = np.unique(work.chunk_codes(), return_index=True, return_inverse=True,
                                                   return_counts=True)

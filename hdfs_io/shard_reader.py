@@ -37,7 +37,7 @@ import queue
 import threading
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from functools import partial
 from typing import Iterator
 
@@ -52,9 +52,9 @@ from hdfs_io.batches import form_batches, prepare, verified_decode
 from hdfs_io.chunks import ChunkFetcher, CorruptRecord, Shards, StorageUnavailable, parquet_rows
 from hdfs_io.dataset import open_dataset
 from hdfs_io.feature_stats import feature_stats, packed_config
-from hdfs_io.features import FeatureConfig
-from hdfs_io.filesystem import FilesystemRef, worker_start_method
-from hdfs_io.plan import PLANNER_VERSION, PlanConfig, RankPlan, index_columns, plan_durations, plan_rank_resumed
+from hdfs_io.filesystem import FilesystemRef, hdfs_backend, worker_start_method
+from hdfs_io.reader_config import ReaderConfig
+from hdfs_io.plan import PLANNER_VERSION, RankPlan, index_columns, plan_durations, plan_rank_resumed
 from hdfs_io.sequencefile import SequenceFileReader, writable_bytes
 from hdfs_io.work import Work, work_for, worker_positions
 
@@ -74,36 +74,14 @@ def error_message(error: BaseException) -> str:
     return last
 
 
-@dataclass(frozen=True)
-class ReaderConfig:
-    plan: PlanConfig = field(default_factory=PlanConfig)
-    feature: FeatureConfig = field(default_factory=FeatureConfig)
-    output: str = "features"  # "features": normalized features on the CPU; "waveform": for on-device features
-    on_error: str = "fail"  # or "skip"
-    prefetch_chunks: int = 4
-    max_held_chunks: int = 32  # chunks kept between uses; past it one is dropped and read again when needed
-    retry_seconds: float = 60.0  # how long a failing read is retried, with backoff, before StorageUnavailable
-    stall_seconds: float = 120.0  # how long a read may hang (beyond retry_seconds) before StorageUnavailable
-    use_feature_cache: bool = True  # read features-<digest>/ instead of decoding, when it matches `feature`
-
-    def __post_init__(self):
-        if self.on_error not in ("fail", "skip"):
-            raise ValueError(f"on_error must be 'fail' or 'skip', not {self.on_error!r}")
-        if self.output not in ("features", "waveform"):
-            raise ValueError(f"output must be 'features' or 'waveform', not {self.output!r}")
-        if self.prefetch_chunks < 1 or self.max_held_chunks < 1:
-            raise ValueError("prefetch_chunks and max_held_chunks must be at least 1")
-        if self.retry_seconds < 0 or self.stall_seconds <= 0:
-            raise ValueError("retry_seconds must be >= 0 and stall_seconds > 0")
-
-
 class ShardDataset(IterableDataset):
     """Rank `rank` of `world_size`'s share of a packed dataset, one epoch at a time."""
 
     def __init__(self, uri: str, rank: int, world_size: int, config: ReaderConfig = ReaderConfig()):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
-        self.ref, self.rank, self.world_size, self.config = FilesystemRef(uri), rank, world_size, config
+        backend = hdfs_backend() if uri.startswith("hdfs:") else None  # chosen here, for workers too
+        self.ref, self.rank, self.world_size, self.config = FilesystemRef(uri, backend), rank, world_size, config
         ds = open_dataset(uri)
         self.manifest = ds.manifest
         self.sequencefile = ds.manifest["format"] != "parquet"
@@ -253,7 +231,7 @@ class ShardDataset(IterableDataset):
     def shards_spec(self) -> Shards:
         """Returns where this dataset's bytes are, for chunk reads in any process."""
         return Shards(self.ref.uri, tuple(s["path"] for s in self.manifest["shards"]), self.sequencefile,
-                      self.cache_dir)
+                      self.cache_dir, self.ref.backend)
 
     def work(self, epoch: int, start: int, worker: int, workers: int) -> Work:
         """Returns what DataLoader worker `worker` of `workers` reads of this rank's epoch from `start`."""
@@ -418,7 +396,7 @@ def read_work(shards: Shards, config: ReaderConfig, stats, work: Work) -> Iterat
 
     Each batch also says how many chunks it waited for and how many of those were re-reads.
     """
-    fs, root = FilesystemRef(shards.uri).open()
+    fs, root = FilesystemRef(shards.uri, shards.backend).open()
     fetcher = ChunkFetcher(shards, config, fs, root, work)
     to_input = partial(prepare, feature=config.feature, output=config.output, stats=stats, cache_dir=shards.cache_dir)
     reads = rereads = 0
