@@ -4,11 +4,17 @@ Everything else in the project takes a `pyarrow.fs.FileSystem` and a path that
 `open_filesystem` returned, or a `FilesystemRef` where an object crosses a
 process boundary (Spark tasks, DataLoader workers).
 
-HDFS is reached through libhdfs, which runs a JVM inside this process. A JVM
-does not survive fork: once one process has opened HDFS, a child forked from it
-hangs on its first HDFS call, even with a new handle. `open_filesystem` refuses
-that case with `ForkedJVMError` instead of hanging; open HDFS only inside
-workers, or start workers with `worker_start_method()`.
+HDFS is reached through one of two backends, chosen by `SPEECHPACK_HDFS_BACKEND`:
+- `libhdfs` (the default): pyarrow's HadoopFileSystem, a JNI client that runs a
+  JVM inside this process (about 2.5 s and 300 MB to start). A JVM does not
+  survive fork: once one process has opened HDFS, a child forked from it hangs
+  on its first HDFS call, even with a new handle. `open_filesystem` refuses
+  that case with `ForkedJVMError` instead of hanging; open HDFS only inside
+  workers, or start workers with `worker_start_method()`.
+- `native`: hdfs-native, a Rust client with no JVM, wrapped as a pyarrow
+  filesystem through fsspec. It reads `fs.defaultFS` and the other settings its
+  README lists from `HADOOP_CONF_DIR`; the NameNode applies its own defaults
+  (replication, block size) to the files it writes.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from pyarrow import fs as pafs
 
 _handles: dict[tuple, pafs.FileSystem] = {}
 _jvm_pid: int | None = None  # the process that started libhdfs's JVM, if any
+_native_opened = False  # whether this process opened hdfs-native, whose runtime threads a fork does not copy
 
 
 class ForkedJVMError(RuntimeError):
@@ -36,13 +43,14 @@ class FilesystemUnavailable(OSError):
     """A filesystem could not be reached; the message names it and says why."""
 
 
-def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+def open_filesystem(uri: str, backend: str | None = None) -> tuple[pafs.FileSystem, str]:
     """Returns `(fs, path)` for a URI or a plain local path.
 
     `hdfs://host:port/p` gives a HadoopFileSystem (cached per process) and `/p`;
     `hdfs:///p` uses `fs.defaultFS` from `HADOOP_CONF_DIR`. `file:///p` and plain
     paths give the local filesystem and an absolute path. Other schemes go to
-    `pyarrow.fs.FileSystem.from_uri`.
+    `pyarrow.fs.FileSystem.from_uri`. `backend` picks the HDFS client (see
+    `hdfs_backend`, the default).
 
     Raises:
         ForkedJVMError: HDFS was opened in a parent process before a fork.
@@ -50,7 +58,8 @@ def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """
     parsed = urlparse(uri)
     if parsed.scheme == "hdfs":
-        return hdfs(parsed.hostname or "default", parsed.port or 0), parsed.path or "/"
+        opener = native_hdfs if (backend or hdfs_backend()) == "native" else hdfs
+        return opener(parsed.hostname or "default", parsed.port or 0), parsed.path or "/"
     if parsed.scheme in ("", "file"):
         path = parsed.path if parsed.scheme == "file" else uri
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
@@ -88,6 +97,51 @@ def hdfs(host: str = "default", port: int = 0) -> pafs.HadoopFileSystem:
     return _handles[key]
 
 
+BACKENDS = ("libhdfs", "native")
+BACKEND_VARIABLE = "SPEECHPACK_HDFS_BACKEND"
+
+
+class UnknownBackend(FilesystemUnavailable):
+    """SPEECHPACK_HDFS_BACKEND names no backend: a user mistake, reported in one line like an unreachable HDFS."""
+
+
+def hdfs_backend() -> str:
+    """Returns the HDFS backend this process uses: SPEECHPACK_HDFS_BACKEND, else libhdfs.
+
+    Raises:
+        UnknownBackend: the variable names no backend.
+    """
+    name = os.environ.get(BACKEND_VARIABLE) or "libhdfs"
+    if name not in BACKENDS:
+        raise UnknownBackend(f"{BACKEND_VARIABLE}={name!r} names no HDFS backend; use one of {', '.join(BACKENDS)}")
+    return name
+
+
+def native_hdfs(host: str = "default", port: int = 0) -> pafs.FileSystem:
+    """Returns this process's hdfs-native filesystem for `host:port` (no JVM), opening it once per process.
+
+    Keyed by process too: a client's threads do not survive fork, so a forked worker opens its own.
+
+    Raises:
+        FilesystemUnavailable: hdfs-native is not installed or the address is not valid.
+    """
+    key = ("native", host, port, os.environ.get("HADOOP_USER_NAME"), os.getpid())
+    if key not in _handles:
+        try:
+            from hdfs_native.fsspec import HdfsFileSystem
+        except ImportError as e:
+            raise FilesystemUnavailable(f"{BACKEND_VARIABLE}=native needs the hdfs-native package: {e}") from None
+        try:
+            client = HdfsFileSystem(None if host == "default" else host, port or None, skip_instance_cache=True)
+        except Exception as e:  # hdfs-native raises plain exceptions for configuration errors
+            where = f"{host}:{port}" if port else host
+            raise FilesystemUnavailable(f"cannot open HDFS at {where}: {first_line(e)}") from e
+        global _native_opened
+        _native_opened = True
+        _handles[key] = pafs.PyFileSystem(pafs.FSSpecHandler(client))
+    return _handles[key]
+
+
 def jvm_started() -> bool:
     """Returns True if this process (or a parent it was forked from) has opened HDFS."""
     return _jvm_pid is not None
@@ -99,7 +153,7 @@ def worker_start_method() -> str | None:
     None (the platform default, fork) while no JVM runs in this process;
     "forkserver" once one does, so workers start from a clean interpreter.
     """
-    return "forkserver" if jvm_started() else None
+    return "forkserver" if jvm_started() or _native_opened else None
 
 
 @dataclass(frozen=True)
@@ -107,9 +161,10 @@ class FilesystemRef:
     """A picklable stand-in for `(fs, path)`: it opens the filesystem in whichever process uses it."""
 
     uri: str
+    backend: str | None = None  # the HDFS backend; None: this process's SPEECHPACK_HDFS_BACKEND
 
     def open(self) -> tuple[pafs.FileSystem, str]:
-        return open_filesystem(self.uri)
+        return open_filesystem(self.uri, self.backend)
 
 
 def join_uri(uri: str, *parts: str) -> str:

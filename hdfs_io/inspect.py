@@ -13,7 +13,7 @@ from collections import Counter
 
 from hdfs_io import dataset_format as F
 from hdfs_io.dataset import open_dataset
-from hdfs_io.filesystem import FilesystemUnavailable, probe_uri
+from hdfs_io.filesystem import FilesystemUnavailable, hdfs_backend, probe_uri
 
 BAR_WIDTH = 40
 
@@ -34,7 +34,7 @@ def summarize(uri: str) -> dict:
     m = ds.manifest
     sizes = [s["bytes"] for s in m["shards"]]
     return {
-        "uri": uri,
+        "uri": uri, "hdfs_backend": hdfs_backend() if uri.startswith("hdfs:") else None,
         "format": m["format"],
         "utterances": m["utterances"],
         "hours": m["hours"],
@@ -54,6 +54,7 @@ def render(s: dict) -> str:
     lines = [
         f"dataset      {s['uri']}",
         f"format       {s['format']}",
+        f"HDFS client  {s['hdfs_backend'] or '-'}",
         f"utterances   {s['utterances']}",
         f"hours        {s['hours']:.3f}",
         f"shards       {s['shards']} ({s['shard_bytes']['total'] / mb:.1f} MB; min {s['shard_bytes']['min'] / mb:.1f}, "

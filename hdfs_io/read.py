@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     wall = time.perf_counter() - started
     result = {"rank": args.rank, "world_size": args.world_size, "epoch": args.epoch, "batches": batches,
+              "hdfs_backend": ds.ref.backend,
               "utterances": utterances, "repeated": repeated, "skipped": skipped, "chunk_reads": reads,
               "chunk_rereads": rereads, "plan_seconds": plan_s, "first_batch_seconds": first_batch_s,
               "peak_rss_mb": peak_rss_mb(worker_pids), "audio_seconds": audio_s,

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
 
 import pyarrow.parquet as pq
 import pytest
 from pyarrow import fs as pafs
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from hdfs_io.filesystem import (FilesystemRef, ForkedJVMError, join_uri, open_filesystem,
+from hdfs_io.filesystem import (BACKEND_VARIABLE, BACKENDS, FilesystemRef, ForkedJVMError, join_uri, open_filesystem,
                                 worker_start_method)
 
 
@@ -53,8 +56,9 @@ def test_join_uri_keeps_scheme_and_authority():
     assert join_uri("/local/x", "y") == "/local/x/y"
 
 
-def test_hdfs_file_is_read_back_listed_and_seen_by_the_hadoop_cli(cluster, hdfs_dir):
-    fs, path = open_filesystem(f"{hdfs_dir}/hello.bin")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hdfs_file_is_read_back_listed_and_seen_by_the_hadoop_cli(cluster, hdfs_dir, backend):
+    fs, path = open_filesystem(f"{hdfs_dir}/hello.bin", backend)
     payload = bytes(range(256)) * 1000
 
     with fs.open_output_stream(path) as f:
@@ -67,6 +71,30 @@ def test_hdfs_file_is_read_back_listed_and_seen_by_the_hadoop_cli(cluster, hdfs_
     assert f"{len(payload)}" in ls and "hello.bin" in ls
     # the cluster's replication (2), not pyarrow's default of 3
     assert cluster.hadoop("dfs", "-stat", "%r", f"{hdfs_dir}/hello.bin").stdout.strip() == "2"
+
+
+def test_an_unknown_hdfs_backend_is_a_one_line_error_with_exit_2(cluster):
+    env = {**os.environ, BACKEND_VARIABLE: "webhdfs"}
+
+    run = subprocess.run([sys.executable, "-m", "hdfs_io.inspect", f"{cluster.hdfs_uri}/anything"], env=env,
+                         capture_output=True, text=True, timeout=120)
+
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        "inspect: error: SPEECHPACK_HDFS_BACKEND='webhdfs' names no HDFS backend; use one of libhdfs, native"]
+
+
+def test_workers_start_from_a_forkserver_once_the_parent_opened_hdfs_native(cluster):
+    # in a fresh interpreter: this one may hold a JVM already. A forked child of a process whose hdfs-native
+    # client runs read 7x slower than a forkserver's (bench/hdfs_backends, issue note)
+    code = ("import sys\nfrom hdfs_io.filesystem import open_filesystem, worker_start_method\n"
+            "before = worker_start_method()\nopen_filesystem(sys.argv[1])\nprint(before, worker_start_method())")
+    env = {**os.environ, BACKEND_VARIABLE: "native"}
+
+    run = subprocess.run([sys.executable, "-c", code, f"{cluster.hdfs_uri}/"], env=env, capture_output=True, text=True,
+                         timeout=120, check=True)
+
+    assert run.stdout.split() == ["None", "forkserver"]
 
 
 def test_hadoop_cli_reports_three_live_datanodes(cluster):

@@ -23,7 +23,7 @@ from hdfs_io.features import FeatureConfig
 from hdfs_io.plan import PlanConfig
 from hdfs_io.sequencefile import SequenceFileReader
 from hdfs_io.shard_reader import CorruptRecord, ReaderConfig, ShardDataset, ShardLoader, key_hash
-from hdfs_io.filesystem import open_filesystem
+from hdfs_io.filesystem import BACKEND_VARIABLE, open_filesystem
 from tests.corpora import good_librispeech
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,9 +57,13 @@ def read_all(uri: str, world: int, epoch: int, workers: int, config: ReaderConfi
     return out
 
 
-@pytest.mark.parametrize("name", ["local-parquet", "hdfs-parquet", "local-seq", "hdfs-seq"])
-def test_every_utterance_read_once_per_epoch_with_two_workers(packed, name):
+@pytest.mark.parametrize("name,backend", [("local-parquet", None), ("hdfs-parquet", "libhdfs"),
+                                          ("hdfs-parquet", "native"), ("local-seq", None), ("hdfs-seq", "libhdfs"),
+                                          ("hdfs-seq", "native")])
+def test_every_utterance_read_once_per_epoch_with_two_workers(packed, name, backend, monkeypatch):
     expected, uris = packed
+    if backend:
+        monkeypatch.setenv(BACKEND_VARIABLE, backend)
 
     ranks = read_all(uris[name], world=3, epoch=1, workers=2)
 
