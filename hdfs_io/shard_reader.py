@@ -30,6 +30,7 @@ stall_seconds`, so a reader never hangs.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -45,6 +46,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyarrow.fs import FileType
+from torch._utils import ExceptionWrapper
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from hdfs_io import dataset_format as F
@@ -410,105 +412,87 @@ def read_work(shards: Shards, config: ReaderConfig, stats, work: Work) -> Iterat
         fetcher.close()
 
 
-class Ahead:
-    """An iteration's batches whose first one is formed on a thread, before the iteration is asked for."""
-
-    def __init__(self, tag: int, batches: Iterator[dict]):
-        self.tag, self.batches = tag, batches
-        self.first: dict | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True, name="reader-ahead")
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.first = next(self.batches)
-        except StopIteration:
-            pass
-        except BaseException as e:  # raised where the batch is asked for
-            self.error = e
-
-    def take(self) -> Iterator[dict]:
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        if self.first is not None:
-            yield self.first
-            yield from self.batches
-
-    def close(self) -> None:
-        self.thread.join()  # bounded: a read gives up after retry_seconds + stall_seconds
-        self.batches.close()
+IDLE_SECONDS = 1.0  # how long an idle worker waits for Work before ending its task (DataLoader joins for 5 s)
 
 
 class WorkStream(IterableDataset):
-    """What ShardLoader's persistent workers iterate: each takes its Work for an iteration from its inbox.
+    """What ShardLoader's persistent workers iterate: one endless stream over every iteration's Work.
 
-    The loader puts every worker's Work in its inbox, tagged, then sets `current` to the
-    tag to read; older tags are dropped. A worker that has read all of an iteration looks in
-    its inbox for the next one (the next epoch, planned ahead by the loader) and starts
-    reading it at once, so an epoch's first batch is ready when the epoch starts.
+    The loader puts every worker's Work for an iteration in its inbox, tagged, and sets
+    `current` to the tag it reads. A worker reads its Works in tag order: each batch, then
+    an end marker. It drops a Work whose tag is older than `current` (the consumer moved
+    on), and reads a newer one (the next epoch, handed out early) as soon as it is done
+    with the current one. The stream never ends, so DataLoader never resets it between
+    epochs: the tasks the loader keeps outstanding carry the workers straight into the
+    next epoch, and its first batches reach the loader's process before it is asked for.
+    Errors travel as items too, so one in a Work read ahead is raised only if that Work
+    is read.
     """
 
     def __init__(self, shards: Shards, config: ReaderConfig, stats, inboxes: list, current):
         self.shards, self.config, self.stats, self.inboxes, self.current = shards, config, stats, inboxes, current
-        self._ahead: Ahead | None = None
+        self._queued: list[tuple[int, Work]] = []
 
-    def _batches(self, work: Work) -> Iterator[dict]:
-        return read_work(self.shards, self.config, self.stats, work)
-
-    def _receive(self, inbox, tag: int) -> Work:
-        patience = self.config.retry_seconds + self.config.stall_seconds
-        while True:
+    def _next_work(self, inbox, done: int) -> tuple[int, Work] | None:
+        """Returns the oldest Work newer than `done` that is not older than `current`, or None after a second idle."""
+        for wait in (0.0, IDLE_SECONDS):
             try:
-                got, work = inbox.get(timeout=patience)
+                self._queued.append(inbox.get(timeout=wait) if wait else inbox.get_nowait())
+                while True:
+                    self._queued.append(inbox.get_nowait())
             except queue.Empty:
-                raise RuntimeError(f"reader worker: no work arrived for iteration {tag} in {patience:g} s") from None
-            if got == tag:
-                return work
-            if got > tag:
-                raise RuntimeError(f"reader worker: work for iteration {got} arrived before {tag}")
+                pass
+            wanted = max(int(self.current[0]), done + 1)
+            self._queued = [(tag, work) for tag, work in self._queued if tag >= wanted]
+            if self._queued:
+                return self._queued.pop(0)
+        return None
 
     def __iter__(self) -> Iterator[dict]:
-        inbox = self.inboxes[get_worker_info().id]
-        tag = int(self.current[0])
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead.tag == tag:
-            yield from ahead.take()
-        else:
-            if ahead is not None:
-                ahead.close()
-            yield from self._batches(self._receive(inbox, tag))
-        # reached only when the iteration was read to its end, not when the loader cut it short
-        latest = None
+        worker = get_worker_info().id
+        inbox, done = self.inboxes[worker], 0
         while True:
+            got = self._next_work(inbox, done)
+            if got is None:  # idle: the task ends, so the worker sees a shutdown; the loader drops tag 0
+                yield {"tag": 0}
+                continue
+            (tag, work), done = got, got[0]
             try:
-                latest = inbox.get_nowait()
-            except queue.Empty:
-                break
-        if latest is not None and latest[0] > tag:
-            self._ahead = Ahead(latest[0], self._batches(latest[1]))
+                for batch in read_work(self.shards, self.config, self.stats, work):
+                    if int(self.current[0]) > tag:
+                        break  # the consumer moved on: its batches would be dropped
+                    batch["tag"], batch["sent_at"] = tag, time.time()
+                    yield batch
+                else:
+                    yield {"tag": tag, "end": worker}
+            except Exception:
+                yield {"tag": tag, "error": ExceptionWrapper(where=f"in reader worker {worker}")}
 
 
 class ShardLoader:
     """A DataLoader over a ShardDataset that records how far the consumer got, for exact resume.
 
     Its worker processes start once, at the first iteration, and serve every epoch after
-    it (persistent_workers), so an epoch start costs no process start (and, on HDFS, no
-    JVM start per worker). They never see the index or the plan: the loader plans this
-    rank's epoch and hands each worker its Work (hdfs_io.work), about 40 bytes per
-    utterance of its share. While an epoch is read, the loader plans the next one on a
-    thread and hands it out too, so workers start reading it as they finish this one.
+    it, so an epoch start costs no process start (and, on HDFS, no JVM start per
+    worker). They never see the index or the plan: the loader plans this rank's epoch
+    and hands each worker its Work (hdfs_io.work), about 40 bytes per utterance of its
+    share. Once an epoch's first batch has arrived, the loader plans the next epoch on a
+    thread and hands it out too, so workers go on to it as they finish this one, and the
+    next epoch's first batches are formed and handed over before it is asked for.
+    Batches arrive as workers finish them and are put back in position order here.
     """
 
     def __init__(self, dataset: ShardDataset, num_workers: int = 2, **kwargs):
         self.dataset, self.num_workers, self.kwargs = dataset, num_workers, kwargs
         self.next_position = dataset.start_position
         self._loader: DataLoader | None = None
+        self._stream: Iterator[dict] | None = None  # the workers' one endless iteration
+        self._early: list[dict] = []  # items of an iteration handed out early, arrived before it began
         self._inboxes: list = []
         self._current = None  # the tag of the iteration workers read, in shared memory
         self._tag = 0
-        self._ahead: tuple[tuple, int] | None = None  # (the position it starts at, its tag): handed out early
+        self._first = 0  # the worker that reads the iteration's first position
+        self._ahead: tuple[tuple, int, int] | None = None  # handed out early: (its start position, tag, first worker)
         self._planner: threading.Thread | None = None
 
     def _wait_for_planner(self) -> None:
@@ -530,17 +514,47 @@ class ShardLoader:
         self.dataset.start_position = self.next_position
         if self.dataset.config.output == "features":
             self.dataset.normalization()  # here, once, not in every worker
-        if self._loader is None:
+        if not self.num_workers:
+            for batch in DataLoader(self.dataset, batch_size=None, num_workers=0, **self.kwargs):
+                self.next_position = batch["position"] + 1
+                yield batch
+            return
+        if self._stream is None:
             self._loader = self._start()
-        if self.num_workers:
-            self._hand_out()
-        for batch in self._loader:
+            self._stream = iter(self._loader)
+        for i, batch in enumerate(self._in_order(self._hand_out())):
             self.next_position = batch["position"] + 1
             yield batch
+            if i == 0:  # once the first batch is taken, so that planning does not delay it
+                self._plan_ahead()
+
+    def _in_order(self, tag: int) -> Iterator[dict]:
+        """Yields iteration `tag`'s batches in position order, until every worker has ended it."""
+        early = [item for item in self._early if item["tag"] >= tag]
+        self._early = [item for item in early if item["tag"] > tag]
+        arrivals = itertools.chain((item for item in early if item["tag"] == tag), self._stream)
+        held: dict[int, dict] = {}
+        expected, ended = self.dataset.start_position, 0
+        for item in arrivals:
+            if item["tag"] != tag:
+                if item["tag"] > tag:
+                    self._early.append(item)
+                continue  # older: the consumer left that iteration
+            if "error" in item:
+                item["error"].reraise()
+            if "end" in item:
+                ended += 1
+                if ended == self.num_workers:
+                    break
+                continue
+            held[item["position"]] = item
+            while expected in held:
+                yield held.pop(expected)
+                expected += 1
+        if held:
+            raise RuntimeError(f"reader: iteration {tag} ended with batches {sorted(held)} out of order")
 
     def _start(self) -> DataLoader:
-        if not self.num_workers:
-            return DataLoader(self.dataset, batch_size=None, num_workers=0, **self.kwargs)
         ds = self.dataset
         context = multiprocessing.get_context(worker_start_method())
         self._inboxes = [context.Queue() for _ in range(self.num_workers)]
@@ -548,31 +562,44 @@ class ShardLoader:
         stats = ds.normalization()[:2] if ds.config.output == "features" else None
         stream = WorkStream(ds.shards_spec(), ds.config, stats, self._inboxes, self._current)
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers, multiprocessing_context=context,
-                          persistent_workers=True, worker_init_fn=partial(exit_with_parent, os.getpid()),
-                          **self.kwargs)
+                          persistent_workers=True,
+                          worker_init_fn=partial(exit_with_parent, os.getpid()), **self.kwargs)
 
-    def _send(self, epoch: int, start: int) -> int:
-        """Puts every worker's Work of this rank's epoch from `start` in its inbox; returns their tag."""
+    def _send(self, epoch: int, start: int, first: int) -> int:
+        """Puts every worker's Work of this rank's epoch from `start` in its inbox, worker `first` reading
+        position `start`; returns their tag."""
         self._tag += 1
+        n = self.num_workers
         for worker, inbox in enumerate(self._inboxes):
-            inbox.put((self._tag, self.dataset.work(epoch, start, worker, self.num_workers)))
+            inbox.put((self._tag, self.dataset.work(epoch, start, (worker - first) % n, n)))
         return self._tag
 
-    def _hand_out(self) -> None:
-        """Makes the workers read from the dataset's position, then plans and hands out the next epoch early."""
+    def _hand_out(self) -> int:
+        """Makes the workers read from the dataset's position: the Work handed out early if it fits, else new."""
         ds = self.dataset
         if self._ahead is not None and self._ahead[0] == ds.position():
-            tag = self._ahead[1]
+            _, tag, self._first = self._ahead
         else:
-            tag = self._send(ds.epoch, ds.start_position)
+            tag, self._first = self._send(ds.epoch, ds.start_position, 0), 0
         self._current[0] = tag
         self._ahead = None
+        return tag
+
+    def _plan_ahead(self) -> None:
+        """Plans the next epoch on a thread and hands its Work out, for workers to go on to as they finish this one.
+
+        Its first position goes to the worker after the one that reads this iteration's last,
+        which is the first to finish this one: the workers go on round robin, as if the two
+        epochs were one.
+        """
+        ds = self.dataset
         following = ds.epoch + 1
+        first = (self._first + len(ds) - ds.start_position) % self.num_workers
 
-        def plan_ahead() -> None:
-            self._ahead = ((following, 0, json.dumps([])), self._send(following, 0))
+        def run() -> None:
+            self._ahead = ((following, 0, json.dumps([])), self._send(following, 0, first), first)
 
-        self._planner = threading.Thread(target=plan_ahead, daemon=True, name="reader-plan-ahead")
+        self._planner = threading.Thread(target=run, daemon=True, name="reader-plan-ahead")
         self._planner.start()
 
     def state_dict(self) -> dict:
