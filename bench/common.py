@@ -34,6 +34,17 @@ def corpus(utterances: int, seed: int = 7) -> Path:
     return root
 
 
+def checkout(ref: str) -> str:
+    """Returns the path of a git worktree of `ref` under bench/work/, made once."""
+    sha = subprocess.run(["git", "rev-parse", "--short", ref], cwd=ROOT, check=True, capture_output=True,
+                         text=True).stdout.strip()
+    path = WORK / f"ref-{sha}"
+    if not path.exists():
+        subprocess.run(["git", "worktree", "add", "--detach", str(path), sha], cwd=ROOT, check=True,
+                       capture_output=True)
+    return str(path)
+
+
 def tree_bytes(root: Path) -> tuple[int, int]:
     """Returns (audio files, bytes) under root."""
     files = [p for p in root.rglob("*.flac")]

@@ -16,20 +16,10 @@ import json
 import os
 import subprocess
 
-from bench.common import ROOT, SPARK_SUBMIT, WORK, corpus, median, write_result
+from bench.common import ROOT, SPARK_SUBMIT, WORK, checkout, corpus, median, write_result
 from scripts.devcluster import local_spark_env
 
 SIZES = (2500, 5000)
-
-
-def checkout(ref: str) -> str:
-    sha = subprocess.run(["git", "rev-parse", "--short", ref], cwd=ROOT, check=True, capture_output=True,
-                         text=True).stdout.strip()
-    path = WORK / f"ref-{sha}"
-    if not path.exists():
-        subprocess.run(["git", "worktree", "add", "--detach", str(path), sha], cwd=ROOT, check=True,
-                       capture_output=True)
-    return str(path)
 
 
 def pack_seconds(root: str, n: int) -> float:
