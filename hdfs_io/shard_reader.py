@@ -419,8 +419,8 @@ class WorkStream(IterableDataset):
     """What ShardLoader's persistent workers iterate: one endless stream over every iteration's Work.
 
     The loader puts every worker's Work for an iteration in its inbox, tagged, and sets
-    `current` to the tag it reads. A worker reads its Works in tag order: each batch, then
-    an end marker. It drops a Work whose tag is older than `current` (the consumer moved
+    `current` to the tag it reads. A worker reads its Works in tag order, the last batch
+    of each marked as its end. It drops a Work whose tag is older than `current` (the consumer moved
     on), and reads a newer one (the next epoch, handed out early) as soon as it is done
     with the current one. The stream never ends, so DataLoader never resets it between
     epochs: the tasks the loader keeps outstanding carry the workers straight into the
@@ -458,13 +458,18 @@ class WorkStream(IterableDataset):
                 continue
             (tag, work), done = got, got[0]
             try:
+                sent = 0
                 for batch in read_work(self.shards, self.config, self.stats, work):
                     if int(self.current[0]) > tag:
                         break  # the consumer moved on: its batches would be dropped
+                    sent += 1
                     batch["tag"], batch["sent_at"] = tag, time.time()
+                    if sent == len(work):  # the last batch ends the Work: an item of its own would take a
+                        batch["end"] = worker  # task, and delay the next Work's first batch by one
                     yield batch
                 else:
-                    yield {"tag": tag, "end": worker}
+                    if sent < len(work) or not len(work):
+                        yield {"tag": tag, "end": worker}
             except Exception:
                 yield {"tag": tag, "error": ExceptionWrapper(where=f"in reader worker {worker}")}
 
@@ -542,15 +547,15 @@ class ShardLoader:
                 continue  # older: the consumer left that iteration
             if "error" in item:
                 item["error"].reraise()
-            if "end" in item:
-                ended += 1
-                if ended == self.num_workers:
-                    break
-                continue
-            held[item["position"]] = item
-            while expected in held:
-                yield held.pop(expected)
-                expected += 1
+            ends = item.pop("end", None) is not None
+            if "position" in item:
+                held[item["position"]] = item
+                while expected in held:
+                    yield held.pop(expected)
+                    expected += 1
+            ended += ends
+            if ended == self.num_workers:
+                break
         if held:
             raise RuntimeError(f"reader: iteration {tag} ended with batches {sorted(held)} out of order")
 
