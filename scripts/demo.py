@@ -169,13 +169,14 @@ def main(argv: list[str] | None = None) -> int:
               f"({m['timing_s']['total_in_spark']:.1f} s in Spark); read+verify+features "
               f"{audio_s / read_s:.0f}x real time")
     waits = [s["data_wait_fraction"] for s in steady]
-    firsts = [s["data_wait_fraction"] for prev, s in zip([None] + steps, steps) if prev is None
-              or prev["epoch"] != s["epoch"]]
+    # epoch starts after the run's first step, which also waits for the reader's workers to start
+    firsts = [s["data_wait_fraction"] for prev, s in zip(steps, steps[1:]) if prev["epoch"] != s["epoch"]]
     print(f"  training        {len(steps)} steps in {steps[-1]['wall_s'] / 60:.1f} min, "
           f"{statistics.median(s['audio_seconds_per_s'] for s in steady):.0f} audio-s/s; data wait "
           f"{100 * statistics.median(waits):.2f}% of step time (median), {100 * statistics.mean(waits):.2f}% "
           f"(mean), {100 * sorted(waits)[int(0.95 * (len(waits) - 1))]:.2f}% (p95); "
-          f"{100 * statistics.mean(firsts):.1f}% on the first step of an epoch ({len(firsts)} epochs)")
+          f"{100 * statistics.mean(firsts):.2f}% (mean) on the first step of each later epoch ({len(firsts)}), "
+          f"{100 * steps[0]['data_wait_fraction']:.1f}% on the run's first step (workers starting)")
     for split in before:
         print(f"  {split:15s} CER {100 * before[split]['cer']:5.1f}% -> {100 * after[split]['cer']:5.1f}%, "
               f"WER {100 * before[split]['wer']:5.1f}% -> {100 * after[split]['wer']:5.1f}% "

@@ -135,14 +135,19 @@ def resume_mismatch(ckpt: dict, cfg: Config, identity: dict) -> str | None:
 def wait_summary(waits: list[tuple[bool, float]]) -> dict:
     """Returns the median, mean and p95 of the data wait fraction, and the mean over epochs' first steps.
 
-    The median alone hides waits that come in bursts, such as at each epoch's start.
+    The median alone hides waits that come in bursts, such as at each epoch's start. The
+    run's first step also waits for the reader's workers to start; the epoch starts after
+    it are reported on their own too.
     """
     if not waits:
         return {}
     fractions = np.array([w for _, w in waits])
     firsts = [w for first, w in waits if first]
+    later = [w for first, w in waits[1:] if first]
     return {"median": float(np.median(fractions)), "mean": float(fractions.mean()),
-            "p95": float(np.percentile(fractions, 95)), "first_step_of_epoch_mean": float(np.mean(firsts))}
+            "p95": float(np.percentile(fractions, 95)), "first_step_of_epoch_mean": float(np.mean(firsts)),
+            "first_step_of_run": float(waits[0][1]),
+            "first_step_of_later_epochs_mean": float(np.mean(later)) if later else None}
 
 
 def default_log_dir(out: str) -> Path:

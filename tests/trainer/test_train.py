@@ -1,11 +1,17 @@
-"""trainer.train end to end: torchrun on 2 processes reading the real HDFS, resume, NaN skip, evaluate."""
+"""trainer.train end to end: torchrun on 2 processes (and on 2 "nodes") reading the real HDFS, resume, NaN skip,
+evaluate."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -61,7 +67,9 @@ def test_two_process_torchrun_trains_from_hdfs_and_checkpoints_there(cluster, hd
     assert final["step"] == 4 and final["utterances"] == 24 and 0 <= final["cer"]
     wait = final["data_wait_fraction"]
     assert 0 <= wait["median"] <= wait["p95"] <= 1 and 0 <= wait["mean"] <= 1
-    assert 0 <= wait["first_step_of_epoch_mean"] <= 1
+    assert 0 <= wait["first_step_of_epoch_mean"] <= 1 and 0 <= wait["first_step_of_run"] <= 1
+    later = wait["first_step_of_later_epochs_mean"]  # None when the 4 steps are all in epoch 0
+    assert later is None or 0 <= later <= 1
     steps = metrics(tmp_path / "log")
     assert [m["step"] for m in steps] == [1, 2, 3, 4]
     assert all(m["loss"] > 0 and 0 <= m["data_wait_fraction"] <= 1 for m in steps)
@@ -146,6 +154,13 @@ def audit(log_dir: Path, world: int) -> dict[int, list[dict]]:
             for r in range(world)}
 
 
+def audit_so_far(log_dir: Path) -> dict[int, list[dict]]:
+    """The audit of a run still going: its whole lines, of the ranks that have written any."""
+    return {int(p.name.split(".")[1][4:]): [json.loads(line) for line in p.read_text().splitlines(keepends=True)
+                                            if line.endswith("\n")]
+            for p in sorted(log_dir.glob("keys.rank*.jsonl"))}
+
+
 def test_torchrun_restarts_a_dead_rank_and_the_epoch_is_read_exactly_once(cluster, hdfs_dataset, tmp_path):
     fault = ["--train.batch_seconds=6", "--train.checkpoint_every_steps=2", "--train.audit_keys=true",
              "--train.dist_timeout_minutes=1",
@@ -165,6 +180,12 @@ def test_torchrun_restarts_a_dead_rank_and_the_epoch_is_read_exactly_once(cluste
     # gloo's set-up after a restart sometimes fails or hangs here (1 run in 3); the timeout turns a hang
     # into a failure and torchrun's next restart goes on from the same checkpoint
     assert len({r["attempt"] for r in logs[1]}) >= 2, "rank 1 did not die and come back"
+    assert_one_clean_epoch(logs, len(ds), hdfs_dataset)
+
+
+def assert_one_clean_epoch(logs: dict[int, list[dict]], steps: int, dataset: str) -> None:
+    """Every rank's audit has steps 1..`steps`, a redone step read what it read before, and the epoch's
+    utterances were read once each (repeats aside)."""
     consumed = []
     for rank, records in logs.items():
         by_step = {}
@@ -172,10 +193,74 @@ def test_torchrun_restarts_a_dead_rank_and_the_epoch_is_read_exactly_once(cluste
             if r["step"] in by_step:
                 assert r["keys"] == by_step[r["step"]]["keys"], "a redone step read other utterances"
             by_step[r["step"]] = r
-        assert sorted(by_step) == list(range(1, len(ds) + 1)), f"rank {rank} skipped or repeated a step"
+        assert sorted(by_step) == list(range(1, steps + 1)), f"rank {rank} skipped or repeated a step"
         consumed += [k for r in by_step.values() if not r["repeated"] for k in r["keys"]]
-    expected = open_dataset(hdfs_dataset).index().column(F.KEY).to_pylist()
+    expected = open_dataset(dataset).index().column(F.KEY).to_pylist()
     assert Counter(consumed) == Counter(expected)  # one clean epoch: none missing, none twice
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILLs `pid` and every process under it, found through /proc before any is killed."""
+    tree, i = [pid], 0
+    while i < len(tree):
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{tree[i]}/task"):
+                with open(f"/proc/{tree[i]}/task/{task}/children") as f:
+                    tree += [int(child) for child in f.read().split()]
+        i += 1
+    for p in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
+def launch_nodes(cluster, *args: str) -> list[subprocess.Popen]:
+    """Starts two torchrun launchers, one per "node", that meet through a c10d rendezvous on 127.0.0.1."""
+    port = free_port()
+    return [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+                              "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                              f"--rdzv-conf=is_host={'true' if node == 0 else 'false'}", "--rdzv-id=two-nodes",
+                              "-m", "trainer.train", *TINY, *args],
+                             cwd=ROOT, env=dict(cluster.env, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            for node in (0, 1)]
+
+
+def test_two_nodes_launched_per_node_train_from_hdfs_and_a_killed_node_resumes_to_one_clean_epoch(
+        cluster, hdfs_dataset, hdfs_dir, tmp_path):
+    common = ["--dataset", hdfs_dataset, "--out", f"{hdfs_dir}/run", "--log-dir", str(tmp_path / "log"),
+              "--train.batch_seconds=6", "--train.checkpoint_every_steps=2", "--train.audit_keys=true",
+              "--train.dist_timeout_minutes=1", "--epochs", "1"]
+    steps = len(ShardDataset(hdfs_dataset, 0, 2, ReaderConfig(plan=PlanConfig(batch_seconds=6))))
+    assert steps >= 5, "the epoch must outlast the kill"
+
+    nodes = launch_nodes(cluster, *common)
+    try:
+        deadline = time.monotonic() + 600
+        while not any(r["step"] >= 3 for records in audit_so_far(tmp_path / "log").values() for r in records):
+            assert time.monotonic() < deadline and all(n.poll() is None for n in nodes), \
+                [n.communicate()[0][-2000:] for n in nodes if n.poll() is not None]
+            time.sleep(0.2)
+        kill_tree(nodes[1].pid)  # node 1 gone at once: its launcher and its rank (in a session of its own)
+        assert nodes[0].wait(timeout=300) != 0, "node 0 finished an epoch that node 1 left"
+    finally:
+        for n in nodes:
+            kill_tree(n.pid)
+            n.wait()
+    assert "checkpoint.pt" in cluster.hadoop("dfs", "-ls", f"{hdfs_dir}/run").stdout
+
+    resumed = launch_nodes(cluster, *common, "--resume")
+    outputs = [n.communicate(timeout=600)[0] for n in resumed]
+
+    assert [n.returncode for n in resumed] == [0, 0], [o[-2000:] for o in outputs]
+    logs = audit(tmp_path / "log", 2)
+    assert max(r["step"] for r in logs[0]) == steps
+    assert_one_clean_epoch(logs, steps, hdfs_dataset)
 
 
 def test_a_finished_run_resumed_with_more_epochs_trains_the_next_epoch_whole(cluster, hdfs_dataset, tmp_path):
