@@ -30,7 +30,7 @@ from hdfs_io import dataset_format as F
 from hdfs_io.dataset import open_dataset
 from hdfs_io.features import FeatureConfig, features_from_bytes
 from hdfs_io.shard_reader import ReaderConfig, ShardDataset
-from scripts.devcluster import local_spark_env, read_env_file
+from scripts.devcluster import free_port, local_spark_env, read_env_file
 from scripts.synth_corpus import librispeech_tree
 from trainer.config import load_config
 from trainer.train import build_model, evaluate
@@ -143,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(log_dir, ignore_errors=True)
     run = f"{base}/run"
     print(f"demo: training ds2_tiny with torchrun on 2 processes for {args.train_minutes:g} minutes")
-    train = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    # launched as on a cluster, once per node (here one node): c10d rendezvous at an endpoint
+    train = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--node_rank=0",
+                            "--nproc_per_node=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
                             "-m", "trainer.train", "--conf", str(CONF), "--dataset", datasets["train"], "--out", run,
                             "--eval-dataset", datasets["heldout-seen"], "--log-dir", str(log_dir),
                             "--epochs", "1000", f"--train.max_minutes={args.train_minutes}",

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from hdfs_io.dataset import open_dataset
 from hdfs_io.filesystem import open_filesystem
 from hdfs_io.plan import PlanConfig
 from hdfs_io.shard_reader import ReaderConfig, ShardDataset
+from scripts.devcluster import free_port
 from tests.corpora import good_librispeech
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -197,12 +197,6 @@ def assert_one_clean_epoch(logs: dict[int, list[dict]], steps: int, dataset: str
         consumed += [k for r in by_step.values() if not r["repeated"] for k in r["keys"]]
     expected = open_dataset(dataset).index().column(F.KEY).to_pylist()
     assert Counter(consumed) == Counter(expected)  # one clean epoch: none missing, none twice
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kill_tree(pid: int) -> None:
