@@ -458,17 +458,16 @@ class WorkStream(IterableDataset):
                 continue
             (tag, work), done = got, got[0]
             try:
-                sent = 0
-                for batch in read_work(self.shards, self.config, self.stats, work):
+                ended = False
+                for sent, batch in enumerate(read_work(self.shards, self.config, self.stats, work), 1):
                     if int(self.current[0]) > tag:
                         break  # the consumer moved on: its batches would be dropped
-                    sent += 1
                     batch["tag"], batch["sent_at"] = tag, time.time()
                     if sent == len(work):  # the last batch ends the Work: an item of its own would take a
-                        batch["end"] = worker  # task, and delay the next Work's first batch by one
+                        batch["end"], ended = worker, True  # task, and delay the next Work's first batch by one
                     yield batch
                 else:
-                    if sent < len(work) or not len(work):
+                    if not ended:  # a Work with no batch
                         yield {"tag": tag, "end": worker}
             except Exception:
                 yield {"tag": tag, "error": ExceptionWrapper(where=f"in reader worker {worker}")}
@@ -490,7 +489,6 @@ class ShardLoader:
     def __init__(self, dataset: ShardDataset, num_workers: int = 2, **kwargs):
         self.dataset, self.num_workers, self.kwargs = dataset, num_workers, kwargs
         self.next_position = dataset.start_position
-        self._loader: DataLoader | None = None
         self._stream: Iterator[dict] | None = None  # the workers' one endless iteration
         self._early: list[dict] = []  # items of an iteration handed out early, arrived before it began
         self._inboxes: list = []
@@ -525,8 +523,7 @@ class ShardLoader:
                 yield batch
             return
         if self._stream is None:
-            self._loader = self._start()
-            self._stream = iter(self._loader)
+            self._stream = iter(self._start())
         for i, batch in enumerate(self._in_order(self._hand_out())):
             self.next_position = batch["position"] + 1
             yield batch
@@ -567,8 +564,8 @@ class ShardLoader:
         stats = ds.normalization()[:2] if ds.config.output == "features" else None
         stream = WorkStream(ds.shards_spec(), ds.config, stats, self._inboxes, self._current)
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers, multiprocessing_context=context,
-                          persistent_workers=True,
-                          worker_init_fn=partial(exit_with_parent, os.getpid()), **self.kwargs)
+                          persistent_workers=True, worker_init_fn=partial(exit_with_parent, os.getpid()),
+                          **self.kwargs)
 
     def _send(self, epoch: int, start: int, first: int) -> int:
         """Puts every worker's Work of this rank's epoch from `start` in its inbox, worker `first` reading
