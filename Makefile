@@ -5,7 +5,7 @@ STAMP := .cache/setup.stamp
 DEMO_TRAIN_MINUTES ?= 4
 STORAGE ?= local
 
-.PHONY: setup demo test soak cluster-up cluster-down clean
+.PHONY: setup demo test soak cluster-up cluster-down executor-env clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,10 @@ cluster-up: setup
 
 cluster-down:
 	@if [ -x $(PY) ]; then $(PY) -m scripts.devcluster down; fi
+
+# The Python environment for Spark executors on YARN (--archives); see scripts/executor_env.py.
+executor-env: setup
+	$(PY) -m scripts.executor_env
 
 demo: setup
 	$(PY) -m scripts.demo --storage $(STORAGE) --train-minutes $(DEMO_TRAIN_MINUTES)

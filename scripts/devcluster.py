@@ -1,13 +1,14 @@
-"""The local development cluster: a real HDFS and a real Spark standalone cluster on 127.0.0.1.
+"""The local development cluster: a real HDFS, YARN and Spark standalone cluster on 127.0.0.1.
 
-    python -m scripts.devcluster up      # 1 NameNode, 3 DataNodes, Spark master + 2 workers
+    python -m scripts.devcluster up      # 1 NameNode, 3 DataNodes, 1 ResourceManager,
+                                         # 2 NodeManagers, Spark master + 2 workers
     python -m scripts.devcluster down    # stops exactly the processes `up` started
     python -m scripts.devcluster status
     python -m scripts.devcluster kill datanode1 [--signal STOP]   # fault injection
     python -m scripts.devcluster restart datanode1                # and recovery
 
-`up` waits until HDFS has left safe mode with 3 live DataNodes and both Spark
-workers have registered, then writes `.devcluster/env.sh`. Both commands are
+`up` waits until HDFS has left safe mode with 3 live DataNodes, both NodeManagers
+and both Spark workers have registered, then writes `.devcluster/env.sh`. Both commands are
 idempotent. Everything lives under `.devcluster/` (git-ignored).
 """
 
@@ -35,6 +36,8 @@ HADOOP = ROOT / "scripts" / "hadoop"
 NAMENODE_PORT = 9820  # must match fs.defaultFS in conf/hadoop/core-site.xml
 NAMENODE_HTTP_PORT = 9870  # dfs.namenode.http-address
 DATANODES = 3
+RESOURCEMANAGER_HTTP_PORT = 8188  # yarn.resourcemanager.webapp.address in conf/hadoop/yarn-site.xml
+NODEMANAGERS = 2
 SPARK_WORKERS = 2
 SPARK_WORKER_MEMORY = "4g"
 START_TIMEOUT_S = 180
@@ -86,7 +89,7 @@ def alive(proc: dict) -> bool:
 
 
 def launch(name: str, argv: list[str], env: dict[str, str], kind: str) -> dict:
-    """Starts one daemon in its own process group; `kind` ("hdfs" or "spark") says which environment it needs."""
+    """Starts one daemon in its own process group; `kind` ("hdfs": a Hadoop daemon, or "spark") says which environment it needs."""
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     log = open(LOG_DIR / f"{name}.log", "ab")
     p = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -148,6 +151,32 @@ def start_hdfs(env: dict[str, str]) -> list[dict]:
                 "dfs.datanode.hostname=127.0.0.1"]
         argv = [str(HADOOP), "datanode"] + [a for o in opts for a in ("-D", o)]
         procs.append(launch(f"datanode{i}", argv, daemon_env, "hdfs"))
+    return procs
+
+
+def yarn_ready() -> bool:
+    metrics = http_json(f"http://127.0.0.1:{RESOURCEMANAGER_HTTP_PORT}/ws/v1/cluster/metrics")
+    return bool(metrics) and metrics["clusterMetrics"]["activeNodes"] >= NODEMANAGERS
+
+
+def start_yarn(env: dict[str, str]) -> list[dict]:
+    """Starts a ResourceManager and NodeManagers; their ports are conf/hadoop/yarn-site.xml's, or free ones."""
+    for port in (8030, 8031, 8032, 8033, RESOURCEMANAGER_HTTP_PORT):
+        if port_in_use(port):
+            raise ClusterError(f"port {port} on 127.0.0.1 is taken; stop whatever holds it "
+                               "(an old cluster: make cluster-down)")
+    daemon_env = hdfs_daemon_env(env)
+    procs = [launch("resourcemanager", [str(HADOOP), "resourcemanager"], daemon_env, "hdfs")]
+    for i in range(NODEMANAGERS):
+        nm_dir = STATE_DIR / "yarn" / f"nm{i}"
+        opts = ["yarn.nodemanager.hostname=127.0.0.1",
+                "yarn.nodemanager.address=127.0.0.1:0",
+                "yarn.nodemanager.localizer.address=127.0.0.1:0",
+                "yarn.nodemanager.webapp.address=127.0.0.1:0",
+                f"yarn.nodemanager.local-dirs={nm_dir / 'local'}",
+                f"yarn.nodemanager.log-dirs={nm_dir / 'logs'}"]
+        argv = [str(HADOOP), "nodemanager"] + [a for o in opts for a in ("-D", o)]
+        procs.append(launch(f"nodemanager{i}", argv, daemon_env, "hdfs"))
     return procs
 
 
@@ -242,17 +271,20 @@ def up() -> None:
     try:
         started += start_hdfs(env)
         STATE_FILE.write_text(json.dumps({"processes": started}, indent=1))
+        started += start_yarn(env)
+        STATE_FILE.write_text(json.dumps({"processes": started}, indent=1))
         spark_procs, master, ui_port = start_spark(env)
         started += spark_procs
         STATE_FILE.write_text(json.dumps({"processes": started, "spark_master": master, "spark_ui_port": ui_port},
                                          indent=1))
         wait_for("HDFS to leave safe mode with 3 live DataNodes", hdfs_ready, started)
         wait_for("2 Spark workers to register", lambda: spark_ready(ui_port), started)
+        wait_for("2 NodeManagers to register", yarn_ready, started)
     except BaseException:
         down()
         raise
     write_env(env, master)
-    print(f"devcluster: up (HDFS hdfs://127.0.0.1:{NAMENODE_PORT}, Spark {master}); "
+    print(f"devcluster: up (HDFS hdfs://127.0.0.1:{NAMENODE_PORT}, YARN 127.0.0.1:8032, Spark {master}); "
           f". {ENV_FILE.relative_to(ROOT)}")
 
 
@@ -313,6 +345,7 @@ def restart(name: str) -> None:
     STATE_FILE.write_text(json.dumps(state, indent=1))
     wait_for("HDFS to leave safe mode with 3 live DataNodes", hdfs_ready, state["processes"])
     wait_for("2 Spark workers to register", lambda: spark_ready(state["spark_ui_port"]), state["processes"])
+    wait_for("2 NodeManagers to register", yarn_ready, state["processes"])
 
 
 def status() -> int:

@@ -37,14 +37,14 @@ from pyspark.sql import functions as sf  # noqa: E402
 
 from hdfs_io import dataset_format as F  # noqa: E402
 from hdfs_io.features import FeatureConfig  # noqa: E402
-from hdfs_io.filesystem import FilesystemUnavailable, hdfs_user, probe_uri, uri_base  # noqa: E402
+from hdfs_io.filesystem import BACKEND_VARIABLE, FilesystemUnavailable, hdfs_user, probe_uri, uri_base  # noqa: E402
 from spark_jobs import pack_stages as stages  # noqa: E402
 from spark_jobs import packing, sources  # noqa: E402
 
 PROGRESS_EVERY_S = 30.0
 # Passed on to executors so libhdfs finds its jars and JVM there as it does here.
 EXECUTOR_ENV = ("CLASSPATH", "ARROW_LIBHDFS_DIR", "LIBHDFS_OPTS", "JAVA_HOME", "HADOOP_CONF_DIR",
-                "HADOOP_USER_NAME", "KRB5CCNAME")
+                "HADOOP_USER_NAME", "KRB5CCNAME", BACKEND_VARIABLE)
 
 
 class UserError(Exception):
@@ -123,12 +123,19 @@ def overlap(in_uri: str, in_path: str, out_uri: str, out_path: str) -> bool:
 
 
 def ship_code(sc) -> None:
-    """Sends hdfs_io and spark_jobs to the executors as a zip, for clusters without this checkout."""
-    root = Path(__file__).resolve().parent.parent
+    """Sends hdfs_io and spark_jobs, as this driver imported them, to the executors as a zip.
+
+    From a checkout or an installed copy alike: in YARN cluster mode this driver runs from the
+    executor environment's site-packages, not from a checkout.
+    """
+    import hdfs_io
+    import spark_jobs
+
     bundle = Path(tempfile.mkdtemp(prefix="speechpack-")) / "speechpack_code.zip"
     with zipfile.ZipFile(bundle, "w") as z:
-        for package in ("hdfs_io", "spark_jobs"):
-            for f in sorted((root / package).rglob("*.py")):
+        for package in (hdfs_io, spark_jobs):
+            root = Path(package.__file__).resolve().parent.parent
+            for f in sorted(Path(package.__file__).resolve().parent.rglob("*.py")):
                 z.write(f, f.relative_to(root).as_posix())
     sc.addPyFile(str(bundle))
 

@@ -1,0 +1,135 @@
+"""spark_jobs/pack.py on the local YARN, from a shipped executor environment (scripts/executor_env)."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from pathlib import Path
+
+import pytest
+
+from hdfs_io import dataset_format as F
+from hdfs_io.dataset import open_dataset
+from scripts.devcluster import STATE_DIR
+from scripts.executor_env import build, spark_flags
+from tests.spark_jobs.test_pack import check_dataset, to_hdfs
+
+ROOT = Path(__file__).resolve().parents[2]
+PROBE = '''
+import sys
+from pyspark.sql import SparkSession
+
+def where(_):
+    import importlib.util, sys
+    yield sys.prefix, importlib.util.find_spec("torch") is not None
+
+spark = SparkSession.builder.getOrCreate()
+for prefix, has_torch in sorted(set(spark.sparkContext.parallelize(range(4), 4).mapPartitions(where).collect())):
+    print(f"probe: executor prefix={prefix} torch={has_torch}")
+spark.stop()
+'''
+
+
+@pytest.fixture(scope="module")
+def executor_env(cluster, tmp_path_factory) -> str:
+    """Builds the executor environment and puts it on HDFS, as a cluster's users share it; returns its URI."""
+    archive = build(tmp_path_factory.mktemp("executor_env") / "speechpack-env.tar.gz")
+    uri = f"{cluster.hdfs_uri}/tests/yarn-{uuid.uuid4().hex[:8]}/speechpack-env.tar.gz"
+    cluster.hadoop("dfs", "-mkdir", "-p", uri.rsplit("/", 1)[0])
+    cluster.hadoop("dfs", "-put", str(archive), uri)
+    yield uri
+    cluster.hadoop("dfs", "-rm", "-r", "-skipTrash", uri.rsplit("/", 1)[0], check=False)
+
+
+@pytest.fixture(scope="module")
+def corpus_on_hdfs(cluster, tmp_path_factory):
+    from tests.corpora import bad_librispeech
+
+    root = tmp_path_factory.mktemp("yarn_corpus")
+    expected = bad_librispeech(root)
+    uri = to_hdfs(root, f"{cluster.hdfs_uri}/tests/yarn-corpus-{uuid.uuid4().hex[:8]}")
+    return root, expected, uri
+
+
+def yarn_submit(cluster, executor_env: str, deploy_mode: str, *args: str, check: bool = True):
+    """Runs spark-submit on YARN with the executor environment; Spark's jars come from this machine's pyspark."""
+    spark_home = cluster.env["SPARK_HOME"]
+    flags = ["--deploy-mode", deploy_mode, "--conf", f"spark.yarn.jars=local:{spark_home}/jars/*",
+             "--num-executors", "2", "--executor-cores", "1", "--executor-memory", "1g",
+             "--driver-memory", "1g", *spark_flags(executor_env, deploy_mode)]
+    if deploy_mode == "cluster":  # the driver runs in a container too: HDFS through the JVM-free client
+        flags += ["--conf", "spark.yarn.appMasterEnv.SPEECHPACK_HDFS_BACKEND=native"]
+    return cluster.spark_submit(*flags, *args, master="yarn", check=check)
+
+
+def application_id(output: str) -> str:
+    return re.search(r"application_\d+_\d+", output).group(0)
+
+
+def driver_output(app_id: str) -> str:
+    """Returns what the cluster-mode driver printed, from its container's log in the NodeManagers' log folders.
+
+    Spark puts the Python driver's stdout and stderr both in the container's `stdout` log.
+    """
+    logs = sorted(STATE_DIR.glob(f"yarn/nm*/logs/{app_id}/container_*_01_000001/stdout"))
+    assert logs, f"no driver log for {app_id}"
+    return logs[0].read_text(errors="replace")
+
+
+def same_dataset(a: str, b: str) -> None:
+    columns = [F.KEY, F.SHARD, F.ROW, F.CHECKSUM, F.DURATION_S]
+    assert open_dataset(a).index(columns).to_pylist() == open_dataset(b).index(columns).to_pylist()
+    shards = [[(s["rows"], s["checksum"]) for s in open_dataset(uri).manifest["shards"]] for uri in (a, b)]
+    assert shards[0] == shards[1]
+
+
+def test_executors_run_python_from_the_shipped_environment_not_the_checkouts_venv(cluster, executor_env, tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+
+    result = yarn_submit(cluster, executor_env, "client", str(probe))
+
+    prefixes = re.findall(r"probe: executor prefix=(\S+) torch=(\w+)", result.stdout)
+    assert prefixes, result.stdout[-2000:]
+    for prefix, has_torch in prefixes:
+        assert "/appcache/application_" in prefix and prefix.endswith("/environment"), prefix
+        assert not prefix.startswith(str(ROOT / ".venv")) and has_torch == "False"
+
+
+@pytest.mark.parametrize("deploy_mode", ["client", "cluster"])
+def test_pack_on_yarn_from_hdfs_to_hdfs_equals_the_local2_pack(cluster, executor_env, corpus_on_hdfs, hdfs_dir,
+                                                               deploy_mode):
+    root, expected, source = corpus_on_hdfs
+    args = ["--input", source, "--shard-size-mb", "0.1"]
+    cluster.pack(*args, "--output", f"{hdfs_dir}/local2", master="local[2]")
+
+    yarn_submit(cluster, executor_env, deploy_mode, str(ROOT / "spark_jobs" / "pack.py"),
+                *args, "--output", f"{hdfs_dir}/yarn")
+
+    check_dataset(f"{hdfs_dir}/yarn", expected, root)
+    same_dataset(f"{hdfs_dir}/yarn", f"{hdfs_dir}/local2")
+
+
+def test_missing_input_on_yarn_client_mode_exits_2_with_one_line(cluster, executor_env, hdfs_dir):
+    result = yarn_submit(cluster, executor_env, "client", str(ROOT / "spark_jobs" / "pack.py"),
+                         "--input", f"{hdfs_dir}/nope", "--output", f"{hdfs_dir}/out", check=False)
+
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if line.startswith("pack: ")]
+    assert result.returncode == 2
+    assert len(errors) == 1 and errors[0].startswith("pack: error: ") and "nope" in errors[0]
+    assert "Traceback" not in output and "\tat " not in output
+
+
+def test_missing_input_on_yarn_cluster_mode_fails_the_application_and_the_driver_log_has_one_line(
+        cluster, executor_env, hdfs_dir):
+    result = yarn_submit(cluster, executor_env, "cluster", str(ROOT / "spark_jobs" / "pack.py"),
+                         "--input", f"{hdfs_dir}/nope", "--output", f"{hdfs_dir}/out", check=False)
+
+    output = result.stdout + result.stderr
+    app_id = application_id(output)
+    assert result.returncode != 0
+    assert "final status: FAILED" in output and "exited with status 2" in output, output[-3000:]
+    errors = [line for line in driver_output(app_id).splitlines() if line.startswith("pack: ")]
+    assert len(errors) == 1 and errors[0].startswith("pack: error: ") and "nope" in errors[0]
+    assert cluster.hadoop("dfs", "-test", "-e", f"{hdfs_dir}/out", check=False).returncode != 0
