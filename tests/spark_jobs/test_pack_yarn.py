@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -10,8 +14,9 @@ import pytest
 
 from hdfs_io import dataset_format as F
 from hdfs_io.dataset import open_dataset
-from scripts.devcluster import STATE_DIR
+from scripts.devcluster import RESOURCEMANAGER_HTTP_PORT, STATE_DIR, http_json
 from scripts.executor_env import build, spark_flags
+from scripts.synth_corpus import linked_corpus, tones
 from tests.spark_jobs.test_pack import check_dataset, to_hdfs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,15 +56,19 @@ def corpus_on_hdfs(cluster, tmp_path_factory):
     return root, expected, uri
 
 
-def yarn_submit(cluster, executor_env: str, deploy_mode: str, *args: str, check: bool = True):
-    """Runs spark-submit on YARN with the executor environment; Spark's jars come from this machine's pyspark."""
+def yarn_flags(cluster, executor_env: str, deploy_mode: str) -> list[str]:
+    """Returns spark-submit's flags for YARN with the executor environment; Spark's jars are this machine's pyspark's."""
     spark_home = cluster.env["SPARK_HOME"]
     flags = ["--deploy-mode", deploy_mode, "--conf", f"spark.yarn.jars=local:{spark_home}/jars/*",
              "--num-executors", "2", "--executor-cores", "1", "--executor-memory", "1g",
              "--driver-memory", "1g", *spark_flags(executor_env, deploy_mode)]
     if deploy_mode == "cluster":  # the driver runs in a container too: HDFS through the JVM-free client
         flags += ["--conf", "spark.yarn.appMasterEnv.SPEECHPACK_HDFS_BACKEND=native"]
-    return cluster.spark_submit(*flags, *args, master="yarn", check=check)
+    return flags
+
+
+def yarn_submit(cluster, executor_env: str, deploy_mode: str, *args: str, check: bool = True):
+    return cluster.spark_submit(*yarn_flags(cluster, executor_env, deploy_mode), *args, master="yarn", check=check)
 
 
 def application_id(output: str) -> str:
@@ -133,3 +142,56 @@ def test_missing_input_on_yarn_cluster_mode_fails_the_application_and_the_driver
     errors = [line for line in driver_output(app_id).splitlines() if line.startswith("pack: ")]
     assert len(errors) == 1 and errors[0].startswith("pack: error: ") and "nope" in errors[0]
     assert cluster.hadoop("dfs", "-test", "-e", f"{hdfs_dir}/out", check=False).returncode != 0
+
+
+def running_application(name: str) -> str | None:
+    apps = http_json(f"http://127.0.0.1:{RESOURCEMANAGER_HTTP_PORT}/ws/v1/cluster/apps?states=RUNNING") or {}
+    for app in ((apps.get("apps") or {}).get("app") or []):
+        if app["name"] == name:
+            return app["id"]
+    return None
+
+
+def executor_pids(app_id: str) -> list[int]:
+    """Returns the pids of `app_id`'s executor JVMs that have started Python workers (so run tasks)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            if b"YarnCoarseGrainedExecutorBackend" in cmdline and app_id.encode() in cmdline:
+                children = (proc / "task" / proc.name / "children").read_text().split()
+                if children:
+                    pids.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+@pytest.mark.slow
+def test_a_container_killed_mid_pack_is_survived_by_task_retry(cluster, executor_env, hdfs_dir, tmp_path):
+    corpus = linked_corpus(tmp_path / "corpus", 3000, "manifest", tones(tmp_path / "tones", 20, 0.1, 0.3))
+    argv = [str(ROOT / "spark_jobs" / "pack.py"), "--input", str(corpus), "--output", f"{hdfs_dir}/ds",
+            "--shard-size-mb", "4"]
+    flags = yarn_flags(cluster, executor_env, "client")
+    spark_submit = Path(cluster.env["SPARK_HOME"]) / "bin" / "spark-submit"
+    log = tmp_path / "pack.log"
+    with open(log, "w") as out:
+        pack = subprocess.Popen([str(spark_submit), "--master", "yarn", *flags, *argv], env=cluster.env,
+                                stdout=out, stderr=subprocess.STDOUT)
+        deadline, killed = time.monotonic() + 300, None
+        while killed is None and pack.poll() is None and time.monotonic() < deadline:
+            app_id = running_application("speechpack-pack")
+            pids = executor_pids(app_id) if app_id else []
+            if pids:
+                os.killpg(os.getpgid(pids[0]), signal.SIGKILL)  # the container: its JVM and Python workers
+                killed = pids[0]
+            time.sleep(0.2)
+        rc = pack.wait(timeout=600)
+
+    output = log.read_text()
+    assert killed is not None, "pack ended before an executor ran a task: " + output[-2000:]
+    assert rc == 0, output[-3000:]
+    assert re.search(r"Lost executor|Container .*exited|Exit status: 137", output), output[-3000:]
+    ds = open_dataset(f"{hdfs_dir}/ds")
+    keys = ds.index([F.KEY]).column(F.KEY).to_pylist()
+    assert ds.manifest["utterances"] == len(set(keys)) == 3000 and ds.manifest["quarantined"] == 0
