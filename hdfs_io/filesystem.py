@@ -136,10 +136,61 @@ def native_hdfs(host: str = "default", port: int = 0) -> pafs.FileSystem:
         except Exception as e:  # hdfs-native raises plain exceptions for configuration errors
             where = f"{host}:{port}" if port else host
             raise FilesystemUnavailable(f"cannot open HDFS at {where}: {first_line(e)}") from e
+        client.client = NativeCalls(client.client)
         global _native_opened
         _native_opened = True
         _handles[key] = pafs.PyFileSystem(pafs.FSSpecHandler(client))
     return _handles[key]
+
+
+class NativeCalls:
+    """An hdfs-native object whose calls raise OSError for HDFS failures that hdfs-native gives no Python name.
+
+    hdfs-native raises FileNotFoundError, PermissionError and the like where Python has a name,
+    and RuntimeError (or ValueError, for blocks not found) for the rest: a NameNode in safe mode
+    after a restart, a DataNode that broke off, a remote Java exception. Those are outages, as
+    libhdfs's OSErrors say, and the reader retries OSError; anything else it takes for damage.
+    Files and listings that a call returns are wrapped the same way.
+    """
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._inner, name)
+        return _native_call(attr) if callable(attr) else attr
+
+
+def _native_call(call):
+    def wrapped(*args, **kwargs):
+        with _native_errors_as_oserror():
+            result = call(*args, **kwargs)
+        if hasattr(result, "inner"):  # hdfs_native.FileReader / FileWriter over a Rust file
+            result.inner = NativeCalls(result.inner)
+        elif hasattr(result, "__next__"):  # a listing: its pages are fetched while iterating
+            return _native_iteration(result)
+        return result
+    return wrapped
+
+
+def _native_iteration(iterator):
+    while True:
+        with _native_errors_as_oserror():
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+        yield item
+
+
+@contextlib.contextmanager
+def _native_errors_as_oserror():
+    try:
+        yield
+    except NotImplementedError:
+        raise
+    except (RuntimeError, ValueError) as e:
+        raise OSError(f"HDFS: {first_line(e)}") from e
 
 
 def jvm_started() -> bool:

@@ -98,24 +98,25 @@ def time_to_failure(batches) -> tuple[float, str]:
     return time.monotonic() - started, error_message(failed.value)
 
 
-NATIVE_SAFE_MODE = pytest.mark.xfail(
-    strict=True, reason="hdfs-native raises its RPCError, not an OSError, for a NameNode in safe mode after a "
-    "restart, so the reader takes it for damage instead of retrying; libhdfs stays the default")
-
-
-@pytest.mark.parametrize("backend", ["libhdfs", pytest.param("native", marks=NATIVE_SAFE_MODE)])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_namenode_restart_is_ridden_out_and_a_dead_one_fails_in_bounded_time(many_shards, backend, monkeypatch):
     monkeypatch.setenv(BACKEND_VARIABLE, backend)
-    kill_the_namenode_mid_read(many_shards)
+    kill_the_namenode_mid_read(many_shards, backend)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("run", range(5))
 def test_soak_namenode_kills(many_shards, run):
-    kill_the_namenode_mid_read(many_shards)
+    kill_the_namenode_mid_read(many_shards, "libhdfs")
 
 
-def kill_the_namenode_mid_read(many_shards) -> None:
+# How a reader with a 3 s retry budget gives up on a dead NameNode. libhdfs's calls fail with
+# "connection refused", retried until the budget is spent; hdfs-native's calls block while the
+# NameNode is gone, and the reader's stall watchdog (retry + stall seconds) ends the wait.
+DEAD_NAMENODE_ERROR = {"libhdfs": "did not serve it", "native": "a read is hanging"}
+
+
+def kill_the_namenode_mid_read(many_shards, backend: str) -> None:
     uri, keys = many_shards
     patient, hasty = loader(uri, retry_seconds=180), loader(uri, retry_seconds=3, stall_seconds=30)
     patient_batches, hasty_batches = iter(patient), iter(hasty)
@@ -140,7 +141,7 @@ def kill_the_namenode_mid_read(many_shards) -> None:
            keys_read=None, keys_lost=None, error=message)
     record("NameNode SIGKILL mid-read, restarted, retry 180 s", outcome="read completed", keys_read=len(read),
            keys_lost=len(set(keys) - set(read)), error=None)
-    assert uri in message and "did not serve it" in message and "\n" not in message
+    assert uri in message and DEAD_NAMENODE_ERROR[backend] in message and "\n" not in message
     assert gave_up_s < 60
     assert Counter(read) == Counter(keys)
 

@@ -73,6 +73,22 @@ def test_hdfs_file_is_read_back_listed_and_seen_by_the_hadoop_cli(cluster, hdfs_
     assert cluster.hadoop("dfs", "-stat", "%r", f"{hdfs_dir}/hello.bin").stdout.strip() == "2"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_hdfs_refusal_without_a_python_name_is_an_oserror_on_both_backends(cluster, hdfs_dir, backend):
+    # The reader retries OSError and takes anything else for damage: a NameNode in safe mode is an outage.
+    fs, path = open_filesystem(hdfs_dir, backend)
+    cluster.hadoop("dfsadmin", "-safemode", "enter")
+    try:
+        with pytest.raises(OSError) as made:
+            fs.create_dir(f"{path}/made-in-safe-mode")
+        with pytest.raises(OSError) as written:
+            with fs.open_output_stream(f"{path}/written-in-safe-mode.bin") as f:
+                f.write(b"x")
+    finally:
+        cluster.hadoop("dfsadmin", "-safemode", "leave")
+    assert "\tat " not in str(made.value) and "\tat " not in str(written.value)  # no Java traces
+
+
 def test_an_unknown_hdfs_backend_is_a_one_line_error_with_exit_2(cluster):
     env = {**os.environ, BACKEND_VARIABLE: "webhdfs"}
 

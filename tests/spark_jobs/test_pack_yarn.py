@@ -14,9 +14,12 @@ import pytest
 
 from hdfs_io import dataset_format as F
 from hdfs_io.dataset import open_dataset
+from hdfs_io.reader_config import ReaderConfig
+from hdfs_io.shard_reader import ShardDataset
 from scripts.devcluster import RESOURCEMANAGER_HTTP_PORT, STATE_DIR, http_json
 from scripts.executor_env import build, spark_flags
 from scripts.synth_corpus import linked_corpus, tones
+from tests.hdfs_io.test_shard_reader import CONFIG, read_all
 from tests.spark_jobs.test_pack import check_dataset, to_hdfs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,18 +108,33 @@ def test_executors_run_python_from_the_shipped_environment_not_the_checkouts_ven
         assert not prefix.startswith(str(ROOT / ".venv")) and has_torch == "False"
 
 
+@pytest.fixture(scope="module")
+def local2_pack(cluster, corpus_on_hdfs) -> str:
+    """Returns the URI of the corpus packed on local[2], the reference a YARN pack must equal."""
+    uri = f"{cluster.hdfs_uri}/tests/yarn-local2-{uuid.uuid4().hex[:8]}"
+    cluster.pack("--input", corpus_on_hdfs[2], "--shard-size-mb", "0.1", "--output", uri, master="local[2]")
+    yield uri
+    cluster.hadoop("dfs", "-rm", "-r", "-skipTrash", uri, check=False)
+
+
 @pytest.mark.parametrize("deploy_mode", ["client", "cluster"])
-def test_pack_on_yarn_from_hdfs_to_hdfs_equals_the_local2_pack(cluster, executor_env, corpus_on_hdfs, hdfs_dir,
-                                                               deploy_mode):
+def test_pack_and_cache_features_on_yarn_from_hdfs_to_hdfs_equal_local2(cluster, executor_env, corpus_on_hdfs,
+                                                                        local2_pack, hdfs_dir, deploy_mode):
     root, expected, source = corpus_on_hdfs
-    args = ["--input", source, "--shard-size-mb", "0.1"]
-    cluster.pack(*args, "--output", f"{hdfs_dir}/local2", master="local[2]")
+    dataset = f"{hdfs_dir}/yarn"
 
     yarn_submit(cluster, executor_env, deploy_mode, str(ROOT / "spark_jobs" / "pack.py"),
-                *args, "--output", f"{hdfs_dir}/yarn")
+                "--input", source, "--shard-size-mb", "0.1", "--output", dataset)
+    yarn_submit(cluster, executor_env, deploy_mode, str(ROOT / "spark_jobs" / "cache_features.py"),
+                "--dataset", dataset)
 
-    check_dataset(f"{hdfs_dir}/yarn", expected, root)
-    same_dataset(f"{hdfs_dir}/yarn", f"{hdfs_dir}/local2")
+    check_dataset(dataset, expected, root)
+    same_dataset(dataset, local2_pack)
+    assert ShardDataset(dataset, 0, 1, CONFIG).cache_dir is not None
+    decoded = read_all(dataset, 1, 1, 0, ReaderConfig(plan=CONFIG.plan, use_feature_cache=False))[0]
+    cached = read_all(dataset, 1, 1, 0, CONFIG)[0]
+    assert [b["keys"] for b in cached] == [b["keys"] for b in decoded]
+    assert all((a["features"] - b["features"]).abs().max() < 0.02 for a, b in zip(cached, decoded))
 
 
 def test_missing_input_on_yarn_client_mode_exits_2_with_one_line(cluster, executor_env, hdfs_dir):
