@@ -22,7 +22,7 @@ import uuid
 from bench.common import ROOT, SPARK_SUBMIT, bench_args, corpus, median, write_result
 from hdfs_io.dataset import open_dataset
 from scripts.devcluster import local_spark_env
-from scripts.executor_env import DEFAULT_OUTPUT, build, spark_flags
+from scripts.executor_env import build, spark_flags
 
 EXECUTORS = ["--num-executors", "2", "--executor-cores", "1", "--executor-memory", "1g", "--driver-memory", "1g"]
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench.yarn_start: needs the dev cluster: make cluster-up && . .devcluster/env.sh")
         return 2
     root = corpus(args.utterances)
-    archive = DEFAULT_OUTPUT if DEFAULT_OUTPUT.exists() else build()
+    archive = build()  # this checkout's code, not an older archive's
     base = f"{hdfs}/bench/yarn-{uuid.uuid4().hex[:8]}"
     hadoop = [str(ROOT / "scripts" / "hadoop"), "dfs"]
     subprocess.run([*hadoop, "-mkdir", "-p", base], check=True)

@@ -23,6 +23,7 @@ import contextlib
 import getpass
 import os
 import posixpath
+import re
 import tempfile
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
@@ -139,18 +140,59 @@ def native_hdfs(host: str = "default", port: int = 0) -> pafs.FileSystem:
         client.client = NativeCalls(client.client)
         global _native_opened
         _native_opened = True
-        _handles[key] = pafs.PyFileSystem(pafs.FSSpecHandler(client))
+        _handles[key] = pafs.PyFileSystem(StrictFSSpecHandler(client))
     return _handles[key]
+
+
+class StrictFSSpecHandler(pafs.FSSpecHandler):
+    """pyarrow's handler for an fsspec filesystem, without fsspec's reading of an error as "not there".
+
+    fsspec's `isdir`/`isfile` answer False, and `walk` lists a folder as empty, when the call fails
+    with an OSError; through pyarrow's handler a failed listing would come back short and a failed
+    lookup as FileNotFoundError. Here only FileNotFoundError means "not there"; other errors raise.
+    """
+
+    def get_file_info_selector(self, selector):
+        try:
+            kind = self.fs.info(selector.base_dir)["type"]
+        except FileNotFoundError:
+            if selector.allow_not_found:
+                return []
+            raise
+        if kind != "directory":
+            raise NotADirectoryError(selector.base_dir)
+        # Not fsspec's find: its walk drops on_error="raise" below the first level.
+        found, folders = {}, [selector.base_dir]
+        while folders:
+            for info in self.fs.ls(folders.pop(), detail=True):
+                found[info["name"]] = info
+                if selector.recursive and info["type"] == "directory":
+                    folders.append(info["name"])
+        return [self._create_file_info(path, found[path]) for path in sorted(found)]
+
+    def open_input_stream(self, path):
+        return self._open_file(path)
+
+    def open_input_file(self, path):
+        return self._open_file(path)
+
+    def _open_file(self, path):
+        from pyarrow import PythonFile
+
+        if self.fs.info(path)["type"] != "file":
+            raise FileNotFoundError(path)
+        return PythonFile(self.fs.open(path, mode="rb"), mode="r")
 
 
 class NativeCalls:
     """An hdfs-native object whose calls raise OSError for HDFS failures that hdfs-native gives no Python name.
 
     hdfs-native raises FileNotFoundError, PermissionError and the like where Python has a name,
-    and RuntimeError (or ValueError, for blocks not found) for the rest: a NameNode in safe mode
-    after a restart, a DataNode that broke off, a remote Java exception. Those are outages, as
-    libhdfs's OSErrors say, and the reader retries OSError; anything else it takes for damage.
-    Files and listings that a call returns are wrapped the same way.
+    and RuntimeError for the rest: a NameNode in safe mode after a restart, a permission denied,
+    a DataNode that broke off, a checksum that did not match. Those are I/O failures, as libhdfs's
+    OSErrors for the same causes say (PermissionError for a denial), and the reader retries
+    OSError; anything else it takes for damage. Files and listings that a call returns are
+    wrapped the same way.
     """
 
     def __init__(self, inner):
@@ -187,10 +229,16 @@ def _native_iteration(iterator):
 def _native_errors_as_oserror():
     try:
         yield
-    except NotImplementedError:
+    except (NotImplementedError, RecursionError):
         raise
-    except (RuntimeError, ValueError) as e:
-        raise OSError(f"HDFS: {first_line(e)}") from e
+    except RuntimeError as e:
+        # hdfs-native names the NameNode's Java exception first: RPCError("org.apache...Exception", "...")
+        java = re.match(r'RPCError\("([\w.$]+)"', str(e))
+        error = _JAVA_ERRORS.get(java.group(1) if java else "", OSError)
+        raise error(f"HDFS: {first_line(e)}") from e
+
+
+_JAVA_ERRORS = {"org.apache.hadoop.security.AccessControlException": PermissionError}
 
 
 def jvm_started() -> bool:

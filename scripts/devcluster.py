@@ -160,7 +160,7 @@ def yarn_ready() -> bool:
 
 
 def start_yarn(env: dict[str, str]) -> list[dict]:
-    """Starts a ResourceManager and NodeManagers; their ports are conf/hadoop/yarn-site.xml's, or free ones."""
+    """Starts a ResourceManager on YARN's default ports (web: yarn-site.xml's) and NodeManagers on free ones."""
     for port in (8030, 8031, 8032, 8033, RESOURCEMANAGER_HTTP_PORT):
         if port_in_use(port):
             raise ClusterError(f"port {port} on 127.0.0.1 is taken; stop whatever holds it "

@@ -6,8 +6,10 @@
         --conf spark.pyspark.driver.python=$(which python) spark_jobs/pack.py ...
 
 The archive holds what the Spark jobs run on executors, at the versions this
-checkout's .venv runs: pyarrow, numpy, soundfile (with its libsndfile), pandas
-(pyspark's mapInArrow needs it), hdfs-native, and this project's packages. It
+checkout's .venv runs (their dependencies too): pyarrow, numpy, soundfile (with
+its libsndfile), pandas (pyspark's mapInArrow needs it), hdfs-native, and this
+project's packages as they are now: rebuild it after changing hdfs_io or
+spark_jobs, since a YARN cluster-mode driver imports them from the archive. It
 holds no torch and no pyspark: YARN ships pyspark.zip itself. Like venv-pack's
 archives, it carries packages, not the interpreter: `bin/python` points to the
 Python 3.11 this was built with, which must exist at the same path on the nodes.
@@ -36,6 +38,7 @@ PACKAGES = ("pyarrow", "numpy", "soundfile", "pandas", "hdfs-native")
 IMPORTS = ("pyarrow", "pyarrow.parquet", "numpy", "soundfile", "pandas", "hdfs_native",
            "hdfs_io.filesystem", "spark_jobs.packing")
 ARCHIVE_ROOT_NAME = "environment"  # the name after '#' in --archives, and in spark.pyspark.python
+PROJECT = "speechpack"  # installed from this checkout, not pinned
 
 
 class EnvError(Exception):
@@ -53,11 +56,22 @@ def pins() -> list[str]:
     return out
 
 
+def constraints() -> str:
+    """Returns a pip constraints file's text: every distribution beside this interpreter at its version.
+
+    So the packages PACKAGES pull in (fsspec, cffi, tzdata, ...) are the ones the checkout runs too.
+    """
+    lines = sorted({f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions()
+                    if d.metadata["Name"] and d.metadata["Name"] != PROJECT})
+    return "\n".join(lines) + "\n"
+
+
 def run(argv: list[str], what: str) -> None:
     result = subprocess.run(argv, capture_output=True, text=True)
     if result.returncode != 0:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise EnvError(f"{what} failed: {tail[0]}")
+        lines = [line.strip() for line in (result.stderr + result.stdout).splitlines() if line.strip()]
+        errors = [line for line in lines if line.lower().startswith("error")]
+        raise EnvError(f"{what} failed: {(errors or lines or ['no output'])[-1]}")
 
 
 def build_venv(venv: Path) -> None:
@@ -65,7 +79,9 @@ def build_venv(venv: Path) -> None:
     base = getattr(sys, "_base_executable", sys.executable)
     run([base, "-m", "venv", str(venv)], "creating the virtualenv")
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    run(pip + pins(), "installing " + ", ".join(PACKAGES))
+    pinned = venv.parent / "constraints.txt"
+    pinned.write_text(constraints())
+    run(pip + ["-c", str(pinned)] + pins(), "installing " + ", ".join(PACKAGES))
     run(pip + ["--no-deps", str(ROOT)], "installing this project")
     check = "; ".join(f"import {name}" for name in IMPORTS)
     run([str(venv / "bin" / "python"), "-c", check], "importing the packages in the new environment")
@@ -75,10 +91,13 @@ def pack_venv(venv: Path, archive: Path) -> None:
     """Writes `venv`'s files to a tar.gz at `archive`, paths relative to the venv; links stay links."""
     archive.parent.mkdir(parents=True, exist_ok=True)
     part = archive.with_name(archive.name + ".part")
-    with tarfile.open(part, "w:gz", compresslevel=1) as tar:
-        for entry in sorted(venv.iterdir()):
-            tar.add(entry, arcname=entry.name, filter=_without_caches)
-    os.replace(part, archive)
+    try:
+        with tarfile.open(part, "w:gz", compresslevel=1) as tar:
+            for entry in sorted(venv.iterdir()):
+                tar.add(entry, arcname=entry.name, filter=_without_caches)
+        os.replace(part, archive)
+    finally:
+        part.unlink(missing_ok=True)
 
 
 def _without_caches(info: tarfile.TarInfo) -> tarfile.TarInfo | None:

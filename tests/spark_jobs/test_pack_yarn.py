@@ -118,18 +118,27 @@ def local2_pack(cluster, corpus_on_hdfs) -> str:
 
 
 @pytest.mark.parametrize("deploy_mode", ["client", "cluster"])
-def test_pack_and_cache_features_on_yarn_from_hdfs_to_hdfs_equal_local2(cluster, executor_env, corpus_on_hdfs,
-                                                                        local2_pack, hdfs_dir, deploy_mode):
+def test_pack_on_yarn_from_hdfs_to_hdfs_equals_local2(cluster, executor_env, corpus_on_hdfs, local2_pack, hdfs_dir,
+                                                      deploy_mode):
     root, expected, source = corpus_on_hdfs
     dataset = f"{hdfs_dir}/yarn"
 
     yarn_submit(cluster, executor_env, deploy_mode, str(ROOT / "spark_jobs" / "pack.py"),
                 "--input", source, "--shard-size-mb", "0.1", "--output", dataset)
-    yarn_submit(cluster, executor_env, deploy_mode, str(ROOT / "spark_jobs" / "cache_features.py"),
-                "--dataset", dataset)
 
     check_dataset(dataset, expected, root)
     same_dataset(dataset, local2_pack)
+
+
+def test_cache_features_on_yarn_cluster_mode_writes_the_cache_that_readers_use(cluster, executor_env, local2_pack,
+                                                                                hdfs_dir):
+    # cluster mode: the driver too runs from the archive, in a container
+    dataset = f"{hdfs_dir}/dataset"
+    cluster.hadoop("dfs", "-cp", local2_pack, dataset)
+
+    yarn_submit(cluster, executor_env, "cluster", str(ROOT / "spark_jobs" / "cache_features.py"),
+                "--dataset", dataset)
+
     assert ShardDataset(dataset, 0, 1, CONFIG).cache_dir is not None
     decoded = read_all(dataset, 1, 1, 0, ReaderConfig(plan=CONFIG.plan, use_feature_cache=False))[0]
     cached = read_all(dataset, 1, 1, 0, CONFIG)[0]
@@ -162,8 +171,10 @@ def test_missing_input_on_yarn_cluster_mode_fails_the_application_and_the_driver
     assert cluster.hadoop("dfs", "-test", "-e", f"{hdfs_dir}/out", check=False).returncode != 0
 
 
-def running_application(name: str) -> str | None:
-    apps = http_json(f"http://127.0.0.1:{RESOURCEMANAGER_HTTP_PORT}/ws/v1/cluster/apps?states=RUNNING") or {}
+def running_application(name: str, since_ms: int) -> str | None:
+    """Returns the id of the RUNNING YARN application called `name` that started at or after `since_ms`."""
+    url = f"http://127.0.0.1:{RESOURCEMANAGER_HTTP_PORT}/ws/v1/cluster/apps?states=RUNNING&startedTimeBegin={since_ms}"
+    apps = http_json(url) or {}
     for app in ((apps.get("apps") or {}).get("app") or []):
         if app["name"] == name:
             return app["id"]
@@ -193,18 +204,26 @@ def test_a_container_killed_mid_pack_is_survived_by_task_retry(cluster, executor
     flags = yarn_flags(cluster, executor_env, "client")
     spark_submit = Path(cluster.env["SPARK_HOME"]) / "bin" / "spark-submit"
     log = tmp_path / "pack.log"
+    since_ms = int(time.time() * 1000)
     with open(log, "w") as out:
         pack = subprocess.Popen([str(spark_submit), "--master", "yarn", *flags, *argv], env=cluster.env,
                                 stdout=out, stderr=subprocess.STDOUT)
-        deadline, killed = time.monotonic() + 300, None
-        while killed is None and pack.poll() is None and time.monotonic() < deadline:
-            app_id = running_application("speechpack-pack")
-            pids = executor_pids(app_id) if app_id else []
-            if pids:
-                os.killpg(os.getpgid(pids[0]), signal.SIGKILL)  # the container: its JVM and Python workers
-                killed = pids[0]
-            time.sleep(0.2)
-        rc = pack.wait(timeout=600)
+        app_id, killed = None, None
+        try:
+            deadline = time.monotonic() + 300
+            while killed is None and pack.poll() is None and time.monotonic() < deadline:
+                app_id = app_id or running_application("speechpack-pack", since_ms)
+                pids = executor_pids(app_id) if app_id else []
+                if pids:
+                    os.killpg(os.getpgid(pids[0]), signal.SIGKILL)  # the container: its JVM and Python workers
+                    killed = pids[0]
+                time.sleep(0.2)
+            rc = pack.wait(timeout=600)
+        finally:
+            if pack.poll() is None:
+                pack.kill()
+                if app_id:
+                    cluster.hadoop("application", "-kill", app_id, check=False)
 
     output = log.read_text()
     assert killed is not None, "pack ended before an executor ran a task: " + output[-2000:]
@@ -212,4 +231,4 @@ def test_a_container_killed_mid_pack_is_survived_by_task_retry(cluster, executor
     assert re.search(r"Lost executor|Container .*exited|Exit status: 137", output), output[-3000:]
     ds = open_dataset(f"{hdfs_dir}/ds")
     keys = ds.index([F.KEY]).column(F.KEY).to_pylist()
-    assert ds.manifest["utterances"] == len(set(keys)) == 3000 and ds.manifest["quarantined"] == 0
+    assert ds.manifest["utterances"] == len(keys) == len(set(keys)) == 3000 and ds.manifest["quarantined"] == 0
