@@ -36,6 +36,7 @@ HADOOP = ROOT / "scripts" / "hadoop"
 NAMENODE_PORT = 9820  # must match fs.defaultFS in conf/hadoop/core-site.xml
 NAMENODE_HTTP_PORT = 9870  # dfs.namenode.http-address
 DATANODES = 3
+RESOURCEMANAGER_PORTS = (8030, 8031, 8032, 8033)  # YARN's defaults: scheduler, trackers, clients, admin
 RESOURCEMANAGER_HTTP_PORT = 8188  # yarn.resourcemanager.webapp.address in conf/hadoop/yarn-site.xml
 NODEMANAGERS = 2
 SPARK_WORKERS = 2
@@ -73,6 +74,14 @@ def free_port() -> int:
 def port_in_use(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def refuse_taken_ports(*ports: int) -> None:
+    """Raises ClusterError naming the first of `ports` that something on 127.0.0.1 already holds."""
+    for port in ports:
+        if port_in_use(port):
+            raise ClusterError(f"port {port} on 127.0.0.1 is taken; stop whatever holds it "
+                               "(an old cluster: make cluster-down)")
 
 
 def start_time(pid: int) -> str | None:
@@ -129,10 +138,7 @@ def hdfs_ready() -> bool:
 
 
 def start_hdfs(env: dict[str, str]) -> list[dict]:
-    for port in (NAMENODE_PORT, NAMENODE_HTTP_PORT):
-        if port_in_use(port):
-            raise ClusterError(f"port {port} on 127.0.0.1 is taken; stop whatever holds it "
-                               "(an old cluster: make cluster-down)")
+    refuse_taken_ports(NAMENODE_PORT, NAMENODE_HTTP_PORT)
     name_dir = STATE_DIR / "hdfs" / "name"
     daemon_env = hdfs_daemon_env(env)
     name_opt = ["-D", f"dfs.namenode.name.dir=file://{name_dir}"]
@@ -161,10 +167,7 @@ def yarn_ready() -> bool:
 
 def start_yarn(env: dict[str, str]) -> list[dict]:
     """Starts a ResourceManager on YARN's default ports (web: yarn-site.xml's) and NodeManagers on free ones."""
-    for port in (8030, 8031, 8032, 8033, RESOURCEMANAGER_HTTP_PORT):
-        if port_in_use(port):
-            raise ClusterError(f"port {port} on 127.0.0.1 is taken; stop whatever holds it "
-                               "(an old cluster: make cluster-down)")
+    refuse_taken_ports(*RESOURCEMANAGER_PORTS, RESOURCEMANAGER_HTTP_PORT)
     daemon_env = hdfs_daemon_env(env)
     procs = [launch("resourcemanager", [str(HADOOP), "resourcemanager"], daemon_env, "hdfs")]
     for i in range(NODEMANAGERS):
@@ -284,7 +287,7 @@ def up() -> None:
         down()
         raise
     write_env(env, master)
-    print(f"devcluster: up (HDFS hdfs://127.0.0.1:{NAMENODE_PORT}, YARN 127.0.0.1:8032, Spark {master}); "
+    print(f"devcluster: up (HDFS hdfs://127.0.0.1:{NAMENODE_PORT}, YARN 127.0.0.1:{RESOURCEMANAGER_PORTS[2]}, Spark {master}); "
           f". {ENV_FILE.relative_to(ROOT)}")
 
 
