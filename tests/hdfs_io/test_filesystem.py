@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import pickle
+import socket
 import subprocess
 import sys
+from pathlib import Path
+from urllib.parse import urlparse
 
 import pyarrow.parquet as pq
 import pytest
@@ -119,6 +122,59 @@ def test_a_listing_that_hdfs_refuses_in_part_raises_instead_of_coming_back_short
                             capture_output=True, text=True, timeout=120)
 
     assert listed.stdout.strip() == "PermissionError", listed.stdout + listed.stderr[-2000:]
+
+
+def client_conf(folder: Path, nameservice: str, namenodes: list[str]) -> dict[str, str]:
+    """Writes a client HADOOP_CONF_DIR where fs.defaultFS is the HA nameservice `nameservice` served by
+    `namenodes` (host:port, in order), and returns the environment that points both backends at it.
+
+    hdfs-native reads HADOOP_CONF_DIR; libhdfs's JVM reads the configuration folder on its CLASSPATH.
+    """
+    folder.mkdir()
+    ids = [f"nn{i}" for i in range(len(namenodes))]
+    props = {"dfs.nameservices": nameservice, f"dfs.ha.namenodes.{nameservice}": ",".join(ids),
+             f"dfs.client.failover.proxy.provider.{nameservice}":
+                 "org.apache.hadoop.hdfs.server.namenode.ha.ConfiguredFailoverProxyProvider",
+             **{f"dfs.namenode.rpc-address.{nameservice}.{i}": a for i, a in zip(ids, namenodes)},
+             "dfs.replication": "2"}
+
+    def site(properties: dict[str, str]) -> str:
+        return "<configuration>" + "".join(f"<property><name>{k}</name><value>{v}</value></property>"
+                                           for k, v in properties.items()) + "</configuration>\n"
+
+    (folder / "core-site.xml").write_text(site({"fs.defaultFS": f"hdfs://{nameservice}"}))
+    (folder / "hdfs-site.xml").write_text(site(props))
+    classpath = [str(folder) if entry == os.environ["HADOOP_CONF_DIR"] else entry
+                 for entry in os.environ["CLASSPATH"].split(":")]
+    assert str(folder) in classpath
+    return {**os.environ, "HADOOP_CONF_DIR": str(folder), "CLASSPATH": ":".join(classpath)}
+
+
+@pytest.mark.parametrize("live", ["first", "second"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_ha_nameservice_and_the_default_fs_reach_the_live_namenode(cluster, hdfs_dir, tmp_path, backend, live):
+    # an HA nameservice of two NameNodes: the cluster's and an address where nothing listens (a NameNode that is
+    # down); the client must fail over to the live one, whichever is listed first
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    live_one = cluster.hdfs_uri.removeprefix("hdfs://")
+    env = client_conf(tmp_path / "conf", "speechns", [live_one, dead] if live == "first" else [dead, live_one])
+    env[BACKEND_VARIABLE] = backend
+    path = urlparse(hdfs_dir).path
+    fs, _ = open_filesystem(hdfs_dir)
+    with fs.open_output_stream(f"{path}/hello.bin") as f:
+        f.write(b"ha" * 1000)
+    code = ("import sys\nfrom hdfs_io.filesystem import open_filesystem\n"
+            "for uri in sys.argv[1:]:\n"
+            "    fs, path = open_filesystem(uri)\n"
+            "    print(len(fs.open_input_stream(path).read()))\n")
+
+    run = subprocess.run([sys.executable, "-c", code, f"hdfs://speechns{path}/hello.bin", f"hdfs://{path}/hello.bin"],
+                         env=env, capture_output=True, text=True, timeout=120)
+
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["2000", "2000"]
 
 
 def test_an_unknown_hdfs_backend_is_a_one_line_error_with_exit_2(cluster):
