@@ -5,7 +5,16 @@
 Both sides use 2 processes and do the same work per utterance (read, decode to
 float32, resample to 16 kHz mono): small files, one HDFS open per utterance,
 split over a pool of 2 spawned processes; shards, the ShardDataset with 2
-DataLoader workers producing waveform batches. Goal: shards >= 50x faster.
+DataLoader workers producing waveform batches. Each side runs through both HDFS
+backends (libhdfs and hdfs-native), interleaved.
+
+Two figures:
+- wall time, shards against small files (goal >= 50x; a loopback HDFS cannot show
+  the network round trips and NameNode queueing that make it so on a real cluster);
+- the work the NameNode does: client RPCs per 1,000 utterances read, from its
+  JMX (`RpcDetailedActivityForPort<rpc port>`: each method's call count, read
+  before and after each run; DataNode heartbeats and block reports on the same
+  port are left out). Goal: shards >= 100x fewer.
 """
 
 from __future__ import annotations
@@ -14,17 +23,46 @@ import multiprocessing
 import os
 import sys
 import time
+from collections import Counter
+from urllib.parse import urlparse
 
 from pyarrow import fs as pafs
 
 from bench.common import bench_args, corpus, median, spark_pack, write_result
 from hdfs_io.audio import decode, resample, to_mono
-from hdfs_io.filesystem import open_filesystem
+from hdfs_io.filesystem import BACKEND_VARIABLE, open_filesystem
 from hdfs_io.plan import PlanConfig
 from hdfs_io.shard_reader import ReaderConfig, ShardDataset, ShardLoader
 from hdfs_io.upload import upload
+from scripts.devcluster import NAMENODE_HTTP_PORT, http_json
 
 PROCESSES = 2
+BACKENDS = ("libhdfs", "native")
+# What DataNodes, not clients, call on the NameNode's RPC port (DatanodeProtocol).
+DATANODE_METHODS = {"SendHeartbeat", "SendLifeline", "BlockReceivedAndDeleted", "BlockReport", "CacheReport",
+                    "RegisterDatanode", "VersionRequest", "ErrorReport", "ReportBadBlocks",
+                    "CommitBlockSynchronization"}
+# conf/hadoop/hadoop-metrics2.properties: JMX serves a metrics snapshot at most this old.
+METRICS_PERIOD_S = 1.0
+
+
+def namenode_calls(rpc_port: int) -> Counter:
+    """Returns the NameNode's client RPC counts by method since it started, from its JMX."""
+    time.sleep(METRICS_PERIOD_S + 0.5)  # let the snapshot catch up with the calls just made
+    bean = http_json(f"http://127.0.0.1:{NAMENODE_HTTP_PORT}/jmx"
+                     f"?qry=Hadoop:service=NameNode,name=RpcDetailedActivityForPort{rpc_port}")["beans"][0]
+    # Hadoop 3.4 also keeps Overall<Method> (every call) beside Deferred<Method> (its deferred ones) and
+    # <Method> (the others); counting only <Method> counts each call once.
+    return Counter({name[:-len("NumOps")]: count for name, count in bean.items()
+                    if name.endswith("NumOps") and not name.startswith(("Deferred", "Overall"))
+                    and name[:-len("NumOps")] not in DATANODE_METHODS})
+
+
+def counted(run, rpc_port: int) -> tuple[float, Counter]:
+    """Runs `run()` (which returns its seconds) and returns (seconds, the client RPCs it caused by method)."""
+    before = namenode_calls(rpc_port)
+    seconds = run()
+    return seconds, namenode_calls(rpc_port) - before
 
 
 def read_small(uris: list[str]) -> int:
@@ -64,19 +102,40 @@ def main(argv: list[str] | None = None) -> int:
     fs, path = open_filesystem(raw)
     uris = sorted(f"{hdfs}{i.path}" for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
                   if i.path.endswith(".flac"))
-    runs = {"small_files": [], "shards": []}
-    for _ in range(args.repeats):
-        runs["small_files"].append(run_small(uris))
-        runs["shards"].append(run_shards(packed, manifest["utterances"]))
+    rpc_port = urlparse(hdfs).port
+    sides = {"small_files": lambda: run_small(uris), "shards": lambda: run_shards(packed, manifest["utterances"])}
+    runs = {f"{side}_{backend}": [] for backend in BACKENDS for side in sides}
+    calls: dict[str, list[Counter]] = {name: [] for name in runs}
+    for _ in range(args.repeats):  # interleaved: drift on a shared machine hits every row alike
+        for backend in BACKENDS:
+            os.environ[BACKEND_VARIABLE] = backend  # spawned pool processes and workers inherit it
+            for side, run in sides.items():
+                seconds, by_method = counted(run, rpc_port)
+                runs[f"{side}_{backend}"].append(seconds)
+                calls[f"{side}_{backend}"].append(by_method)
     n = manifest["utterances"]
-    rows = {name: {"median_s": median(t), "runs_s": t, "utterances_per_s": n / median(t)} for name, t in runs.items()}
+    rows = {}
+    for name, t in runs.items():
+        totals = [sum(c.values()) for c in calls[name]]
+        typical = calls[name][totals.index(sorted(totals)[len(totals) // 2])]
+        rows[name] = {"median_s": median(t), "runs_s": t, "utterances_per_s": n / median(t),
+                      "namenode_rpcs": totals, "namenode_rpcs_per_1000_utterances": 1000 * median(totals) / n,
+                      "namenode_rpcs_by_method": dict(typical.most_common())}
     result = {"utterances": n, "processes": PROCESSES, "rows": rows,
-              "speedup": rows["small_files"]["median_s"] / rows["shards"]["median_s"],
-              "goal": "shards >= 50x small files"}
+              "speedup": {b: rows[f"small_files_{b}"]["median_s"] / rows[f"shards_{b}"]["median_s"]
+                          for b in BACKENDS},
+              "namenode_rpc_reduction": {b: rows[f"small_files_{b}"]["namenode_rpcs_per_1000_utterances"]
+                                         / rows[f"shards_{b}"]["namenode_rpcs_per_1000_utterances"]
+                                         for b in BACKENDS},
+              "goal": "shards >= 50x small files in wall time; >= 100x fewer NameNode RPCs per utterance"}
     path_out = write_result("small_vs_shards", result)
     for name, r in rows.items():
-        print(f"{name:12s} {r['median_s']:7.2f} s  {r['utterances_per_s']:7.0f} utt/s")
-    print(f"shards / small files = {result['speedup']:.1f}x -> {path_out}")
+        print(f"{name:20s} {r['median_s']:7.2f} s  {r['utterances_per_s']:7.0f} utt/s  "
+              f"{r['namenode_rpcs_per_1000_utterances']:8.1f} NameNode RPCs per 1,000 utterances")
+    for b in BACKENDS:
+        print(f"{b}: shards / small files = {result['speedup'][b]:.1f}x in wall time, "
+              f"{result['namenode_rpc_reduction'][b]:.0f}x fewer NameNode RPCs")
+    print(f"-> {path_out}")
     return 0
 
 
