@@ -12,9 +12,9 @@ HDFS is reached through one of two backends, chosen by `SPEECHPACK_HDFS_BACKEND`
   that case with `ForkedJVMError` instead of hanging; open HDFS only inside
   workers, or start workers with `worker_start_method()`.
 - `native`: hdfs-native, a Rust client with no JVM, wrapped as a pyarrow
-  filesystem through fsspec. It reads `fs.defaultFS` and the other settings its
-  README lists from `HADOOP_CONF_DIR`; the NameNode applies its own defaults
-  (replication, block size) to the files it writes.
+  filesystem through fsspec. It reads `fs.defaultFS` and HA nameservices from
+  `HADOOP_CONF_DIR`; replication is passed to it from there as libhdfs's is, and
+  block size comes from the NameNode's defaults (README, "Two HDFS clients").
 """
 
 from __future__ import annotations
@@ -83,11 +83,10 @@ def hdfs(host: str = "default", port: int = 0) -> pafs.HadoopFileSystem:
             "with multiprocessing_context=hdfs_io.filesystem.worker_start_method()")
     key = (host, port, os.environ.get("HADOOP_USER_NAME"))
     if key not in _handles:
-        conf = hadoop_conf()
         try:
             handle = pafs.HadoopFileSystem(
                 host, port,
-                replication=int(conf.get("dfs.replication", 3)),
+                replication=client_replication(),
                 kerb_ticket=os.environ.get("KRB5CCNAME"),
             )
         except OSError as e:
@@ -140,17 +139,30 @@ def native_hdfs(host: str = "default", port: int = 0) -> pafs.FileSystem:
         client.client = NativeCalls(client.client)
         global _native_opened
         _native_opened = True
-        _handles[key] = pafs.PyFileSystem(StrictFSSpecHandler(client))
+        _handles[key] = pafs.PyFileSystem(StrictFSSpecHandler(client, client_replication()))
     return _handles[key]
 
 
 class StrictFSSpecHandler(pafs.FSSpecHandler):
-    """pyarrow's handler for an fsspec filesystem, without fsspec's reading of an error as "not there".
+    """pyarrow's handler for an fsspec filesystem, without fsspec's reading of an error as "not there",
+    and writing files with the client's replication.
 
     fsspec's `isdir`/`isfile` answer False, and `walk` lists a folder as empty, when the call fails
     with an OSError; through pyarrow's handler a failed listing would come back short and a failed
     lookup as FileNotFoundError. Here only FileNotFoundError means "not there"; other errors raise.
+
+    hdfs-native left to itself creates files with the NameNode's default replication; a Hadoop
+    client (and libhdfs here) uses its own `dfs.replication`, so this handler asks for that.
     """
+
+    def __init__(self, fs, replication: int):
+        super().__init__(fs)
+        self.replication = replication
+
+    def open_output_stream(self, path, metadata):
+        from pyarrow import PythonFile
+
+        return PythonFile(self.fs.open(path, mode="wb", replication=self.replication), mode="w")
 
     def get_file_info_selector(self, selector):
         try:
@@ -298,6 +310,11 @@ def hadoop_conf() -> dict[str, str]:
             if key and value is not None:
                 props[key.strip()] = value.strip()
     return props
+
+
+def client_replication() -> int:
+    """Returns the replication a Hadoop client asks for: `dfs.replication` from HADOOP_CONF_DIR, else Hadoop's 3."""
+    return int(hadoop_conf().get("dfs.replication", 3))
 
 
 def probe_uri(uri: str) -> tuple[pafs.FileSystem, str, pafs.FileInfo]:

@@ -124,30 +124,46 @@ def test_a_listing_that_hdfs_refuses_in_part_raises_instead_of_coming_back_short
     assert listed.stdout.strip() == "PermissionError", listed.stdout + listed.stderr[-2000:]
 
 
-def client_conf(folder: Path, nameservice: str, namenodes: list[str]) -> dict[str, str]:
-    """Writes a client HADOOP_CONF_DIR where fs.defaultFS is the HA nameservice `nameservice` served by
-    `namenodes` (host:port, in order), and returns the environment that points both backends at it.
+def client_conf(folder: Path, core_site: dict[str, str], hdfs_site: dict[str, str]) -> dict[str, str]:
+    """Writes a client HADOOP_CONF_DIR and returns the environment that points both backends at it.
 
     hdfs-native reads HADOOP_CONF_DIR; libhdfs's JVM reads the configuration folder on its CLASSPATH.
     """
-    folder.mkdir()
-    ids = [f"nn{i}" for i in range(len(namenodes))]
-    props = {"dfs.nameservices": nameservice, f"dfs.ha.namenodes.{nameservice}": ",".join(ids),
-             f"dfs.client.failover.proxy.provider.{nameservice}":
-                 "org.apache.hadoop.hdfs.server.namenode.ha.ConfiguredFailoverProxyProvider",
-             **{f"dfs.namenode.rpc-address.{nameservice}.{i}": a for i, a in zip(ids, namenodes)},
-             "dfs.replication": "2"}
-
     def site(properties: dict[str, str]) -> str:
         return "<configuration>" + "".join(f"<property><name>{k}</name><value>{v}</value></property>"
                                            for k, v in properties.items()) + "</configuration>\n"
 
-    (folder / "core-site.xml").write_text(site({"fs.defaultFS": f"hdfs://{nameservice}"}))
-    (folder / "hdfs-site.xml").write_text(site(props))
+    folder.mkdir()
+    (folder / "core-site.xml").write_text(site(core_site))
+    (folder / "hdfs-site.xml").write_text(site(hdfs_site))
     classpath = [str(folder) if entry == os.environ["HADOOP_CONF_DIR"] else entry
                  for entry in os.environ["CLASSPATH"].split(":")]
     assert str(folder) in classpath
     return {**os.environ, "HADOOP_CONF_DIR": str(folder), "CLASSPATH": ":".join(classpath)}
+
+
+def ha_nameservice(name: str, namenodes: list[str]) -> dict[str, str]:
+    """Returns the hdfs-site properties of the HA nameservice `name` served by `namenodes` (host:port, in order)."""
+    ids = [f"nn{i}" for i in range(len(namenodes))]
+    return {"dfs.nameservices": name, f"dfs.ha.namenodes.{name}": ",".join(ids),
+            f"dfs.client.failover.proxy.provider.{name}":
+                "org.apache.hadoop.hdfs.server.namenode.ha.ConfiguredFailoverProxyProvider",
+            **{f"dfs.namenode.rpc-address.{name}.{i}": a for i, a in zip(ids, namenodes)}}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_files_get_the_clients_replication_not_the_namenodes_default(cluster, hdfs_dir, tmp_path, backend):
+    # the NameNode's own dfs.replication is 2 (conf/hadoop); this client asks for 1
+    env = client_conf(tmp_path / "conf", {"fs.defaultFS": cluster.hdfs_uri}, {"dfs.replication": "1"})
+    env[BACKEND_VARIABLE] = backend
+    code = ("import sys\nfrom hdfs_io.filesystem import open_filesystem\n"
+            "fs, path = open_filesystem(sys.argv[1])\n"
+            "with fs.open_output_stream(path) as f:\n"
+            "    f.write(b'x' * 1000)\n")
+
+    subprocess.run([sys.executable, "-c", code, f"{hdfs_dir}/one.bin"], env=env, check=True, timeout=120)
+
+    assert cluster.hadoop("dfs", "-stat", "%r", f"{hdfs_dir}/one.bin").stdout.strip() == "1"
 
 
 @pytest.mark.parametrize("live", ["first", "second"])
@@ -159,7 +175,9 @@ def test_an_ha_nameservice_and_the_default_fs_reach_the_live_namenode(cluster, h
         s.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{s.getsockname()[1]}"
     live_one = cluster.hdfs_uri.removeprefix("hdfs://")
-    env = client_conf(tmp_path / "conf", "speechns", [live_one, dead] if live == "first" else [dead, live_one])
+    namenodes = [live_one, dead] if live == "first" else [dead, live_one]
+    env = client_conf(tmp_path / "conf", {"fs.defaultFS": "hdfs://speechns"},
+                      {**ha_nameservice("speechns", namenodes), "dfs.replication": "2"})
     env[BACKEND_VARIABLE] = backend
     path = urlparse(hdfs_dir).path
     fs, _ = open_filesystem(hdfs_dir)
