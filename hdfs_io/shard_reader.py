@@ -560,6 +560,10 @@ class ShardLoader:
         ds = self.dataset
         context = multiprocessing.get_context(worker_start_method())
         self._inboxes = [context.Queue() for _ in range(self.num_workers)]
+        for inbox in self._inboxes:
+            # A Work still in an inbox when this process exits is for a worker that is gone; without this the
+            # exit waits for it to be sent, forever once it is larger than the pipe (64 KB, ~2,000 utterances).
+            inbox.cancel_join_thread()
         self._current = context.Array("q", 1, lock=False)
         stats = ds.normalization()[:2] if ds.config.output == "features" else None
         stream = WorkStream(ds.shards_spec(), ds.config, stats, self._inboxes, self._current)

@@ -25,6 +25,7 @@ from hdfs_io.plan import PlanConfig
 from hdfs_io.sequencefile import SequenceFileReader
 from hdfs_io.shard_reader import CorruptRecord, ReaderConfig, ShardDataset, ShardLoader, key_hash
 from hdfs_io.filesystem import BACKEND_VARIABLE, open_filesystem
+from scripts.synth_corpus import linked_corpus, tones
 from tests.corpora import good_librispeech
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -494,3 +495,28 @@ def test_an_epoch_stopped_on_three_ranks_is_finished_by_two_reading_each_utteran
     assert Counter(keys) == Counter(open_dataset(uri).index([F.KEY]).column(F.KEY).to_pylist())
     with pytest.raises(ValueError, match="batch_seconds 12.0 -> 7.0"):
         changed.load_state_dicts(states)
+
+
+def test_a_process_that_stops_reading_mid_epoch_exits(cluster, tmp_path):
+    # Once an epoch's first batch is taken, the loader hands each worker the next epoch's Work through a
+    # multiprocessing queue: 33 bytes an utterance, 130 KB here, twice a pipe's 64 KB. A process that stops
+    # before its worker took that Work (a trainer at --max-steps) must still exit; at 30M utterances on
+    # 512 ranks x 4 workers a worker's Work is about 480 KB.
+    corpus = linked_corpus(tmp_path / "corpus", 4000, "manifest", tones(tmp_path / "tones", 20, 0.1, 0.3))
+    cluster.pack("--input", str(corpus), "--output", str(tmp_path / "ds"), "--shard-size-mb", "4")
+    code = ("import sys\n"
+            "from hdfs_io.shard_reader import ReaderConfig, ShardDataset, ShardLoader\n"
+            "loader = ShardLoader(ShardDataset(sys.argv[1], 0, 1, ReaderConfig(output='waveform')), num_workers=1)\n"
+            "for i, batch in enumerate(loader):\n"
+            "    if i == 3:\n"
+            "        break\n"
+            "print('stopped', flush=True)\n")
+
+    try:
+        run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ds")], cwd=ROOT, capture_output=True,
+                             text=True, timeout=90)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the process did not exit 90 s after it stopped reading; it printed {e.stdout!r}")
+
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["stopped"]
