@@ -54,6 +54,10 @@ from scripts.devcluster import local_spark_env
 
 BATCH_SECONDS = PlanConfig.batch_seconds
 WORKERS = 2
+# Conversion writes 16 MB shards (chunks), as bench/pack does: 9 and 17 write tasks at N/2 and N, so both
+# sizes keep 2 cores busy. Shards of the reading size (about 140 MB) would leave the N/2 job one write task
+# on one core, and its marginal cost would come out too small.
+CONVERT_SHARD_BYTES = 16 << 20
 
 
 def timed(run) -> tuple[object, float]:
@@ -243,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"utterances": manifest["utterances"], "audio_hours": manifest["hours"], "batch_seconds": BATCH_SECONDS,
               "reading": reading(uri, root, manifest, args.repeats)}
     if args.convert:
-        result["conversion"] = conversion(root, args.repeats, max(s["bytes"] for s in manifest["shards"]))
+        result["conversion"] = conversion(root, args.repeats, CONVERT_SHARD_BYTES)
     path = write_result("peers", result)
     for name, r in result["reading"]["rows"].items():
         print(f"read    {name:28s} {r['median_s']:7.2f} s  {r['utterances_per_s']:7.0f} utt/s")
