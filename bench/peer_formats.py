@@ -118,9 +118,9 @@ def plain_sample(source: dict) -> dict:
 def our_samples(uri: str, shards: Iterable[int] | None = None) -> Iterator[dict]:
     """Yields the utterances of our dataset's `shards` (default: all) as peer samples, from the shards' own bytes."""
     ds = open_dataset(uri)
-    meta = ds.index([F.KEY, F.TRANSCRIPT, F.DURATION_S]).to_pylist()
-    by_key = {m[F.KEY]: m for m in meta}
     for shard in range(len(ds.manifest["shards"])) if shards is None else shards:
+        meta = ds.index_part(shard, [F.KEY, F.TRANSCRIPT, F.DURATION_S]).to_pylist()  # this shard's rows only
+        by_key = {m[F.KEY]: m for m in meta}
         for key, audio in ds.shard_records(shard):
             m = by_key[key]
             yield {"key": key, "flac": audio, "text": m[F.TRANSCRIPT], "duration": m[F.DURATION_S]}

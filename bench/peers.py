@@ -136,7 +136,7 @@ def conversion(root: Path, repeats: int, shard_bytes: int) -> dict:
 def ours(uri: str, workers: int, cache: bool = False, backend: str | None = None):
     def run() -> int:
         before = os.environ.get(BACKEND_VARIABLE)
-        os.environ[BACKEND_VARIABLE] = backend or before or "libhdfs"  # workers inherit it
+        os.environ[BACKEND_VARIABLE] = backend or before or "libhdfs"  # ShardDataset resolves it, for its workers too
         try:
             ds = ShardDataset(uri, 0, 1, ReaderConfig(plan=PlanConfig(batch_seconds=BATCH_SECONDS),
                                                       use_feature_cache=cache))

@@ -51,8 +51,7 @@ def packed(cluster, tmp_path_factory):
         pafs.copy_files(str(root / name), f"{base}/{name}", source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=fs)
     yield expected, uris
-    fs, path = open_filesystem(hdfs_base)
-    fs.delete_dir(path)
+    fs.delete_dir(base)
 
 
 def read_all(uri: str, world: int, epoch: int, workers: int, config: ReaderConfig = CONFIG) -> list[list[dict]]:
