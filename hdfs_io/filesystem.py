@@ -294,9 +294,9 @@ def uri_base(uri: str) -> str:
     return f"{parsed.scheme}://{parsed.netloc}"
 
 
-def hadoop_conf() -> dict[str, str]:
-    """Returns the properties of `$HADOOP_CONF_DIR/{core,hdfs}-site.xml` (empty if unset)."""
-    conf_dir = os.environ.get("HADOOP_CONF_DIR")
+def hadoop_conf(conf_dir: str | os.PathLike | None = None) -> dict[str, str]:
+    """Returns the properties of `{core,hdfs}-site.xml` in `conf_dir`, default $HADOOP_CONF_DIR (empty if unset)."""
+    conf_dir = conf_dir or os.environ.get("HADOOP_CONF_DIR")
     props: dict[str, str] = {}
     if not conf_dir:
         return props

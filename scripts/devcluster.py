@@ -48,10 +48,12 @@ class ClusterError(Exception):
     """The cluster could not be started or stopped; the message says why."""
 
 
-def hadoop_env() -> dict[str, str]:
-    """Returns the environment that scripts/hadoop_env.sh exports, on top of this one."""
+def hadoop_env(conf_dir: Path | None = None) -> dict[str, str]:
+    """Returns the environment that scripts/hadoop_env.sh exports, on top of this one (for `conf_dir`, if given)."""
     env = dict(os.environ)
     env.pop("HADOOP_HOME", None)
+    if conf_dir is not None:
+        env["HADOOP_CONF_DIR"] = str(conf_dir)
     out = subprocess.run(
         ["bash", "-c", f'. "{ROOT}/scripts/hadoop_env.sh" && env -0'],
         env=env, check=True, capture_output=True,
@@ -292,7 +294,14 @@ def up() -> None:
 
 
 def down() -> None:
-    procs = read_state()
+    running = stop(read_state())
+    STATE_FILE.unlink(missing_ok=True)
+    ENV_FILE.unlink(missing_ok=True)
+    print(f"devcluster: down (stopped {running} processes)")
+
+
+def stop(procs: list[dict]) -> int:
+    """Stops each of `procs` that still runs (SIGTERM to its process group, SIGKILL after 20 s); returns how many ran."""
     running = [p for p in procs if alive(p)]
     for p in running:
         try:
@@ -308,9 +317,7 @@ def down() -> None:
                 os.killpg(p["pid"], signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    STATE_FILE.unlink(missing_ok=True)
-    ENV_FILE.unlink(missing_ok=True)
-    print(f"devcluster: down (stopped {len(running)} processes)")
+    return len(running)
 
 
 def daemon(name: str) -> dict:

@@ -1,0 +1,268 @@
+"""A Kerberized HDFS on 127.0.0.1 beside the dev cluster: an MIT KDC, 1 NameNode and 1 DataNode.
+
+    python -m scripts.secure_hdfs up     # realm, principals and keytabs, secure HDFS; writes .devcluster/secure/env.sh
+    python -m scripts.secure_hdfs down   # stops exactly the processes `up` started
+
+`make cluster-up SECURE=1` runs it after the dev cluster. Each `up` starts from nothing: a new realm
+(SPEECHPACK.TEST), new keytabs and a newly formatted HDFS, all under `.devcluster/secure/`.
+
+- The KDC is MIT's `krb5kdc` (Debian's krb5-kdc), the KDC most Hadoop clusters use, with
+  `kadmin.local` to make principals. Its `kinit`, `klist` and `kdestroy` (krb5-user) are what
+  users have, and hdfs-native authenticates through the same MIT GSSAPI library.
+- Principals: `nn/localhost` (NameNode), `dn/localhost` (DataNode), `HTTP/localhost` (SPNEGO for
+  WebHDFS) in `keytabs/hdfs.keytab`; users `alice` and `mallory`, each with a keytab of their own.
+- HDFS runs with `hadoop.security.authentication=kerberos` and block access tokens. The DataNode
+  listens on an unprivileged port without SASL data-transfer protection, which Hadoop allows only
+  with `ignore.secure.ports.for.testing`: block tokens still guard every block, but data transfer
+  is not authenticated. A production cluster uses privileged ports (jsvc) or
+  `dfs.data.transfer.protection` with HTTPS.
+- The HDFS superuser is `nn` (the NameNode's principal); `/user/alice` and `/user/mallory` belong
+  to their users and `/tmp` is world-writable with the sticky bit.
+
+The env file points HADOOP_CONF_DIR, CLASSPATH and the JVM options at this cluster's
+configuration; it sets no ticket cache: `kinit -kt .devcluster/secure/keytabs/alice.keytab alice`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from scripts.devcluster import (
+    LOG_DIR, ROOT, ClusterError, alive, hadoop_env, http_json, launch, port_in_use, refuse_taken_ports, stop, wait_for,
+)
+
+REALM = "SPEECHPACK.TEST"
+SECURE_DIR = ROOT / ".devcluster" / "secure"
+STATE_FILE = SECURE_DIR / "state.json"
+ENV_FILE = SECURE_DIR / "env.sh"
+CONF_DIR = SECURE_DIR / "conf"
+KEYTAB_DIR = SECURE_DIR / "keytabs"
+KRB5_CONF = SECURE_DIR / "krb5.conf"
+KDC_PORT = 9788
+NAMENODE_PORT = 9920
+NAMENODE_HTTP_PORT = 9970
+USERS = ("alice", "mallory")
+SERVICES = ("nn/localhost", "dn/localhost", "HTTP/localhost")
+# Tickets live 10 hours and renew for 7 days unless kinit asks for less (`kinit -l 30s`).
+MAX_LIFE, MAX_RENEW = "10h", "7d"
+
+SECURITY = {
+    "hadoop.security.authentication": "kerberos",
+    "hadoop.security.authorization": "true",
+    "hadoop.rpc.protection": "authentication",
+    "dfs.block.access.token.enable": "true",
+    "dfs.namenode.kerberos.principal": f"nn/localhost@{REALM}",
+    "dfs.namenode.keytab.file": str(KEYTAB_DIR / "hdfs.keytab"),
+    "dfs.datanode.kerberos.principal": f"dn/localhost@{REALM}",
+    "dfs.datanode.keytab.file": str(KEYTAB_DIR / "hdfs.keytab"),
+    "dfs.web.authentication.kerberos.principal": f"HTTP/localhost@{REALM}",
+    "dfs.web.authentication.kerberos.keytab": str(KEYTAB_DIR / "hdfs.keytab"),
+    "ignore.secure.ports.for.testing": "true",
+}
+
+
+def kerberos_env(env: dict[str, str]) -> dict[str, str]:
+    """Returns `env` pointed at this realm: MIT tools read KRB5_CONFIG, JVMs the krb5.conf option.
+
+    scripts/hadoop rebuilds HADOOP_OPTS from HADOOP_OPTS_EXTRA, so the option goes in both.
+    """
+    krb = f" -Djava.security.krb5.conf={KRB5_CONF}"
+    return dict(env, KRB5_CONFIG=str(KRB5_CONF), KRB5_KDC_PROFILE=str(SECURE_DIR / "kdc.conf"),
+                HADOOP_OPTS_EXTRA=env.get("HADOOP_OPTS_EXTRA", "") + krb,
+                HADOOP_OPTS=env.get("HADOOP_OPTS", "") + krb, LIBHDFS_OPTS=env.get("LIBHDFS_OPTS", "") + krb,
+                SPARK_SUBMIT_OPTS=env.get("SPARK_SUBMIT_OPTS", "") + krb)
+
+
+def write_kerberos_conf() -> None:
+    db = SECURE_DIR / "kdc"
+    db.mkdir(parents=True)
+    KRB5_CONF.write_text(f"""[libdefaults]
+  default_realm = {REALM}
+  dns_lookup_realm = false
+  dns_lookup_kdc = false
+  dns_canonicalize_hostname = false
+  rdns = false
+  forwardable = true
+  udp_preference_limit = 1
+[realms]
+  {REALM} = {{
+    kdc = 127.0.0.1:{KDC_PORT}
+  }}
+[domain_realm]
+  localhost = {REALM}
+""")
+    (SECURE_DIR / "kdc.conf").write_text(f"""[kdcdefaults]
+  kdc_ports = {KDC_PORT}
+  kdc_tcp_ports = {KDC_PORT}
+[realms]
+  {REALM} = {{
+    database_name = {db}/principal
+    key_stash_file = {db}/stash
+    acl_file = {db}/kadm5.acl
+    max_life = {MAX_LIFE}
+    max_renewable_life = {MAX_RENEW}
+    supported_enctypes = aes256-cts-hmac-sha1-96:normal aes128-cts-hmac-sha1-96:normal
+  }}
+[logging]
+  kdc = FILE:{LOG_DIR}/secure-kdc.log
+""")
+    (db / "kadm5.acl").write_text("")
+
+
+def make_principals(env: dict[str, str]) -> None:
+    """Creates the realm's database, every principal, and the keytabs."""
+    subprocess.run(["kdb5_util", "create", "-s", "-r", REALM, "-P", secrets.token_hex(16)],
+                   env=env, check=True, capture_output=True)
+    KEYTAB_DIR.mkdir()
+    commands = [f"addprinc -randkey -maxlife {MAX_LIFE} -maxrenewlife {MAX_RENEW} {p}"
+                for p in (*SERVICES, *USERS)]
+    commands.append(f"ktadd -k {KEYTAB_DIR / 'hdfs.keytab'} {' '.join(SERVICES)}")
+    commands += [f"ktadd -k {KEYTAB_DIR / user}.keytab {user}" for user in USERS]
+    for command in commands:
+        subprocess.run(["kadmin.local", "-r", REALM, "-q", command], env=env, check=True, capture_output=True)
+
+
+def write_hadoop_conf() -> None:
+    """Writes core-site.xml and hdfs-site.xml: the dev cluster's settings on this cluster's ports, plus security."""
+    from hdfs_io.filesystem import hadoop_conf
+
+    CONF_DIR.mkdir()
+    base = hadoop_conf(ROOT / "conf" / "hadoop")
+    for name in ("log4j.properties", "hadoop-metrics2.properties"):
+        shutil.copy(ROOT / "conf" / "hadoop" / name, CONF_DIR / name)
+    shutil.copytree(ROOT / "conf" / "hadoop" / "webapps", CONF_DIR / "webapps")  # the daemons' web servers need it
+    core = {k: v for k, v in base.items() if k.startswith(("ipc.", "fs."))}
+    core.update({k: v for k, v in SECURITY.items() if k.startswith("hadoop.")},
+                **{"fs.defaultFS": f"hdfs://127.0.0.1:{NAMENODE_PORT}"})
+    hdfs = {k: v for k, v in base.items() if k.startswith("dfs.")}
+    hdfs.update({k: v for k, v in SECURITY.items() if not k.startswith("hadoop.")},
+                **{"dfs.namenode.http-address": f"127.0.0.1:{NAMENODE_HTTP_PORT}", "dfs.replication": "1"})
+    for name, props in (("core-site.xml", core), ("hdfs-site.xml", hdfs)):
+        body = "".join(f"  <property><name>{k}</name><value>{v}</value></property>\n" for k, v in props.items())
+        (CONF_DIR / name).write_text(f'<?xml version="1.0"?>\n<!-- Written by scripts/secure_hdfs.py -->\n'
+                                     f"<configuration>\n{body}</configuration>\n")
+
+
+def hdfs_ready() -> bool:
+    jmx = http_json(f"http://127.0.0.1:{NAMENODE_HTTP_PORT}/jmx?qry=Hadoop:service=NameNode,name=NameNodeInfo")
+    if not jmx or not jmx.get("beans"):
+        return False
+    info = jmx["beans"][0]
+    return not info.get("Safemode") and len(json.loads(info.get("LiveNodes") or "{}")) >= 1
+
+
+def start(env: dict[str, str], procs: list[dict]) -> None:
+    """Starts the KDC, formats and starts HDFS; each process goes into `procs` and the state file as it starts."""
+    def record(proc: dict) -> None:
+        procs.append(proc)
+        STATE_FILE.write_text(json.dumps({"processes": procs}, indent=1))
+
+    hadoop = str(ROOT / "scripts" / "hadoop")
+    daemon_env = dict(env, HADOOP_ROOT_LOGGER="INFO,console")
+    record(launch("secure-kdc", ["krb5kdc", "-n", "-r", REALM], env, "kdc"))
+    wait_for("the KDC to listen", lambda: port_in_use(KDC_PORT), procs, timeout_s=20)
+    name_opt = ["-D", f"dfs.namenode.name.dir=file://{SECURE_DIR / 'name'}"]
+    subprocess.run([hadoop, "namenode", *name_opt, "-format", "-nonInteractive", "-force"],
+                   env=env, check=True, capture_output=True)
+    record(launch("secure-namenode", [hadoop, "namenode", *name_opt], daemon_env, "hdfs"))
+    opts = [f"dfs.datanode.data.dir=file://{SECURE_DIR / 'data'}", "dfs.datanode.address=127.0.0.1:0",
+            "dfs.datanode.http.address=127.0.0.1:0", "dfs.datanode.ipc.address=127.0.0.1:0",
+            "dfs.datanode.hostname=127.0.0.1"]
+    record(launch("secure-datanode", [hadoop, "datanode", *[a for o in opts for a in ("-D", o)]], daemon_env, "hdfs"))
+
+
+def make_home_folders(env: dict[str, str]) -> None:
+    """As the superuser nn: /user/<user> for each user, and a sticky world-writable /tmp."""
+    cache = SECURE_DIR / "nn.ccache"
+    superuser = dict(env, KRB5CCNAME=f"FILE:{cache}")
+    subprocess.run(["kinit", "-kt", str(KEYTAB_DIR / "hdfs.keytab"), f"nn/localhost@{REALM}"],
+                   env=superuser, check=True, capture_output=True)
+    homes = [f"/user/{user}" for user in USERS]
+    fs_shell = [str(ROOT / "scripts" / "hadoop"), "fs"]
+    try:
+        for args in (["-mkdir", "-p", *homes, "/tmp"], ["-chmod", "1777", "/tmp"],
+                     *(["-chown", user, home] for user, home in zip(USERS, homes))):
+            subprocess.run([*fs_shell, *args], env=superuser, check=True, capture_output=True)
+    except subprocess.CalledProcessError as e:
+        raise ClusterError(f"could not make the home folders: {e.stderr.decode(errors='replace')[-2000:]}") from None
+    finally:
+        cache.unlink(missing_ok=True)
+
+
+def write_env(env: dict[str, str]) -> None:
+    exports = {"SECURE_HDFS_URI": f"hdfs://127.0.0.1:{NAMENODE_PORT}", "KERBEROS_REALM": REALM,
+               "KEYTAB_DIR": str(KEYTAB_DIR)}
+    for key in ("JAVA_HOME", "HADOOP_CONF_DIR", "CLASSPATH", "ARROW_LIBHDFS_DIR", "HADOOP_OPTS", "LIBHDFS_OPTS",
+                "SPARK_SUBMIT_OPTS", "HADOOP_JAVA17_OPENS", "HADOOP_OPTS_EXTRA", "KRB5_CONFIG"):
+        exports[key] = env[key]
+    lines = ["# Written by scripts/secure_hdfs.py; source it after .devcluster/env.sh, then kinit"]
+    lines += [f"export {k}='{v}'" for k, v in exports.items()]
+    ENV_FILE.write_text("\n".join(lines) + "\n")
+
+
+def read_state() -> list[dict]:
+    try:
+        return json.loads(STATE_FILE.read_text())["processes"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return []
+
+
+def up() -> None:
+    procs = read_state()
+    if procs and all(alive(p) for p in procs) and ENV_FILE.exists():
+        print(f"secure_hdfs: already up; . {ENV_FILE.relative_to(ROOT)}")
+        return
+    down()
+    for tool in ("krb5kdc", "kadmin.local", "kinit"):
+        if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
+            raise ClusterError(f"{tool} is missing; run 'make setup' (Debian's krb5-kdc, krb5-admin-server, krb5-user)")
+    refuse_taken_ports(KDC_PORT, NAMENODE_PORT, NAMENODE_HTTP_PORT)
+    shutil.rmtree(SECURE_DIR, ignore_errors=True)
+    SECURE_DIR.mkdir(parents=True)
+    env = kerberos_env(hadoop_env(CONF_DIR))
+    env["PATH"] = f"/usr/sbin:{env.get('PATH', '')}"
+    started: list[dict] = []
+    try:
+        write_kerberos_conf()
+        make_principals(env)
+        write_hadoop_conf()
+        start(env, started)
+        wait_for("the secure HDFS to leave safe mode with its DataNode", hdfs_ready, started)
+        make_home_folders(env)
+    except BaseException:
+        down()
+        raise
+    write_env(env)
+    print(f"secure_hdfs: up (KDC 127.0.0.1:{KDC_PORT} realm {REALM}, HDFS hdfs://127.0.0.1:{NAMENODE_PORT}); "
+          f". {ENV_FILE.relative_to(ROOT)}")
+
+
+def down() -> None:
+    running = stop(read_state())
+    STATE_FILE.unlink(missing_ok=True)
+    ENV_FILE.unlink(missing_ok=True)
+    print(f"secure_hdfs: down (stopped {running} processes)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=["up", "down"])
+    args = parser.parse_args(argv)
+    try:
+        up() if args.command == "up" else down()
+    except (ClusterError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", None)
+        print(f"secure_hdfs: {e}{': ' + detail.decode(errors='replace').strip() if detail else ''}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""A Kerberized HDFS (scripts/secure_hdfs: an MIT KDC, a secure NameNode and DataNode), end to end.
+
+alice's ticket gets her in, through every client: upload (pyarrow and pydoop), pack on Spark, read
+(libhdfs and hdfs-native), torchrun training with checkpoints on HDFS. No ticket, an expired ticket,
+or mallory on alice's private folder: one line naming the user and the cause, exit 2, nothing
+written. A ticket that expires mid-read ends the read with a clear error, or the read is whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from scripts.devcluster import read_env_file
+from tests.conftest import QUICK_START_JVMS
+from tests.corpora import good_librispeech
+from tests.test_faults import record
+
+ROOT = Path(__file__).resolve().parent.parent
+SECURE_ENV = ROOT / ".devcluster" / "secure" / "env.sh"
+UTTERANCES = 12
+TINY_TRAINING = ["--conf", str(ROOT / "conf" / "ds2_tiny.yaml"), "--train.batch_seconds=6",
+                 "--train.checkpoint_every_steps=5", "--train.num_workers=1", "--model.rnn_hidden=32",
+                 "--model.conv_channels=4", "--model.rnn_layers=2"]
+
+
+@dataclass(frozen=True)
+class SecureHdfs:
+    uri: str
+    env: dict[str, str]  # the secure cluster's client environment, with no ticket cache named
+    caches: Path
+
+    def ticket(self, user: str, lifetime: str | None = None) -> dict[str, str]:
+        """Returns the environment of `user` after `kinit` from the user's keytab into a cache of its own."""
+        cache = self.caches / f"{user}-{time.monotonic_ns()}"
+        env = dict(self.env, KRB5CCNAME=f"FILE:{cache}")
+        lifetime_args = ["-l", lifetime] if lifetime else []
+        subprocess.run(["kinit", *lifetime_args, "-kt", f"{self.env['KEYTAB_DIR']}/{user}.keytab", user],
+                       env=env, check=True, capture_output=True)
+        return env
+
+    def no_ticket(self) -> dict[str, str]:
+        """Returns an environment whose ticket cache does not exist, as after `kdestroy`."""
+        return dict(self.env, KRB5CCNAME=f"FILE:{self.caches / 'destroyed'}")
+
+    def hadoop(self, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(ROOT / "scripts" / "hadoop"), *args], env=env, capture_output=True, text=True,
+                              check=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def secure(cluster, tmp_path_factory):
+    subprocess.run([sys.executable, "-m", "scripts.secure_hdfs", "up"], cwd=ROOT, check=True)
+    env = dict(cluster.env, **read_env_file(SECURE_ENV))
+    for name in ("KRB5CCNAME", "HADOOP_USER_NAME", "SPEECHPACK_HDFS_BACKEND"):
+        env.pop(name, None)
+    yield SecureHdfs(env["SECURE_HDFS_URI"], env, tmp_path_factory.mktemp("ccaches"))
+    subprocess.run([sys.executable, "-m", "scripts.secure_hdfs", "down"], cwd=ROOT, check=True)
+
+
+def run(env: dict[str, str], *argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(list(argv), env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def commands(env: dict[str, str], corpus: Path, hdfs_corpus: str, dataset: str, out: str) -> dict[str, tuple]:
+    """Returns each user-facing command, run with `env`: {name: (finished process, tool prefix)}.
+
+    `corpus` is local; `hdfs_corpus` and `dataset` are on HDFS; `out` is an HDFS folder the commands
+    would write into (upload, pack and train each a folder of their own below it).
+    """
+    spark_submit = [str(Path(env["SPARK_HOME"]) / "bin" / "spark-submit"), "--master", "local[2]",
+                    "--conf", "spark.ui.enabled=false", *(f for o in QUICK_START_JVMS for f in ("--conf", o))]
+    py = sys.executable
+    return {
+        "upload": (run(env, py, "-m", "hdfs_io.upload", "--quiet", str(corpus), f"{out}/upload"), "upload"),
+        "pack": (run(env, *spark_submit, str(ROOT / "spark_jobs" / "pack.py"), "--input", hdfs_corpus,
+                     "--output", f"{out}/pack"), "pack"),
+        "read": (run(env, py, "-m", "hdfs_io.read", dataset, "--workers", "2"), "read"),
+        "inspect": (run(env, py, "-m", "hdfs_io.inspect", dataset), "inspect"),
+        "train": (run(env, py, "-m", "trainer.train", *TINY_TRAINING, "--dataset", dataset, "--out", f"{out}/train",
+                      "--max-steps", "2"), "train"),
+    }
+
+
+@pytest.fixture(scope="module")
+def alices(secure, tmp_path_factory):
+    """alice's private folder (mode 700): a corpus uploaded and packed into a dataset there, with her ticket."""
+    corpus = tmp_path_factory.mktemp("kerberos") / "corpus"
+    good_librispeech(corpus, UTTERANCES, seed=21)
+    env = secure.ticket("alice")
+    private = f"{secure.uri}/user/alice/private-{uuid.uuid4().hex[:8]}"
+    secure.hadoop(env, "fs", "-mkdir", private)
+    secure.hadoop(env, "fs", "-chmod", "700", private)
+    runs = commands(env, corpus, f"{private}/upload", f"{private}/pack", private)
+    return corpus, private, env, runs
+
+
+def error_lines(result: subprocess.CompletedProcess, tool: str) -> list[str]:
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith(f"{tool}:")]
+
+
+def hdfs_listing(secure: SecureHdfs, env: dict[str, str], path: str) -> list[list[str]]:
+    """Returns `hadoop fs -ls -R path` as split lines: permissions, replication, owner, group, size, ..., path."""
+    out = secure.hadoop(env, "fs", "-ls", "-R", path).stdout
+    return [line.split() for line in out.splitlines() if not line.startswith("Found ")]
+
+
+def test_alice_with_a_ticket_uploads_packs_reads_and_trains_and_owns_every_file(secure, alices, tmp_path):
+    corpus, private, env, runs = alices
+    for name in ("upload", "pack", "read", "inspect", "train"):
+        result, _ = runs[name]
+        assert result.returncode == 0, (name, result.stderr[-3000:])
+    pydoop = run(env, sys.executable, "-m", "hdfs_io.upload", "--quiet", "--client", "pydoop", str(corpus),
+                 f"{private}/upload-pydoop")
+    assert pydoop.returncode == 0, pydoop.stderr[-3000:]
+    dataset = f"{private}/pack"
+    for backend in ("libhdfs", "native"):
+        read = run(dict(env, SPEECHPACK_HDFS_BACKEND=backend), sys.executable, "-m", "hdfs_io.read", dataset,
+                   "--workers", "2", "--json")
+        assert read.returncode == 0, (backend, read.stderr[-3000:])
+        assert json.loads(read.stdout)["utterances"] == UTTERANCES, backend
+    train = run(env, sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "-m", "trainer.train", *TINY_TRAINING, "--dataset", dataset, "--out", f"{private}/run",
+                "--max-steps", "10", timeout=600)
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert json.loads(train.stdout.strip().splitlines()[-1])["step"] == 10
+
+    listing = hdfs_listing(secure, env, private)
+    paths = {row[-1].split(private.split("://", 1)[1].split("/", 1)[1], 1)[-1] for row in listing}
+    assert {"/upload", "/upload-pydoop", "/pack/dataset.json", "/run/checkpoint.pt", "/train"} <= paths, paths
+    assert {row[2] for row in listing} == {"alice"}, [row for row in listing if row[2] != "alice"]
+    for name, (result, _) in runs.items():
+        record(f"Kerberos: alice with a ticket ({name})", outcome=f"exit {result.returncode}", keys_read=None,
+               keys_lost=0, error=None)
+
+
+@pytest.mark.parametrize("ticket", ["none", "expired"])
+def test_without_a_valid_ticket_every_command_is_one_line_and_exit_2_and_writes_nothing(secure, alices, ticket):
+    corpus, private, alice, _ = alices
+    if ticket == "none":
+        env, cause = secure.no_ticket(), "no Kerberos ticket"
+    else:
+        env, cause = secure.ticket("alice", lifetime="2s"), "expired"
+        time.sleep(3)
+    out = f"{secure.uri}/user/alice/{ticket}-ticket-{uuid.uuid4().hex[:8]}"
+
+    runs = commands(env, corpus, f"{private}/upload", f"{private}/pack", out)
+
+    for name, (result, tool) in runs.items():
+        errors = error_lines(result, tool)
+        record(f"Kerberos: {ticket} ticket ({name})", outcome=f"exit {result.returncode}", keys_read=None,
+               keys_lost=0, error=errors[-1] if errors else None)
+        assert result.returncode == 2, (name, result.stderr[-3000:])
+        assert len(errors) == 1 and cause in errors[0], (name, result.stderr[-3000:])
+        assert "Traceback" not in result.stderr and "\tat " not in result.stderr, (name, result.stderr[-3000:])
+    written = [row[-1] for row in hdfs_listing(secure, alice, f"{secure.uri}/user/alice") if out.split("/")[-1] in row[-1]]
+    assert written == []
+
+
+def test_mallory_with_a_ticket_is_refused_alices_private_folder_in_one_line(secure, alices):
+    corpus, private, alice, _ = alices
+    before = hdfs_listing(secure, alice, private)
+
+    runs = commands(secure.ticket("mallory"), corpus, f"{private}/upload", f"{private}/pack", f"{private}/mallory")
+
+    for name, (result, tool) in runs.items():
+        errors = error_lines(result, tool)
+        record(f"Kerberos: mallory on alice's 700 folder ({name})", outcome=f"exit {result.returncode}",
+               keys_read=None, keys_lost=0, error=errors[-1] if errors else None)
+        assert result.returncode == 2, (name, result.stderr[-3000:])
+        assert len(errors) == 1 and "permission denied" in errors[0] and "mallory" in errors[0], \
+            (name, result.stderr[-3000:])
+        assert "Traceback" not in result.stderr and "\tat " not in result.stderr, (name, result.stderr[-3000:])
+    assert hdfs_listing(secure, alice, private) == before
