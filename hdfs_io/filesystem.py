@@ -24,12 +24,15 @@ import getpass
 import os
 import posixpath
 import re
+import sys
 import tempfile
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from pyarrow import fs as pafs
+
+from hdfs_io import kerberos
 
 _handles: dict[tuple, pafs.FileSystem] = {}
 _jvm_pid: int | None = None  # the process that started libhdfs's JVM, if any
@@ -71,8 +74,11 @@ def open_filesystem(uri: str, backend: str | None = None) -> tuple[pafs.FileSyst
 def hdfs(host: str = "default", port: int = 0) -> pafs.HadoopFileSystem:
     """Returns this process's HadoopFileSystem for `host:port`, opening it once.
 
-    Replication and the Kerberos ticket cache come from the Hadoop configuration
-    and `KRB5CCNAME`, so files get the cluster's replication, not pyarrow's 3.
+    Replication comes from the Hadoop configuration, so files get the cluster's replication,
+    not pyarrow's 3. Under Kerberos the client logs in from the ticket cache that `KRB5CCNAME`
+    names, as Hadoop's login user. The cache is not handed to pyarrow (`kerb_ticket`): that makes
+    a separate user that the client never renews nor logs in again, so a read fails once the
+    first ticket ends even when the cache holds a renewed one (tests/test_kerberos.py).
     """
     global _jvm_pid
     pid = os.getpid()
@@ -87,7 +93,6 @@ def hdfs(host: str = "default", port: int = 0) -> pafs.HadoopFileSystem:
             handle = pafs.HadoopFileSystem(
                 host, port,
                 replication=client_replication(),
-                kerb_ticket=os.environ.get("KRB5CCNAME"),
             )
         except OSError as e:
             where = f"{host}:{port}" if port else host
@@ -244,10 +249,11 @@ def _native_errors_as_oserror():
     except (NotImplementedError, RecursionError):
         raise
     except RuntimeError as e:
-        # hdfs-native names the NameNode's Java exception first: RPCError("org.apache...Exception", "...")
-        java = re.match(r'RPCError\("([\w.$]+)"', str(e))
+        # hdfs-native names the NameNode's Java exception first, its message and trace escaped after it:
+        # RPCError("org.apache...Exception", "message\n\tat ...")
+        java = re.match(r'RPCError\("([\w.$]+)", "(.*?)(?:\\n|"\)$)', str(e), re.DOTALL)
         error = _JAVA_ERRORS.get(java.group(1) if java else "", OSError)
-        raise error(f"HDFS: {first_line(e)}") from e
+        raise error(f"HDFS: {java.group(1)}: {java.group(2)}" if java else f"HDFS: {first_line(e)}") from e
 
 
 _JAVA_ERRORS = {"org.apache.hadoop.security.AccessControlException": PermissionError}
@@ -338,9 +344,14 @@ def probe_uri(uri: str) -> tuple[pafs.FileSystem, str, pafs.FileInfo]:
             if isinstance(fs, pafs.HadoopFileSystem) and info.type == pafs.FileType.NotFound:
                 refuse_if_denied(fs, path, uri)
             return fs, path, info
-        except (FilesystemUnavailable, PermissionError):
+        except PermissionError:
+            raise PermissionError(f"permission denied: HDFS refuses user {hdfs_user()} access to {uri}") from None
+        except FilesystemUnavailable:
             raise
         except OSError as e:
+            ticket = kerberos.ticket_problem() if kerberos_enabled() else None
+            if ticket:
+                raise FilesystemUnavailable(f"cannot authenticate to {uri}: {ticket}") from None
             cause = java_exception_line(captured.read()) or first_line(e)
             raise FilesystemUnavailable(f"cannot reach {uri}: {cause}") from None
 
@@ -360,8 +371,64 @@ def refuse_if_denied(fs: pafs.FileSystem, path: str, uri: str) -> None:
 
 
 def hdfs_user() -> str:
-    """Returns the user name HDFS sees under simple authentication: HADOOP_USER_NAME, else the login name."""
+    """Returns the user HDFS sees: the Kerberos principal of the ticket cache where HDFS uses Kerberos;
+    under simple authentication HADOOP_USER_NAME, else the login name."""
+    if kerberos_enabled():
+        return kerberos.ticket_principal() or f"{getpass.getuser()} (no Kerberos ticket)"
     return os.environ.get("HADOOP_USER_NAME") or getpass.getuser()
+
+
+def kerberos_enabled() -> bool:
+    """Returns True if the Hadoop configuration says HDFS authenticates with Kerberos."""
+    return hadoop_conf().get("hadoop.security.authentication", "simple").lower() == "kerberos"
+
+
+def failure_cause(error: BaseException) -> str:
+    """Returns the cause of a failed HDFS call in one line: where HDFS uses Kerberos and this process's
+    ticket is missing or expired, that; else the error's first line."""
+    return (kerberos_enabled() and kerberos.ticket_problem()) or first_line(error)
+
+
+HDFS_LOG_VARIABLE = "SPEECHPACK_HDFS_LOG"
+_client_log: str | None = None  # where this process's file descriptor 2 goes, once sent to a log
+
+
+def client_log_path() -> str:
+    """Returns the HDFS client log of this process and its children: the file SPEECHPACK_HDFS_LOG names, else
+    a new one in the temp folder, made once per process and named to its children in SPEECHPACK_HDFS_LOG."""
+    path = os.environ.get(HDFS_LOG_VARIABLE)
+    if not path:
+        handle, path = tempfile.mkstemp(prefix="speechpack-hdfs-", suffix=".log")
+        os.close(handle)
+        os.environ[HDFS_LOG_VARIABLE] = path
+    return path
+
+
+def send_native_stderr_to_log(path: str | None = None) -> str:
+    """Sends what is written to file descriptor 2 from below Python to a log file; returns its path.
+
+    libhdfs prints a Java stack trace there for every failed call, and the Hadoop client logs there
+    (log4j's console appender): dozens of lines per retry, thousands when a Kerberos ticket expires
+    mid-read. Python's `sys.stderr` (error lines, tracebacks, progress bars) is moved to a copy of
+    the old descriptor and stays on the terminal. The log is `path`, default `client_log_path()`.
+    A DataLoader worker started from a forkserver whose parent did this already writes all of its
+    stderr there. Once per process; a forked child inherits it.
+    """
+    global _client_log
+    if _client_log is None:
+        path = path or client_log_path()
+        sys.stderr.flush()
+        sys.stderr = os.fdopen(os.dup(2), "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
+        log = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(log, 2)
+        os.close(log)
+        _client_log = path
+    return _client_log
+
+
+def client_log_note() -> str:
+    """Returns ' (HDFS client log: PATH)' once this process sends its native stderr to a log, else ''."""
+    return f" (HDFS client log: {_client_log})" if _client_log else ""
 
 
 @contextlib.contextmanager

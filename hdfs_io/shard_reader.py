@@ -54,7 +54,8 @@ from hdfs_io.batches import form_batches, prepare, verified_decode
 from hdfs_io.chunks import ChunkFetcher, CorruptRecord, Shards, StorageUnavailable, parquet_rows
 from hdfs_io.dataset import open_dataset
 from hdfs_io.feature_stats import feature_stats, packed_config
-from hdfs_io.filesystem import FilesystemRef, hdfs_backend, worker_start_method
+from hdfs_io.filesystem import (FilesystemRef, client_log_path, hdfs_backend, send_native_stderr_to_log,
+                                worker_start_method)
 from hdfs_io.reader_config import ReaderConfig
 from hdfs_io.plan import PLANNER_VERSION, RankPlan, index_columns, plan_durations, plan_rank_resumed
 from hdfs_io.sequencefile import SequenceFileReader, writable_bytes
@@ -379,8 +380,15 @@ def process_alive(pid: int) -> bool:
             return False
 
 
-def exit_with_parent(parent_pid: int, _worker_id: int = 0) -> None:
-    """DataLoader worker_init_fn: exits this worker when the training process is gone.
+def start_worker(parent_pid: int, client_log: str, _worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: keeps the HDFS client's Java traces off the terminal, in the training
+    process's `client_log` (`send_native_stderr_to_log`), and exits this worker when that process is gone."""
+    send_native_stderr_to_log(client_log)
+    exit_with_parent(parent_pid)
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """Exits this worker when the training process is gone.
 
     Workers started by a forkserver see the forkserver as their parent, so
     DataLoader's own check never notices that the trainer died; this does.
@@ -568,7 +576,7 @@ class ShardLoader:
         stats = ds.normalization()[:2] if ds.config.output == "features" else None
         stream = WorkStream(ds.shards_spec(), ds.config, stats, self._inboxes, self._current)
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers, multiprocessing_context=context,
-                          persistent_workers=True, worker_init_fn=partial(exit_with_parent, os.getpid()),
+                          persistent_workers=True, worker_init_fn=partial(start_worker, os.getpid(), client_log_path()),
                           **self.kwargs)
 
     def _send(self, epoch: int, start: int, first: int) -> int:

@@ -65,6 +65,9 @@ SECURITY = {
     "dfs.web.authentication.kerberos.principal": f"HTTP/localhost@{REALM}",
     "dfs.web.authentication.kerberos.keytab": str(KEYTAB_DIR / "hdfs.keytab"),
     "ignore.secure.ports.for.testing": "true",
+    # A client re-reads a renewed ticket cache at most this often (Hadoop's default: 60 s). Tickets
+    # in the tests live seconds, production ones hours.
+    "hadoop.kerberos.min.seconds.before.relogin": "1",
 }
 
 

@@ -38,12 +38,12 @@ class SecureHdfs:
     env: dict[str, str]  # the secure cluster's client environment, with no ticket cache named
     caches: Path
 
-    def ticket(self, user: str, lifetime: str | None = None) -> dict[str, str]:
+    def ticket(self, user: str, lifetime: str | None = None, renewable: bool = False) -> dict[str, str]:
         """Returns the environment of `user` after `kinit` from the user's keytab into a cache of its own."""
         cache = self.caches / f"{user}-{time.monotonic_ns()}"
         env = dict(self.env, KRB5CCNAME=f"FILE:{cache}")
-        lifetime_args = ["-l", lifetime] if lifetime else []
-        subprocess.run(["kinit", *lifetime_args, "-kt", f"{self.env['KEYTAB_DIR']}/{user}.keytab", user],
+        options = (["-l", lifetime] if lifetime else []) + (["-r", "1h"] if renewable else [])
+        subprocess.run(["kinit", *options, "-kt", f"{self.env['KEYTAB_DIR']}/{user}.keytab", user],
                        env=env, check=True, capture_output=True)
         return env
 
@@ -82,25 +82,36 @@ def commands(env: dict[str, str], corpus: Path, hdfs_corpus: str, dataset: str, 
     return {
         "upload": (run(env, py, "-m", "hdfs_io.upload", "--quiet", str(corpus), f"{out}/upload"), "upload"),
         "pack": (run(env, *spark_submit, str(ROOT / "spark_jobs" / "pack.py"), "--input", hdfs_corpus,
-                     "--output", f"{out}/pack"), "pack"),
+                     "--output", f"{out}/pack", "--shard-size-mb", "0.05"), "pack"),
         "read": (run(env, py, "-m", "hdfs_io.read", dataset, "--workers", "2"), "read"),
+        "read, hdfs-native": (run(dict(env, SPEECHPACK_HDFS_BACKEND="native"), py, "-m", "hdfs_io.read", dataset,
+                                  "--workers", "2"), "read"),
         "inspect": (run(env, py, "-m", "hdfs_io.inspect", dataset), "inspect"),
         "train": (run(env, py, "-m", "trainer.train", *TINY_TRAINING, "--dataset", dataset, "--out", f"{out}/train",
                       "--max-steps", "2"), "train"),
     }
 
 
+@dataclass(frozen=True)
+class Alices:
+    corpus: Path  # local
+    private: str  # alice's folder of mode 700 on the secure HDFS: upload/ (the corpus), pack/ (its dataset)
+    env: dict[str, str]  # with alice's ticket
+    runs: dict[str, tuple]  # `commands` as alice
+    keys: list[str]  # the corpus's utterance keys, sorted
+
+
 @pytest.fixture(scope="module")
-def alices(secure, tmp_path_factory):
+def alices(secure, tmp_path_factory) -> Alices:
     """alice's private folder (mode 700): a corpus uploaded and packed into a dataset there, with her ticket."""
     corpus = tmp_path_factory.mktemp("kerberos") / "corpus"
-    good_librispeech(corpus, UTTERANCES, seed=21)
+    expected = good_librispeech(corpus, UTTERANCES, seed=21)
     env = secure.ticket("alice")
     private = f"{secure.uri}/user/alice/private-{uuid.uuid4().hex[:8]}"
     secure.hadoop(env, "fs", "-mkdir", private)
     secure.hadoop(env, "fs", "-chmod", "700", private)
     runs = commands(env, corpus, f"{private}/upload", f"{private}/pack", private)
-    return corpus, private, env, runs
+    return Alices(corpus, private, env, runs, sorted(expected.packed))
 
 
 def error_lines(result: subprocess.CompletedProcess, tool: str) -> list[str]:
@@ -114,19 +125,15 @@ def hdfs_listing(secure: SecureHdfs, env: dict[str, str], path: str) -> list[lis
 
 
 def test_alice_with_a_ticket_uploads_packs_reads_and_trains_and_owns_every_file(secure, alices, tmp_path):
-    corpus, private, env, runs = alices
-    for name in ("upload", "pack", "read", "inspect", "train"):
-        result, _ = runs[name]
+    corpus, private, env, runs = alices.corpus, alices.private, alices.env, alices.runs
+    for name, (result, _) in runs.items():
         assert result.returncode == 0, (name, result.stderr[-3000:])
     pydoop = run(env, sys.executable, "-m", "hdfs_io.upload", "--quiet", "--client", "pydoop", str(corpus),
                  f"{private}/upload-pydoop")
     assert pydoop.returncode == 0, pydoop.stderr[-3000:]
     dataset = f"{private}/pack"
-    for backend in ("libhdfs", "native"):
-        read = run(dict(env, SPEECHPACK_HDFS_BACKEND=backend), sys.executable, "-m", "hdfs_io.read", dataset,
-                   "--workers", "2", "--json")
-        assert read.returncode == 0, (backend, read.stderr[-3000:])
-        assert json.loads(read.stdout)["utterances"] == UTTERANCES, backend
+    for name in ("read", "read, hdfs-native"):
+        assert f"read: rank 0/1 epoch 0: {UTTERANCES} utterances" in runs[name][0].stdout, name
     train = run(env, sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 "-m", "trainer.train", *TINY_TRAINING, "--dataset", dataset, "--out", f"{private}/run",
                 "--max-steps", "10", timeout=600)
@@ -144,7 +151,7 @@ def test_alice_with_a_ticket_uploads_packs_reads_and_trains_and_owns_every_file(
 
 @pytest.mark.parametrize("ticket", ["none", "expired"])
 def test_without_a_valid_ticket_every_command_is_one_line_and_exit_2_and_writes_nothing(secure, alices, ticket):
-    corpus, private, alice, _ = alices
+    corpus, private, alice = alices.corpus, alices.private, alices.env
     if ticket == "none":
         env, cause = secure.no_ticket(), "no Kerberos ticket"
     else:
@@ -166,7 +173,7 @@ def test_without_a_valid_ticket_every_command_is_one_line_and_exit_2_and_writes_
 
 
 def test_mallory_with_a_ticket_is_refused_alices_private_folder_in_one_line(secure, alices):
-    corpus, private, alice, _ = alices
+    corpus, private, alice = alices.corpus, alices.private, alices.env
     before = hdfs_listing(secure, alice, private)
 
     runs = commands(secure.ticket("mallory"), corpus, f"{private}/upload", f"{private}/pack", f"{private}/mallory")
@@ -180,3 +187,54 @@ def test_mallory_with_a_ticket_is_refused_alices_private_folder_in_one_line(secu
             (name, result.stderr[-3000:])
         assert "Traceback" not in result.stderr and "\tat " not in result.stderr, (name, result.stderr[-3000:])
     assert hdfs_listing(secure, alice, private) == before
+
+
+# hdfs_io.read with a pause after its first batch
+READ_ACROSS_EXPIRY = """
+import json, sys, time
+from hdfs_io.plan import PlanConfig
+from hdfs_io.filesystem import send_native_stderr_to_log
+from hdfs_io.shard_reader import CorruptRecord, ReaderConfig, ShardDataset, ShardLoader, StorageUnavailable, error_message
+send_native_stderr_to_log()  # as `python -m hdfs_io.read` does
+uri, resume_at = sys.argv[1], float(sys.argv[2])
+config = ReaderConfig(plan=PlanConfig(batch_seconds=4.0), prefetch_chunks=1, retry_seconds=10, stall_seconds=60)
+keys = []
+try:
+    for batch in ShardLoader(ShardDataset(uri, 0, 1, config), num_workers=2):
+        keys += batch["keys"]
+        time.sleep(max(0.0, resume_at - time.time()))
+except (CorruptRecord, StorageUnavailable) as e:
+    print(f"read: error: {error_message(e)}", file=sys.stderr)
+    sys.exit(1)
+print(json.dumps(keys))
+"""
+
+
+@pytest.mark.parametrize("backend, renewable", [("libhdfs", False), ("native", False), ("libhdfs", True)])
+def test_a_ticket_that_expires_mid_read_ends_it_with_a_clear_error_or_the_read_is_whole(secure, alices, backend,
+                                                                                        renewable):
+    """The reader takes one batch, waits past the ticket's end and the client's idle connection time (10 s),
+    then reads on: the shards it opens next need the NameNode, on a new connection, with a ticket that is gone.
+
+    A renewable ticket is renewed by the Hadoop client itself (`kinit -R` at 80% of its life), and then
+    the read must be whole."""
+    lifetime_s = 15
+    env = dict(secure.ticket("alice", lifetime=f"{lifetime_s}s", renewable=renewable), SPEECHPACK_HDFS_BACKEND=backend)
+    resume_at = time.time() + lifetime_s + 12
+    started = time.monotonic()
+
+    result = run(env, sys.executable, "-c", READ_ACROSS_EXPIRY, f"{alices.private}/pack", str(resume_at), timeout=240)
+
+    errors = error_lines(result, "read")
+    keys = json.loads(result.stdout) if result.returncode == 0 else None
+    record(f"Kerberos: {'renewable ' if renewable else ''}ticket expires mid-read ({backend})", hdfs_backend=backend,
+           outcome=f"exit {result.returncode} after "
+           f"{time.monotonic() - started:.0f} s", keys_read=len(keys) if keys else None,
+           keys_lost=len(set(alices.keys) - set(keys)) if keys else None, error=errors[-1] if errors else None)
+    assert time.time() > resume_at, "the read ended before the ticket did: it tested nothing"
+    assert result.returncode == 0 or not renewable, result.stderr[-3000:]
+    if result.returncode == 0:
+        assert sorted(keys) == alices.keys, "success reported with data missing or repeated"
+    else:
+        assert result.returncode == 1 and len(errors) == 1 and "expired" in errors[0], result.stderr[-3000:]
+        assert "Traceback" not in result.stderr and "\tat " not in result.stderr, result.stderr[-3000:]
