@@ -11,6 +11,7 @@ are not read: `ticket_problem` then says nothing rather than guess.
 
 from __future__ import annotations
 
+import getpass
 import os
 import struct
 import time
@@ -111,7 +112,7 @@ def ticket_problem(now: float | None = None) -> str | None:
     try:
         cache = read_cache(path)
     except FileNotFoundError:
-        return f"no Kerberos ticket: the ticket cache {name} does not exist (run kinit)"
+        return f"user {getpass.getuser()} has no Kerberos ticket: the ticket cache {name} does not exist (run kinit)"
     except (OSError, CacheFormatError) as e:
         return f"cannot read the Kerberos ticket cache {name}: {e}"
     tgt = cache.tgt()

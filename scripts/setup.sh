@@ -3,7 +3,7 @@
 # Idempotent: each step checks what is already there. `make setup` runs it.
 #
 #   1. Debian packages: JDK 17, Maven, gcc, espeak-ng + sox (test speech),
-#      libsndfile, libtirpc-dev (pydoop's build).
+#      libsndfile, libtirpc-dev (pydoop's build), MIT Kerberos (KDC, admin, client tools).
 #   2. The virtualenv .venv with this project and its dev dependencies.
 #   3. Hadoop 3.4.x jars from Maven Central into .cache/hadoop/lib (conf/hadoop/pom.xml).
 #   4. libhdfs.so, built from the C sources in pydoop's sdist, into .cache/libhdfs.
@@ -28,6 +28,10 @@ command -v espeak-ng >/dev/null || need+=(espeak-ng)
 command -v sox >/dev/null || need+=(sox)
 [ -e /usr/include/tirpc/rpc/rpc.h ] || need+=(libtirpc-dev)
 ldconfig -p | grep -q 'libsndfile\.so\.1' || need+=(libsndfile1)
+# Kerberos (tests/test_kerberos.py, scripts/secure_hdfs.py): MIT's KDC, kadmin.local, and kinit/klist/kdestroy
+command -v kinit >/dev/null || need+=(krb5-user)
+[ -x /usr/sbin/krb5kdc ] || need+=(krb5-kdc)
+[ -x /usr/sbin/kadmin.local ] || need+=(krb5-admin-server)
 if [ ${#need[@]} -gt 0 ]; then
   say "installing Debian packages: ${need[*]}"
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
