@@ -13,13 +13,13 @@ $(STAMP): scripts/setup.sh pyproject.toml conf/hadoop/pom.xml
 	bash scripts/setup.sh
 	@touch $@
 
-# SECURE=1 also starts a Kerberized HDFS with its own KDC beside it (scripts/secure_hdfs.py).
+# SECURE=1 also starts a Kerberized HDFS with its own KDC beside it (scripts/secure_cluster.py).
 cluster-up: setup
 	$(PY) -m scripts.devcluster up
-	@if [ "$(SECURE)" = 1 ]; then $(PY) -m scripts.secure_hdfs up; fi
+	@if [ "$(SECURE)" = 1 ]; then $(PY) -m scripts.secure_cluster up; fi
 
 cluster-down:
-	@if [ -x $(PY) ]; then $(PY) -m scripts.secure_hdfs down; $(PY) -m scripts.devcluster down; fi
+	@if [ -x $(PY) ]; then $(PY) -m scripts.secure_cluster down; $(PY) -m scripts.devcluster down; fi
 
 # The Python environment for Spark executors on YARN (--archives); see scripts/executor_env.py.
 executor-env: setup

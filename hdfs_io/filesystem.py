@@ -300,13 +300,14 @@ def uri_base(uri: str) -> str:
     return f"{parsed.scheme}://{parsed.netloc}"
 
 
-def hadoop_conf(conf_dir: str | os.PathLike | None = None) -> dict[str, str]:
-    """Returns the properties of `{core,hdfs}-site.xml` in `conf_dir`, default $HADOOP_CONF_DIR (empty if unset)."""
+def hadoop_conf(conf_dir: str | os.PathLike | None = None,
+                files: tuple[str, ...] = ("core-site.xml", "hdfs-site.xml")) -> dict[str, str]:
+    """Returns the properties of `files` in `conf_dir`, default $HADOOP_CONF_DIR (empty if unset)."""
     conf_dir = conf_dir or os.environ.get("HADOOP_CONF_DIR")
     props: dict[str, str] = {}
     if not conf_dir:
         return props
-    for name in ("core-site.xml", "hdfs-site.xml"):
+    for name in files:
         try:
             root = ElementTree.parse(os.path.join(conf_dir, name)).getroot()
         except (OSError, ElementTree.ParseError):

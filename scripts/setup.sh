@@ -28,7 +28,7 @@ command -v espeak-ng >/dev/null || need+=(espeak-ng)
 command -v sox >/dev/null || need+=(sox)
 [ -e /usr/include/tirpc/rpc/rpc.h ] || need+=(libtirpc-dev)
 ldconfig -p | grep -q 'libsndfile\.so\.1' || need+=(libsndfile1)
-# Kerberos (tests/test_kerberos.py, scripts/secure_hdfs.py): MIT's KDC, kadmin.local, and kinit/klist/kdestroy
+# Kerberos (tests/test_kerberos.py, scripts/secure_cluster.py): MIT's KDC, kadmin.local, and kinit/klist/kdestroy
 command -v kinit >/dev/null || need+=(krb5-user)
 [ -x /usr/sbin/krb5kdc ] || need+=(krb5-kdc)
 [ -x /usr/sbin/kadmin.local ] || need+=(krb5-admin-server)

@@ -45,6 +45,9 @@ PROGRESS_EVERY_S = 30.0
 # Passed on to executors so libhdfs finds its jars and JVM there as it does here.
 EXECUTOR_ENV = ("CLASSPATH", "ARROW_LIBHDFS_DIR", "LIBHDFS_OPTS", "JAVA_HOME", "HADOOP_CONF_DIR",
                 "HADOOP_USER_NAME", "KRB5CCNAME", BACKEND_VARIABLE)
+# Masters whose executors run in containers on other nodes: a ticket cache here is not there, and YARN
+# hands them HDFS delegation tokens instead (spark-submit --principal/--keytab, or the submitter's ticket).
+CONTAINER_MASTERS = ("yarn", "k8s://")
 
 
 class UserError(Exception):
@@ -152,8 +155,12 @@ def spark_session(master: str | None):
         builder = builder.master(master)
     elif not os.environ.get("PYSPARK_GATEWAY_PORT"):  # plain `python`, not spark-submit
         builder = builder.master("local[*]")
+    from pyspark import SparkConf, SparkContext
+
+    SparkContext._ensure_initialized()  # so that SparkConf holds what spark-submit was given, --master too
+    in_containers = (master or SparkConf().get("spark.master", "")).startswith(CONTAINER_MASTERS)
     for key in EXECUTOR_ENV:
-        if os.environ.get(key):
+        if os.environ.get(key) and not (key == "KRB5CCNAME" and in_containers):
             builder = builder.config(f"spark.executorEnv.{key}", os.environ[key])
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")

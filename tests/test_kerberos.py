@@ -1,7 +1,7 @@
-"""A Kerberized HDFS (scripts/secure_hdfs: an MIT KDC, a secure NameNode and DataNode), end to end.
+"""A Kerberized Hadoop cluster (scripts/secure_cluster: an MIT KDC, secure HDFS and YARN), end to end.
 
-alice's ticket gets her in, through every client: upload (pyarrow and pydoop), pack on Spark, read
-(libhdfs and hdfs-native), torchrun training with checkpoints on HDFS. No ticket, an expired ticket,
+alice's ticket gets her in, through every client: upload (pyarrow and pydoop), pack on Spark (local, and on
+YARN with delegation tokens), read (libhdfs and hdfs-native), torchrun training with checkpoints on HDFS. No ticket, an expired ticket,
 or mallory on alice's private folder: one line naming the user and the cause, exit 2, nothing
 written. A ticket that expires mid-read ends the read with a clear error, or the read is whole.
 """
@@ -16,10 +16,11 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 
-from scripts.devcluster import read_env_file
+from scripts.devcluster import LOG_DIR, read_env_file
 from tests.conftest import QUICK_START_JVMS
 from tests.corpora import good_librispeech
 from tests.test_faults import record
@@ -58,12 +59,12 @@ class SecureHdfs:
 
 @pytest.fixture(scope="module")
 def secure(cluster, tmp_path_factory):
-    subprocess.run([sys.executable, "-m", "scripts.secure_hdfs", "up"], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-m", "scripts.secure_cluster", "up"], cwd=ROOT, check=True)
     env = dict(cluster.env, **read_env_file(SECURE_ENV))
     for name in ("KRB5CCNAME", "HADOOP_USER_NAME", "SPEECHPACK_HDFS_BACKEND"):
         env.pop(name, None)
     yield SecureHdfs(env["SECURE_HDFS_URI"], env, tmp_path_factory.mktemp("ccaches"))
-    subprocess.run([sys.executable, "-m", "scripts.secure_hdfs", "down"], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-m", "scripts.secure_cluster", "down"], cwd=ROOT, check=True)
 
 
 def run(env: dict[str, str], *argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -141,7 +142,7 @@ def test_alice_with_a_ticket_uploads_packs_reads_and_trains_and_owns_every_file(
     assert json.loads(train.stdout.strip().splitlines()[-1])["step"] == 10
 
     listing = hdfs_listing(secure, env, private)
-    paths = {row[-1].split(private.split("://", 1)[1].split("/", 1)[1], 1)[-1] for row in listing}
+    paths = {row[-1].split(urlparse(private).path, 1)[-1] for row in listing}
     assert {"/upload", "/upload-pydoop", "/pack/dataset.json", "/run/checkpoint.pt", "/train"} <= paths, paths
     assert {row[2] for row in listing} == {"alice"}, [row for row in listing if row[2] != "alice"]
     for name, (result, _) in runs.items():
@@ -238,3 +239,28 @@ def test_a_ticket_that_expires_mid_read_ends_it_with_a_clear_error_or_the_read_i
     else:
         assert result.returncode == 1 and len(errors) == 1 and "expired" in errors[0], result.stderr[-3000:]
         assert "Traceback" not in result.stderr and "\tat " not in result.stderr, result.stderr[-3000:]
+
+
+def test_pack_on_secure_yarn_gives_executors_delegation_tokens_from_principal_and_keytab(secure, alices):
+    """The driver (client mode) uses alice's ticket; the executors get no ticket cache, only the HDFS delegation
+    tokens that Spark obtains from --principal/--keytab: the NameNode's audit log says which each call used."""
+    output = f"{alices.private}/yarn"
+    spark_submit = [str(Path(secure.env["SPARK_HOME"]) / "bin" / "spark-submit"), "--master", "yarn",
+                    "--deploy-mode", "client", "--principal", f"alice@{secure.env['KERBEROS_REALM']}",
+                    "--keytab", f"{secure.env['KEYTAB_DIR']}/alice.keytab", "--conf", "spark.ui.enabled=false",
+                    "--conf", f"spark.yarn.jars=local:{secure.env['SPARK_HOME']}/jars/*", "--num-executors", "1",
+                    "--executor-cores", "1", "--executor-memory", "1g", "--driver-memory", "1g",
+                    "--conf", f"spark.pyspark.python={sys.executable}", *(f for o in QUICK_START_JVMS for f in ("--conf", o))]
+
+    pack = run(alices.env, *spark_submit, str(ROOT / "spark_jobs" / "pack.py"), "--input", f"{alices.private}/upload",
+               "--output", output, "--shard-size-mb", "0.05", timeout=600)
+
+    assert pack.returncode == 0, pack.stderr[-3000:]
+    read = run(alices.env, sys.executable, "-m", "hdfs_io.read", output, "--workers", "0", "--json")
+    assert json.loads(read.stdout)["utterances"] == UTTERANCES, read.stderr[-3000:]
+    parent, name = urlparse(output).path.rsplit("/", 1)
+    audit = [line for line in (LOG_DIR / "secure-namenode.log").read_text().splitlines()
+             if "FSNamesystem.audit" in line and "cmd=create" in line and f"{parent}/.{name}.pack-" in line]
+    shards = [line for line in audit if "/shards/" in line]
+    assert shards and all("ugi=alice@" in line and "(auth:TOKEN)" in line for line in shards), shards[:3]
+    assert {row[2] for row in hdfs_listing(secure, alices.env, output)} == {"alice"}

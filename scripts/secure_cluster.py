@@ -1,21 +1,26 @@
-"""A Kerberized HDFS on 127.0.0.1 beside the dev cluster: an MIT KDC, 1 NameNode and 1 DataNode.
+"""A Kerberized Hadoop cluster on 127.0.0.1 beside the dev cluster: an MIT KDC, HDFS and YARN.
 
-    python -m scripts.secure_hdfs up     # realm, principals and keytabs, secure HDFS; writes .devcluster/secure/env.sh
-    python -m scripts.secure_hdfs down   # stops exactly the processes `up` started
+    python -m scripts.secure_cluster up     # realm, principals, keytabs; 1 NameNode, 1 DataNode, 1 ResourceManager,
+                                            # 1 NodeManager; writes .devcluster/secure/env.sh
+    python -m scripts.secure_cluster down   # stops exactly the processes `up` started
 
 `make cluster-up SECURE=1` runs it after the dev cluster. Each `up` starts from nothing: a new realm
-(SPEECHPACK.TEST), new keytabs and a newly formatted HDFS, all under `.devcluster/secure/`.
+(SPEECHPACK.TEST), new keytabs, a newly formatted HDFS, all under `.devcluster/secure/`, on ports of
+its own (KDC 9788, NameNode 9920 and 9970, ResourceManager 9830-9833 and 9188).
 
 - The KDC is MIT's `krb5kdc` (Debian's krb5-kdc), the KDC most Hadoop clusters use, with
   `kadmin.local` to make principals. Its `kinit`, `klist` and `kdestroy` (krb5-user) are what
-  users have, and hdfs-native authenticates through the same MIT GSSAPI library.
-- Principals: `nn/localhost` (NameNode), `dn/localhost` (DataNode), `HTTP/localhost` (SPNEGO for
-  WebHDFS) in `keytabs/hdfs.keytab`; users `alice` and `mallory`, each with a keytab of their own.
+  users have, and hdfs-native authenticates through the same MIT GSSAPI library. Hadoop's
+  MiniKdc (Apache Kerby) would need those client tools too, and a JVM of its own.
+- Principals: `nn/localhost`, `dn/localhost`, `HTTP/localhost` (SPNEGO for WebHDFS), `rm/localhost`
+  and `nm/localhost` in `keytabs/services.keytab`; users `alice` and `mallory`, each with a keytab.
 - HDFS runs with `hadoop.security.authentication=kerberos` and block access tokens. The DataNode
   listens on an unprivileged port without SASL data-transfer protection, which Hadoop allows only
   with `ignore.secure.ports.for.testing`: block tokens still guard every block, but data transfer
   is not authenticated. A production cluster uses privileged ports (jsvc) or
   `dfs.data.transfer.protection` with HTTPS.
+- YARN's daemons log in from their keytabs; containers run as the NodeManager's user
+  (DefaultContainerExecutor) and reach HDFS with the application's delegation tokens.
 - The HDFS superuser is `nn` (the NameNode's principal); `/user/alice` and `/user/mallory` belong
   to their users and `/tmp` is world-writable with the sticky bit.
 
@@ -49,25 +54,42 @@ KDC_PORT = 9788
 NAMENODE_PORT = 9920
 NAMENODE_HTTP_PORT = 9970
 USERS = ("alice", "mallory")
-SERVICES = ("nn/localhost", "dn/localhost", "HTTP/localhost")
+SERVICES = ("nn/localhost", "dn/localhost", "HTTP/localhost", "rm/localhost", "nm/localhost")
+SERVICE_KEYTAB = KEYTAB_DIR / "services.keytab"
+RESOURCEMANAGER_ADDRESSES = {  # the dev cluster's ResourceManager has YARN's defaults (8030-8033)
+    "yarn.resourcemanager.scheduler.address": 9830, "yarn.resourcemanager.resource-tracker.address": 9831,
+    "yarn.resourcemanager.address": 9832, "yarn.resourcemanager.admin.address": 9833,
+    "yarn.resourcemanager.webapp.address": 9188,
+}
 # Tickets live 10 hours and renew for 7 days unless kinit asks for less (`kinit -l 30s`).
 MAX_LIFE, MAX_RENEW = "10h", "7d"
 
-SECURITY = {
+CORE_SECURITY = {
     "hadoop.security.authentication": "kerberos",
     "hadoop.security.authorization": "true",
     "hadoop.rpc.protection": "authentication",
-    "dfs.block.access.token.enable": "true",
-    "dfs.namenode.kerberos.principal": f"nn/localhost@{REALM}",
-    "dfs.namenode.keytab.file": str(KEYTAB_DIR / "hdfs.keytab"),
-    "dfs.datanode.kerberos.principal": f"dn/localhost@{REALM}",
-    "dfs.datanode.keytab.file": str(KEYTAB_DIR / "hdfs.keytab"),
-    "dfs.web.authentication.kerberos.principal": f"HTTP/localhost@{REALM}",
-    "dfs.web.authentication.kerberos.keytab": str(KEYTAB_DIR / "hdfs.keytab"),
-    "ignore.secure.ports.for.testing": "true",
     # A client re-reads a renewed ticket cache at most this often (Hadoop's default: 60 s). Tickets
     # in the tests live seconds, production ones hours.
     "hadoop.kerberos.min.seconds.before.relogin": "1",
+    # A client closes a connection idle this long (Hadoop's default: 10 s); the next call
+    # authenticates anew. Short, so that a test of a ticket ending mid-read waits seconds.
+    "ipc.client.connection.maxidletime": "2000",
+}
+HDFS_SECURITY = {
+    "dfs.block.access.token.enable": "true",
+    "dfs.namenode.kerberos.principal": f"nn/localhost@{REALM}",
+    "dfs.namenode.keytab.file": str(SERVICE_KEYTAB),
+    "dfs.datanode.kerberos.principal": f"dn/localhost@{REALM}",
+    "dfs.datanode.keytab.file": str(SERVICE_KEYTAB),
+    "dfs.web.authentication.kerberos.principal": f"HTTP/localhost@{REALM}",
+    "dfs.web.authentication.kerberos.keytab": str(SERVICE_KEYTAB),
+    "ignore.secure.ports.for.testing": "true",
+}
+YARN_SECURITY = {
+    "yarn.resourcemanager.principal": f"rm/localhost@{REALM}",
+    "yarn.resourcemanager.keytab": str(SERVICE_KEYTAB),
+    "yarn.nodemanager.principal": f"nm/localhost@{REALM}",
+    "yarn.nodemanager.keytab": str(SERVICE_KEYTAB),
 }
 
 
@@ -126,30 +148,30 @@ def make_principals(env: dict[str, str]) -> None:
     KEYTAB_DIR.mkdir()
     commands = [f"addprinc -randkey -maxlife {MAX_LIFE} -maxrenewlife {MAX_RENEW} {p}"
                 for p in (*SERVICES, *USERS)]
-    commands.append(f"ktadd -k {KEYTAB_DIR / 'hdfs.keytab'} {' '.join(SERVICES)}")
+    commands.append(f"ktadd -k {SERVICE_KEYTAB} {' '.join(SERVICES)}")
     commands += [f"ktadd -k {KEYTAB_DIR / user}.keytab {user}" for user in USERS]
     for command in commands:
         subprocess.run(["kadmin.local", "-r", REALM, "-q", command], env=env, check=True, capture_output=True)
 
 
 def write_hadoop_conf() -> None:
-    """Writes core-site.xml and hdfs-site.xml: the dev cluster's settings on this cluster's ports, plus security."""
+    """Writes core-, hdfs- and yarn-site.xml: the dev cluster's settings on this cluster's ports, plus security."""
     from hdfs_io.filesystem import hadoop_conf
 
     CONF_DIR.mkdir()
-    base = hadoop_conf(ROOT / "conf" / "hadoop")
     for name in ("log4j.properties", "hadoop-metrics2.properties"):
         shutil.copy(ROOT / "conf" / "hadoop" / name, CONF_DIR / name)
     shutil.copytree(ROOT / "conf" / "hadoop" / "webapps", CONF_DIR / "webapps")  # the daemons' web servers need it
-    core = {k: v for k, v in base.items() if k.startswith(("ipc.", "fs."))}
-    core.update({k: v for k, v in SECURITY.items() if k.startswith("hadoop.")},
-                **{"fs.defaultFS": f"hdfs://127.0.0.1:{NAMENODE_PORT}"})
-    hdfs = {k: v for k, v in base.items() if k.startswith("dfs.")}
-    hdfs.update({k: v for k, v in SECURITY.items() if not k.startswith("hadoop.")},
-                **{"dfs.namenode.http-address": f"127.0.0.1:{NAMENODE_HTTP_PORT}", "dfs.replication": "1"})
-    for name, props in (("core-site.xml", core), ("hdfs-site.xml", hdfs)):
+    core = {**hadoop_conf(ROOT / "conf" / "hadoop", files=("core-site.xml",)), **CORE_SECURITY,
+            "fs.defaultFS": f"hdfs://127.0.0.1:{NAMENODE_PORT}"}
+    hdfs = {**hadoop_conf(ROOT / "conf" / "hadoop", files=("hdfs-site.xml",)), **HDFS_SECURITY,
+            "dfs.namenode.http-address": f"127.0.0.1:{NAMENODE_HTTP_PORT}", "dfs.replication": "1"}
+    yarn = {**hadoop_conf(ROOT / "conf" / "hadoop", files=("yarn-site.xml",)), **YARN_SECURITY,
+            **{k: f"127.0.0.1:{port}" for k, port in RESOURCEMANAGER_ADDRESSES.items()}}
+    shutil.copy(ROOT / "conf" / "hadoop" / "capacity-scheduler.xml", CONF_DIR / "capacity-scheduler.xml")
+    for name, props in (("core-site.xml", core), ("hdfs-site.xml", hdfs), ("yarn-site.xml", yarn)):
         body = "".join(f"  <property><name>{k}</name><value>{v}</value></property>\n" for k, v in props.items())
-        (CONF_DIR / name).write_text(f'<?xml version="1.0"?>\n<!-- Written by scripts/secure_hdfs.py -->\n'
+        (CONF_DIR / name).write_text(f'<?xml version="1.0"?>\n<!-- Written by scripts/secure_cluster.py -->\n'
                                      f"<configuration>\n{body}</configuration>\n")
 
 
@@ -161,31 +183,56 @@ def hdfs_ready() -> bool:
     return not info.get("Safemode") and len(json.loads(info.get("LiveNodes") or "{}")) >= 1
 
 
-def start(env: dict[str, str], procs: list[dict]) -> None:
-    """Starts the KDC, formats and starts HDFS; each process goes into `procs` and the state file as it starts."""
-    def record(proc: dict) -> None:
-        procs.append(proc)
-        STATE_FILE.write_text(json.dumps({"processes": procs}, indent=1))
+def keep(procs: list[dict], proc: dict) -> None:
+    """Adds a started process to `procs` and to the state file, so that `down` stops it whatever happens next."""
+    procs.append(proc)
+    STATE_FILE.write_text(json.dumps({"processes": procs}, indent=1))
 
+
+def start_kdc(env: dict[str, str], procs: list[dict]) -> None:
+    keep(procs, launch("secure-kdc", ["krb5kdc", "-n", "-r", REALM], env, "kdc"))
+    wait_for("the KDC to listen", lambda: port_in_use(KDC_PORT), procs, timeout_s=20)
+
+
+def start_hdfs(env: dict[str, str], procs: list[dict]) -> None:
+    """Formats HDFS and starts a NameNode and a DataNode, each logged in from its keytab."""
     hadoop = str(ROOT / "scripts" / "hadoop")
     daemon_env = dict(env, HADOOP_ROOT_LOGGER="INFO,console")
-    record(launch("secure-kdc", ["krb5kdc", "-n", "-r", REALM], env, "kdc"))
-    wait_for("the KDC to listen", lambda: port_in_use(KDC_PORT), procs, timeout_s=20)
     name_opt = ["-D", f"dfs.namenode.name.dir=file://{SECURE_DIR / 'name'}"]
     subprocess.run([hadoop, "namenode", *name_opt, "-format", "-nonInteractive", "-force"],
                    env=env, check=True, capture_output=True)
-    record(launch("secure-namenode", [hadoop, "namenode", *name_opt], daemon_env, "hdfs"))
+    keep(procs, launch("secure-namenode", [hadoop, "namenode", *name_opt], daemon_env, "hdfs"))
     opts = [f"dfs.datanode.data.dir=file://{SECURE_DIR / 'data'}", "dfs.datanode.address=127.0.0.1:0",
             "dfs.datanode.http.address=127.0.0.1:0", "dfs.datanode.ipc.address=127.0.0.1:0",
             "dfs.datanode.hostname=127.0.0.1"]
-    record(launch("secure-datanode", [hadoop, "datanode", *[a for o in opts for a in ("-D", o)]], daemon_env, "hdfs"))
+    keep(procs, launch("secure-datanode", [hadoop, "datanode", *[a for o in opts for a in ("-D", o)]], daemon_env,
+                       "hdfs"))
+
+
+def yarn_ready() -> bool:
+    port = RESOURCEMANAGER_ADDRESSES["yarn.resourcemanager.webapp.address"]
+    metrics = http_json(f"http://127.0.0.1:{port}/ws/v1/cluster/metrics")
+    return bool(metrics) and metrics["clusterMetrics"]["activeNodes"] >= 1
+
+
+def start_yarn(env: dict[str, str], procs: list[dict]) -> None:
+    """Starts a ResourceManager and one NodeManager, each logged in from its keytab."""
+    hadoop = str(ROOT / "scripts" / "hadoop")
+    daemon_env = dict(env, HADOOP_ROOT_LOGGER="INFO,console")
+    keep(procs, launch("secure-resourcemanager", [hadoop, "resourcemanager"], daemon_env, "hdfs"))
+    nm = SECURE_DIR / "nm"
+    opts = ["yarn.nodemanager.hostname=127.0.0.1", "yarn.nodemanager.address=127.0.0.1:0",
+            "yarn.nodemanager.localizer.address=127.0.0.1:0", "yarn.nodemanager.webapp.address=127.0.0.1:0",
+            f"yarn.nodemanager.local-dirs={nm / 'local'}", f"yarn.nodemanager.log-dirs={nm / 'logs'}"]
+    keep(procs, launch("secure-nodemanager", [hadoop, "nodemanager", *[a for o in opts for a in ("-D", o)]],
+                       daemon_env, "hdfs"))
 
 
 def make_home_folders(env: dict[str, str]) -> None:
     """As the superuser nn: /user/<user> for each user, and a sticky world-writable /tmp."""
     cache = SECURE_DIR / "nn.ccache"
     superuser = dict(env, KRB5CCNAME=f"FILE:{cache}")
-    subprocess.run(["kinit", "-kt", str(KEYTAB_DIR / "hdfs.keytab"), f"nn/localhost@{REALM}"],
+    subprocess.run(["kinit", "-kt", str(SERVICE_KEYTAB), f"nn/localhost@{REALM}"],
                    env=superuser, check=True, capture_output=True)
     homes = [f"/user/{user}" for user in USERS]
     fs_shell = [str(ROOT / "scripts" / "hadoop"), "fs"]
@@ -205,7 +252,7 @@ def write_env(env: dict[str, str]) -> None:
     for key in ("JAVA_HOME", "HADOOP_CONF_DIR", "CLASSPATH", "ARROW_LIBHDFS_DIR", "HADOOP_OPTS", "LIBHDFS_OPTS",
                 "SPARK_SUBMIT_OPTS", "HADOOP_JAVA17_OPENS", "HADOOP_OPTS_EXTRA", "KRB5_CONFIG"):
         exports[key] = env[key]
-    lines = ["# Written by scripts/secure_hdfs.py; source it after .devcluster/env.sh, then kinit"]
+    lines = ["# Written by scripts/secure_cluster.py; source it after .devcluster/env.sh, then kinit"]
     lines += [f"export {k}='{v}'" for k, v in exports.items()]
     ENV_FILE.write_text("\n".join(lines) + "\n")
 
@@ -220,13 +267,13 @@ def read_state() -> list[dict]:
 def up() -> None:
     procs = read_state()
     if procs and all(alive(p) for p in procs) and ENV_FILE.exists():
-        print(f"secure_hdfs: already up; . {ENV_FILE.relative_to(ROOT)}")
+        print(f"secure_cluster: already up; . {ENV_FILE.relative_to(ROOT)}")
         return
     down()
     for tool in ("krb5kdc", "kadmin.local", "kinit"):
         if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
             raise ClusterError(f"{tool} is missing; run 'make setup' (Debian's krb5-kdc, krb5-admin-server, krb5-user)")
-    refuse_taken_ports(KDC_PORT, NAMENODE_PORT, NAMENODE_HTTP_PORT)
+    refuse_taken_ports(KDC_PORT, NAMENODE_PORT, NAMENODE_HTTP_PORT, *RESOURCEMANAGER_ADDRESSES.values())
     shutil.rmtree(SECURE_DIR, ignore_errors=True)
     SECURE_DIR.mkdir(parents=True)
     env = kerberos_env(hadoop_env(CONF_DIR))
@@ -236,14 +283,18 @@ def up() -> None:
         write_kerberos_conf()
         make_principals(env)
         write_hadoop_conf()
-        start(env, started)
+        start_kdc(env, started)
+        start_hdfs(env, started)
+        start_yarn(env, started)
         wait_for("the secure HDFS to leave safe mode with its DataNode", hdfs_ready, started)
         make_home_folders(env)
+        wait_for("the secure NodeManager to register", yarn_ready, started)
     except BaseException:
         down()
         raise
     write_env(env)
-    print(f"secure_hdfs: up (KDC 127.0.0.1:{KDC_PORT} realm {REALM}, HDFS hdfs://127.0.0.1:{NAMENODE_PORT}); "
+    print(f"secure_cluster: up (KDC 127.0.0.1:{KDC_PORT} realm {REALM}, HDFS hdfs://127.0.0.1:{NAMENODE_PORT}, "
+          f"YARN 127.0.0.1:{RESOURCEMANAGER_ADDRESSES['yarn.resourcemanager.address']}); "
           f". {ENV_FILE.relative_to(ROOT)}")
 
 
@@ -251,7 +302,7 @@ def down() -> None:
     running = stop(read_state())
     STATE_FILE.unlink(missing_ok=True)
     ENV_FILE.unlink(missing_ok=True)
-    print(f"secure_hdfs: down (stopped {running} processes)")
+    print(f"secure_cluster: down (stopped {running} processes)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         up() if args.command == "up" else down()
     except (ClusterError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", None)
-        print(f"secure_hdfs: {e}{': ' + detail.decode(errors='replace').strip() if detail else ''}", file=sys.stderr)
+        print(f"secure_cluster: {e}{': ' + detail.decode(errors='replace').strip() if detail else ''}", file=sys.stderr)
         return 2
     return 0
 
