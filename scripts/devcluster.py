@@ -300,15 +300,16 @@ def down() -> None:
     print(f"devcluster: down (stopped {running} processes)")
 
 
-def stop(procs: list[dict]) -> int:
-    """Stops each of `procs` that still runs (SIGTERM to its process group, SIGKILL after 20 s); returns how many ran."""
+def stop(procs: list[dict], grace_s: float = 20) -> int:
+    """Stops each of `procs` that still runs (SIGTERM to its process group, SIGKILL after `grace_s`); returns how
+    many ran."""
     running = [p for p in procs if alive(p)]
     for p in running:
         try:
             os.killpg(p["pid"], signal.SIGTERM)
         except ProcessLookupError:
             pass
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + grace_s
     while any(alive(p) for p in running) and time.monotonic() < deadline:
         time.sleep(0.2)
     for p in running:

@@ -164,7 +164,7 @@ def test_without_a_valid_ticket_every_command_is_one_line_and_exit_2_and_writes_
 
     for name, (result, tool) in runs.items():
         errors = error_lines(result, tool)
-        record(f"Kerberos: {ticket} ticket ({name})", outcome=f"exit {result.returncode}", keys_read=None,
+        record(f"Kerberos: {'no' if ticket == 'none' else ticket} ticket ({name})", outcome=f"exit {result.returncode}", keys_read=None,
                keys_lost=0, error=errors[-1] if errors else None)
         assert result.returncode == 2, (name, result.stderr[-3000:])
         assert len(errors) == 1 and cause in errors[0], (name, result.stderr[-3000:])
@@ -262,5 +262,7 @@ def test_pack_on_secure_yarn_gives_executors_delegation_tokens_from_principal_an
     audit = [line for line in (LOG_DIR / "secure-namenode.log").read_text().splitlines()
              if "FSNamesystem.audit" in line and "cmd=create" in line and f"{parent}/.{name}.pack-" in line]
     shards = [line for line in audit if "/shards/" in line]
+    record("Kerberos: pack on secure YARN, --principal/--keytab", outcome=f"exit {pack.returncode}",
+           keys_read=UTTERANCES, keys_lost=0, error=None)
     assert shards and all("ugi=alice@" in line and "(auth:TOKEN)" in line for line in shards), shards[:3]
     assert {row[2] for row in hdfs_listing(secure, alices.env, output)} == {"alice"}
