@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 from pyarrow.fs import FileType
 
 from hdfs_io import dataset_format as F
-from hdfs_io.filesystem import client_log_note, failure_cause, first_line
+from hdfs_io import client_log
+from hdfs_io.filesystem import failure_cause, first_line
 from hdfs_io.sequencefile import OffsetBytes, SequenceFileReader, writable_bytes
 from hdfs_io.reader_config import ReaderConfig
 from hdfs_io.work import Work
@@ -155,7 +156,7 @@ class ChunkFetcher:
                 if self.stop.is_set() or time.monotonic() + delay > deadline:
                     raise StorageUnavailable(
                         f"{self._where(chunk)}: {self.shards.uri} did not serve it after {attempts} attempt(s) "
-                        f"in {self.config.retry_seconds:g} s: {failure_cause(e)}{client_log_note()}") from e
+                        f"in {self.config.retry_seconds:g} s: {failure_cause(e)}{client_log.note()}") from e
                 self._files().clear()  # handles may be bound to a dead connection
                 self.stop.wait(delay)
                 delay = min(delay * 2, 8.0)

@@ -24,7 +24,6 @@ import getpass
 import os
 import posixpath
 import re
-import sys
 import tempfile
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
@@ -251,9 +250,10 @@ def _native_errors_as_oserror():
     except RuntimeError as e:
         # hdfs-native names the NameNode's Java exception first, its message and trace escaped after it:
         # RPCError("org.apache...Exception", "message\n\tat ...")
-        java = re.match(r'RPCError\("([\w.$]+)", "(.*?)(?:\\n|"\)$)', str(e), re.DOTALL)
+        java = re.match(r'RPCError\("([\w.$]+)", "((?:[^"\\]|\\[^n])*)', str(e))
         error = _JAVA_ERRORS.get(java.group(1) if java else "", OSError)
-        raise error(f"HDFS: {java.group(1)}: {java.group(2)}" if java else f"HDFS: {first_line(e)}") from e
+        message = re.sub(r"\\(.)", r"\1", java.group(2)).strip() if java else ""
+        raise error(f"HDFS: {java.group(1)}: {message}" if message else f"HDFS: {first_line(e)}") from e
 
 
 _JAVA_ERRORS = {"org.apache.hadoop.security.AccessControlException": PermissionError}
@@ -346,6 +346,8 @@ def probe_uri(uri: str) -> tuple[pafs.FileSystem, str, pafs.FileInfo]:
                 refuse_if_denied(fs, path, uri)
             return fs, path, info
         except PermissionError:
+            if urlparse(uri).scheme != "hdfs":
+                raise
             raise PermissionError(f"permission denied: HDFS refuses user {hdfs_user()} access to {uri}") from None
         except FilesystemUnavailable:
             raise
@@ -372,10 +374,11 @@ def refuse_if_denied(fs: pafs.FileSystem, path: str, uri: str) -> None:
 
 
 def hdfs_user() -> str:
-    """Returns the user HDFS sees: the Kerberos principal of the ticket cache where HDFS uses Kerberos;
-    under simple authentication HADOOP_USER_NAME, else the login name."""
+    """Returns whom HDFS takes this process for: where HDFS uses Kerberos, the principal of the ticket cache
+    (HDFS maps it to a short name by `hadoop.security.auth_to_local`); under simple authentication
+    HADOOP_USER_NAME, else the login name."""
     if kerberos_enabled():
-        return kerberos.ticket_principal() or f"{getpass.getuser()} (no Kerberos ticket)"
+        return kerberos.ticket_principal() or f"{getpass.getuser()} (Kerberos principal unknown)"
     return os.environ.get("HADOOP_USER_NAME") or getpass.getuser()
 
 
@@ -385,51 +388,10 @@ def kerberos_enabled() -> bool:
 
 
 def failure_cause(error: BaseException) -> str:
-    """Returns the cause of a failed HDFS call in one line: where HDFS uses Kerberos and this process's
-    ticket is missing or expired, that; else the error's first line."""
-    return (kerberos_enabled() and kerberos.ticket_problem()) or first_line(error)
-
-
-HDFS_LOG_VARIABLE = "SPEECHPACK_HDFS_LOG"
-_client_log: str | None = None  # where this process's file descriptor 2 goes, once sent to a log
-
-
-def client_log_path() -> str:
-    """Returns the HDFS client log of this process and its children: the file SPEECHPACK_HDFS_LOG names, else
-    a new one in the temp folder, made once per process and named to its children in SPEECHPACK_HDFS_LOG."""
-    path = os.environ.get(HDFS_LOG_VARIABLE)
-    if not path:
-        handle, path = tempfile.mkstemp(prefix="speechpack-hdfs-", suffix=".log")
-        os.close(handle)
-        os.environ[HDFS_LOG_VARIABLE] = path
-    return path
-
-
-def send_native_stderr_to_log(path: str | None = None) -> str:
-    """Sends what is written to file descriptor 2 from below Python to a log file; returns its path.
-
-    libhdfs prints a Java stack trace there for every failed call, and the Hadoop client logs there
-    (log4j's console appender): dozens of lines per retry, thousands when a Kerberos ticket expires
-    mid-read. Python's `sys.stderr` (error lines, tracebacks, progress bars) is moved to a copy of
-    the old descriptor and stays on the terminal. The log is `path`, default `client_log_path()`.
-    A DataLoader worker started from a forkserver whose parent did this already writes all of its
-    stderr there. Once per process; a forked child inherits it.
-    """
-    global _client_log
-    if _client_log is None:
-        path = path or client_log_path()
-        sys.stderr.flush()
-        sys.stderr = os.fdopen(os.dup(2), "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
-        log = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        os.dup2(log, 2)
-        os.close(log)
-        _client_log = path
-    return _client_log
-
-
-def client_log_note() -> str:
-    """Returns ' (HDFS client log: PATH)' once this process sends its native stderr to a log, else ''."""
-    return f" (HDFS client log: {_client_log})" if _client_log else ""
+    """Returns the first line of a failed HDFS call's error, and where HDFS uses Kerberos and this process's
+    ticket is missing or expired, that too."""
+    ticket = kerberos_enabled() and kerberos.ticket_problem()
+    return f"{first_line(error)}; {ticket}" if ticket else first_line(error)
 
 
 @contextlib.contextmanager

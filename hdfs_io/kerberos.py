@@ -3,16 +3,19 @@
 HDFS clients fail without a usable ticket in words that do not say so: libhdfs's NameNode
 "did not answer", hdfs-native's GSSAPI major codes. `ticket_problem` names the cause instead.
 
-It reads the ticket cache that KRB5CCNAME names (`FILE:path` or a plain path; MIT's default
-`/tmp/krb5cc_<uid>` when unset), in MIT's documented FILE cache format (versions 3 and 4), the one
-format that Java's Kerberos, and so libhdfs, reads too. Other cache types (KEYRING:, KCM:, DIR:)
-are not read: `ticket_problem` then says nothing rather than guess.
+It reads the ticket cache that KRB5CCNAME names (`FILE:path` or a plain path; when unset, the
+`default_ccache_name` of krb5.conf, else MIT's `/tmp/krb5cc_<uid>`), in MIT's documented FILE cache
+format (versions 3 and 4), the one format that Java's Kerberos, and so libhdfs, reads too. Other
+cache types (KEYRING:, KCM:, DIR:) are not read, and a process that holds Hadoop delegation tokens
+(HADOOP_TOKEN_FILE_LOCATION: a YARN container) needs no ticket: `ticket_problem` then says nothing
+rather than guess.
 """
 
 from __future__ import annotations
 
 import getpass
 import os
+import re
 import struct
 import time
 from dataclasses import dataclass
@@ -39,14 +42,26 @@ class TicketCache:
     tickets: tuple[Ticket, ...]
 
     def tgt(self) -> Ticket | None:
-        """Returns the ticket-granting ticket of the default principal's realm, if the cache has one."""
+        """Returns the ticket-granting ticket of the default principal's realm that ends last, if the cache has one."""
         realm = self.principal.rpartition("@")[2]
-        return next((t for t in self.tickets if t.server == f"krbtgt/{realm}@{realm}"), None)
+        return max((t for t in self.tickets if t.server == f"krbtgt/{realm}@{realm}"), key=lambda t: t.end,
+                   default=None)
 
 
 def cache_name() -> str:
-    """Returns the ticket cache a Kerberos client uses here: KRB5CCNAME, else MIT's default."""
-    return os.environ.get("KRB5CCNAME") or f"FILE:/tmp/krb5cc_{os.getuid()}"
+    """Returns the ticket cache a Kerberos client uses here: KRB5CCNAME, else krb5.conf's default_ccache_name
+    (KRB5_CONFIG's files, else /etc/krb5.conf), else MIT's default."""
+    if os.environ.get("KRB5CCNAME"):
+        return os.environ["KRB5CCNAME"]
+    for conf in (os.environ.get("KRB5_CONFIG") or "/etc/krb5.conf").split(":"):
+        try:
+            with open(conf, errors="replace") as f:
+                found = re.search(r"^\s*default_ccache_name\s*=\s*(\S+)", f.read(), re.MULTILINE)
+        except OSError:
+            continue
+        if found:
+            return found.group(1).replace("%{uid}", str(os.getuid())).replace("%{USERID}", str(os.getuid()))
+    return f"FILE:/tmp/krb5cc_{os.getuid()}"
 
 
 def cache_path(name: str) -> str | None:
@@ -103,8 +118,11 @@ def ticket_principal() -> str | None:
 def ticket_problem(now: float | None = None) -> str | None:
     """Returns why this process has no usable Kerberos ticket, in words, or None if it has one.
 
-    None also when the cache is of a type this module does not read.
+    None also when the cache is of a type this module does not read, and when the process holds
+    Hadoop delegation tokens instead.
     """
+    if os.environ.get("HADOOP_TOKEN_FILE_LOCATION"):
+        return None
     name = cache_name()
     path = cache_path(name)
     if path is None:

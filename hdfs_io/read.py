@@ -15,7 +15,8 @@ import time
 from tqdm import tqdm
 
 from hdfs_io import dataset_format as F
-from hdfs_io.filesystem import FilesystemUnavailable, probe_uri, send_native_stderr_to_log
+from hdfs_io import client_log
+from hdfs_io.filesystem import FilesystemUnavailable, probe_uri
 from hdfs_io.plan import PlanConfig
 from hdfs_io.shard_reader import (CorruptRecord, ReaderConfig, ShardDataset, ShardLoader, StorageUnavailable,
                                   error_message)
@@ -108,5 +109,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    send_native_stderr_to_log()  # the HDFS client's Java traces go to a log, not the terminal
+    client_log.send_native_stderr()  # the HDFS client's Java traces go to a log, not the terminal
     sys.exit(main())

@@ -49,13 +49,13 @@ from pyarrow.fs import FileType
 from torch._utils import ExceptionWrapper
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from hdfs_io import client_log
 from hdfs_io import dataset_format as F
 from hdfs_io.batches import form_batches, prepare, verified_decode
 from hdfs_io.chunks import ChunkFetcher, CorruptRecord, Shards, StorageUnavailable, parquet_rows
 from hdfs_io.dataset import open_dataset
 from hdfs_io.feature_stats import feature_stats, packed_config
-from hdfs_io.filesystem import (FilesystemRef, client_log_path, hdfs_backend, send_native_stderr_to_log,
-                                worker_start_method)
+from hdfs_io.filesystem import FilesystemRef, hdfs_backend, worker_start_method
 from hdfs_io.reader_config import ReaderConfig
 from hdfs_io.plan import PLANNER_VERSION, RankPlan, index_columns, plan_durations, plan_rank_resumed
 from hdfs_io.sequencefile import SequenceFileReader, writable_bytes
@@ -380,10 +380,10 @@ def process_alive(pid: int) -> bool:
             return False
 
 
-def start_worker(parent_pid: int, client_log: str, _worker_id: int = 0) -> None:
+def start_worker(parent_pid: int, log: str, _worker_id: int = 0) -> None:
     """DataLoader worker_init_fn: keeps the HDFS client's Java traces off the terminal, in the training
-    process's `client_log` (`send_native_stderr_to_log`), and exits this worker when that process is gone."""
-    send_native_stderr_to_log(client_log)
+    process's `log` (`hdfs_io.client_log`), and exits this worker when that process is gone."""
+    client_log.send_native_stderr(log)
     exit_with_parent(parent_pid)
 
 
@@ -576,7 +576,7 @@ class ShardLoader:
         stats = ds.normalization()[:2] if ds.config.output == "features" else None
         stream = WorkStream(ds.shards_spec(), ds.config, stats, self._inboxes, self._current)
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers, multiprocessing_context=context,
-                          persistent_workers=True, worker_init_fn=partial(start_worker, os.getpid(), client_log_path()),
+                          persistent_workers=True, worker_init_fn=partial(start_worker, os.getpid(), client_log.path()),
                           **self.kwargs)
 
     def _send(self, epoch: int, start: int, first: int) -> int:

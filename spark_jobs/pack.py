@@ -24,6 +24,7 @@ import tempfile
 import time
 import uuid
 import zipfile
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from urllib.parse import urlparse
@@ -143,25 +144,31 @@ def ship_code(sc) -> None:
     sc.addPyFile(str(bundle))
 
 
+def executor_env(environ: Mapping[str, str], master: str) -> dict[str, str]:
+    """Returns what `spark.executorEnv` passes on: EXECUTOR_ENV's variables that are set, less KRB5CCNAME for
+    a master whose executors run in containers elsewhere (they get delegation tokens instead)."""
+    in_containers = master.startswith(CONTAINER_MASTERS)
+    return {key: environ[key] for key in EXECUTOR_ENV
+            if environ.get(key) and not (key == "KRB5CCNAME" and in_containers)}
+
+
 def spark_session(master: str | None):
+    from pyspark import SparkConf, SparkContext
     from pyspark.sql import SparkSession
 
-    if not os.environ.get("PYSPARK_GATEWAY_PORT"):  # plain `python`: workers use this interpreter
+    submitted = ""
+    if os.environ.get("PYSPARK_GATEWAY_PORT"):  # under spark-submit: its JVM already runs and holds --master
+        SparkContext._ensure_initialized()
+        submitted = SparkConf().get("spark.master", "")
+    else:  # plain `python`: workers use this interpreter
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    master = master or submitted or "local[*]"
     builder = (SparkSession.builder.appName("speechpack-pack").config("spark.ui.showConsoleProgress", "false")
                # lets adaptive execution size the shuffles after a persisted DataFrame (metadata of any size)
-               .config("spark.sql.optimizer.canChangeCachedPlanOutputPartitioning", "true"))
-    if master:
-        builder = builder.master(master)
-    elif not os.environ.get("PYSPARK_GATEWAY_PORT"):  # plain `python`, not spark-submit
-        builder = builder.master("local[*]")
-    from pyspark import SparkConf, SparkContext
-
-    SparkContext._ensure_initialized()  # so that SparkConf holds what spark-submit was given, --master too
-    in_containers = (master or SparkConf().get("spark.master", "")).startswith(CONTAINER_MASTERS)
-    for key in EXECUTOR_ENV:
-        if os.environ.get(key) and not (key == "KRB5CCNAME" and in_containers):
-            builder = builder.config(f"spark.executorEnv.{key}", os.environ[key])
+               .config("spark.sql.optimizer.canChangeCachedPlanOutputPartitioning", "true")
+               .master(master))
+    for key, value in executor_env(os.environ, master).items():
+        builder = builder.config(f"spark.executorEnv.{key}", value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark

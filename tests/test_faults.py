@@ -176,7 +176,11 @@ def spark_workers_busy() -> bool:
     return bool(status.get("activeapps")) and all(w.get("coresused", 0) > 0 for w in status.get("workers", []))
 
 
-@pytest.mark.slow  # 70 s a run; `make soak` kills each worker 3 times
+def test_a_spark_worker_killed_mid_pack_gives_a_complete_dataset_or_none(cluster, hdfs_dir, tmp_path):
+    kill_a_spark_worker_mid_pack(cluster, hdfs_dir, tmp_path, "spark-worker1")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("victim", ["spark-worker0", "spark-worker1"] * 3)
 def test_soak_spark_worker_kills(cluster, hdfs_dir, tmp_path, victim):
     kill_a_spark_worker_mid_pack(cluster, hdfs_dir, tmp_path, victim)

@@ -15,12 +15,14 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 
-from scripts.devcluster import LOG_DIR, read_env_file
+from scripts import secure_cluster
+from scripts.devcluster import LOG_DIR, alive, read_env_file
 from tests.conftest import QUICK_START_JVMS
 from tests.corpora import good_librispeech
 from tests.test_faults import record
@@ -59,12 +61,15 @@ class SecureHdfs:
 
 @pytest.fixture(scope="module")
 def secure(cluster, tmp_path_factory):
+    """The secure cluster: started here and stopped at the end, or one already up (`make cluster-up SECURE=1`)."""
+    started_here = not (secure_cluster.read_state() and all(alive(p) for p in secure_cluster.read_state()))
     subprocess.run([sys.executable, "-m", "scripts.secure_cluster", "up"], cwd=ROOT, check=True)
     env = dict(cluster.env, **read_env_file(SECURE_ENV))
-    for name in ("KRB5CCNAME", "HADOOP_USER_NAME", "SPEECHPACK_HDFS_BACKEND"):
+    for name in ("KRB5CCNAME", "HADOOP_USER_NAME", "SPEECHPACK_HDFS_BACKEND", "SPEECHPACK_HDFS_LOG"):
         env.pop(name, None)
     yield SecureHdfs(env["SECURE_HDFS_URI"], env, tmp_path_factory.mktemp("ccaches"))
-    subprocess.run([sys.executable, "-m", "scripts.secure_cluster", "down"], cwd=ROOT, check=True)
+    if started_here:
+        subprocess.run([sys.executable, "-m", "scripts.secure_cluster", "down"], cwd=ROOT, check=True)
 
 
 def run(env: dict[str, str], *argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -113,6 +118,15 @@ def alices(secure, tmp_path_factory) -> Alices:
     secure.hadoop(env, "fs", "-chmod", "700", private)
     runs = commands(env, corpus, f"{private}/upload", f"{private}/pack", private)
     return Alices(corpus, private, env, runs, sorted(expected.packed))
+
+
+def audit(cmd: str, path_part: str) -> list[tuple[float, str]]:
+    """Returns the secure NameNode's audit lines for `cmd` on paths holding `path_part`, with their times."""
+    found = []
+    for line in (LOG_DIR / "secure-namenode.log").read_text(errors="replace").splitlines():
+        if "FSNamesystem.audit" in line and f"\tcmd={cmd}\t" in line and path_part in line:
+            found.append((datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp(), line))
+    return found
 
 
 def error_lines(result: subprocess.CompletedProcess, tool: str) -> list[str]:
@@ -194,9 +208,9 @@ def test_mallory_with_a_ticket_is_refused_alices_private_folder_in_one_line(secu
 READ_ACROSS_EXPIRY = """
 import json, sys, time
 from hdfs_io.plan import PlanConfig
-from hdfs_io.filesystem import send_native_stderr_to_log
+from hdfs_io import client_log
 from hdfs_io.shard_reader import CorruptRecord, ReaderConfig, ShardDataset, ShardLoader, StorageUnavailable, error_message
-send_native_stderr_to_log()  # as `python -m hdfs_io.read` does
+client_log.send_native_stderr()  # as `python -m hdfs_io.read` does
 uri, resume_at = sys.argv[1], float(sys.argv[2])
 config = ReaderConfig(plan=PlanConfig(batch_seconds=4.0), prefetch_chunks=1, retry_seconds=10, stall_seconds=60)
 keys = []
@@ -236,6 +250,9 @@ def test_a_ticket_that_expires_mid_read_ends_it_with_a_clear_error_or_the_read_i
     assert result.returncode == 0 or not renewable, result.stderr[-3000:]
     if result.returncode == 0:
         assert sorted(keys) == alices.keys, "success reported with data missing or repeated"
+        opened_after = [line for when, line in audit("open", f"{urlparse(alices.private).path}/pack/shards/")
+                        if when > resume_at]
+        assert opened_after, "every shard was opened before the ticket ended: the test tested nothing"
     else:
         assert result.returncode == 1 and len(errors) == 1 and "expired" in errors[0], result.stderr[-3000:]
         assert "Traceback" not in result.stderr and "\tat " not in result.stderr, result.stderr[-3000:]
@@ -259,10 +276,11 @@ def test_pack_on_secure_yarn_gives_executors_delegation_tokens_from_principal_an
     read = run(alices.env, sys.executable, "-m", "hdfs_io.read", output, "--workers", "0", "--json")
     assert json.loads(read.stdout)["utterances"] == UTTERANCES, read.stderr[-3000:]
     parent, name = urlparse(output).path.rsplit("/", 1)
-    audit = [line for line in (LOG_DIR / "secure-namenode.log").read_text().splitlines()
-             if "FSNamesystem.audit" in line and "cmd=create" in line and f"{parent}/.{name}.pack-" in line]
-    shards = [line for line in audit if "/shards/" in line]
+    created = [line for _, line in audit("create", f"{parent}/.{name}.pack-")]
+    shards = [line for line in created if "/shards/" in line]
+    manifests = [line for line in created if line.split("\tsrc=")[1].split("\t")[0].endswith("/dataset.json")]
     record("Kerberos: pack on secure YARN, --principal/--keytab", outcome=f"exit {pack.returncode}",
            keys_read=UTTERANCES, keys_lost=0, error=None)
     assert shards and all("ugi=alice@" in line and "(auth:TOKEN)" in line for line in shards), shards[:3]
+    assert manifests and all("(auth:KERBEROS)" in line for line in manifests), manifests  # the driver's own call
     assert {row[2] for row in hdfs_listing(secure, alices.env, output)} == {"alice"}

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from hdfs_io import dataset_format as F
 from hdfs_io.dataset import open_dataset
-from hdfs_io.filesystem import probe_uri, send_native_stderr_to_log, uri_base
+from hdfs_io.filesystem import probe_uri, uri_base
 from hdfs_io.plan import PlanConfig
 from hdfs_io.shard_reader import (CorruptRecord, ReaderConfig, ShardDataset, ShardLoader, StorageUnavailable,
                                   error_message)
@@ -453,5 +453,4 @@ def restore(checkpoint_uri: str) -> tuple[DeepSpeech2, Config]:
 
 
 if __name__ == "__main__":
-    send_native_stderr_to_log()  # the HDFS client's Java traces go to a log, not the terminal
     sys.exit(main())

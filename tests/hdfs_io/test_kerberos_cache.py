@@ -73,9 +73,28 @@ def test_a_missing_cache_a_cache_without_a_tgt_and_a_cut_one_are_each_named(cach
     assert kerberos.ticket_principal() is None
 
 
-def test_cache_names_other_than_files_are_not_guessed_at(monkeypatch, tmp_path):
+def test_the_latest_of_several_tgts_counts(cache):
+    tgt = "krbtgt/EXAMPLE.ORG@EXAMPLE.ORG"
+    write_cache(cache, "alice@EXAMPLE.ORG", credential("alice@EXAMPLE.ORG", tgt, NOW - 60),
+                credential("alice@EXAMPLE.ORG", tgt, NOW + 60))
+
+    assert kerberos.ticket_problem(now=NOW) is None
+
+
+def test_caches_other_than_files_and_token_logins_are_not_guessed_at(monkeypatch, tmp_path):
     monkeypatch.setenv("KRB5CCNAME", "KEYRING:persistent:0")
     assert kerberos.ticket_problem() is None and kerberos.ticket_principal() is None
     assert kerberos.cache_path(str(tmp_path / "plain")) == str(tmp_path / "plain")
-    monkeypatch.delenv("KRB5CCNAME")
+    monkeypatch.setenv("KRB5CCNAME", str(tmp_path / "missing"))
+    monkeypatch.setenv("HADOOP_TOKEN_FILE_LOCATION", str(tmp_path / "tokens"))
+    assert kerberos.ticket_problem() is None  # a YARN container authenticates with delegation tokens
+
+
+def test_without_krb5ccname_the_configured_default_cache_is_used(monkeypatch, tmp_path):
+    monkeypatch.delenv("KRB5CCNAME", raising=False)
+    conf = tmp_path / "krb5.conf"
+    monkeypatch.setenv("KRB5_CONFIG", f"{tmp_path / 'absent.conf'}:{conf}")
+    conf.write_text("[libdefaults]\n  default_realm = EXAMPLE.ORG\n")
     assert kerberos.cache_name().startswith("FILE:/tmp/krb5cc_")
+    conf.write_text("[libdefaults]\n  default_ccache_name = KEYRING:persistent:%{uid}\n")
+    assert kerberos.cache_name().startswith("KEYRING:persistent:") and kerberos.ticket_problem() is None

@@ -16,6 +16,7 @@ from hdfs_io import dataset_format as F
 from hdfs_io.dataset import open_dataset
 from hdfs_io.upload import upload
 from scripts.synth_corpus import linked_corpus, tones
+from spark_jobs.pack import executor_env
 from tests.corpora import Expected, bad_librispeech, ds2_manifest, good_librispeech, kaldi_folder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -314,3 +315,14 @@ def test_twenty_thousand_files_pack_under_a_driver_result_limit_of_one_megabyte(
     keys = ds.index([F.KEY]).column(F.KEY).to_pylist()
     assert ds.manifest["utterances"] == len(set(keys)) == 20_000 and ds.manifest["quarantined"] == 0
     assert sum(len(ds.index_part(s, [F.KEY])) for s in range(len(ds.manifest["shards"]))) == 20_000
+
+
+def test_executors_get_the_ticket_cache_only_where_they_run_beside_it():
+    environ = {"KRB5CCNAME": "FILE:/tmp/krb5cc_1000", "HADOOP_CONF_DIR": "/etc/hadoop/conf", "HOME": "/home/alice"}
+
+    here = {master: executor_env(environ, master) for master in ("local[2]", "spark://host:7077")}
+    away = {master: executor_env(environ, master) for master in ("yarn", "k8s://https://api:6443")}
+
+    assert all(env == {"KRB5CCNAME": "FILE:/tmp/krb5cc_1000", "HADOOP_CONF_DIR": "/etc/hadoop/conf"}
+               for env in here.values())
+    assert all(env == {"HADOOP_CONF_DIR": "/etc/hadoop/conf"} for env in away.values())  # delegation tokens there
