@@ -4,6 +4,9 @@ A chunk is read once for all the items of the Work that need it, on a background
 thread that keeps at most `prefetch_chunks` ahead, and is held until its last use.
 I/O errors are retried with backoff for `retry_seconds`, then raise
 StorageUnavailable; bytes that are served but do not parse raise CorruptRecord.
+Any other error (a MemoryError, a client's NotImplementedError, a bug) is not
+damage: it raises as itself. A read that hangs raises StorageUnavailable once
+nothing has arrived for `retry_seconds + stall_seconds`, whichever thread reads.
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow.fs import FileType
 
 from hdfs_io import dataset_format as F
 from hdfs_io import client_log
 from hdfs_io.filesystem import failure_cause, first_line
-from hdfs_io.sequencefile import OffsetBytes, SequenceFileReader, writable_bytes
+from hdfs_io.sequencefile import OffsetBytes, SequenceFileError, SequenceFileReader, UnsupportedCodec, writable_bytes
 from hdfs_io.reader_config import ReaderConfig
 from hdfs_io.work import Work
 
@@ -63,6 +67,19 @@ class Shards:
         return f"{root}/{name}", f"{root}/{self.cache_dir}/{stem}.parquet"
 
 
+def proves_damage(error: BaseException) -> bool:
+    """Returns True if `error` is a parser's verdict on bytes it was served: they are not a valid chunk.
+
+    That is pyarrow's ArrowInvalid (a Parquet footer or page that does not parse), a
+    SequenceFile format error, or text that is not UTF-8. A codec this reader lacks
+    is not damage, nor is anything else: a client that does not support a file (say,
+    hdfs-native and an erasure-coding policy), a MemoryError, a bug.
+    """
+    if isinstance(error, UnsupportedCodec):
+        return False
+    return isinstance(error, (pa.ArrowInvalid, SequenceFileError, UnicodeDecodeError))
+
+
 def parquet_rows(parquet: pq.ParquetFile, group: int, rows: list[int], columns: list[str]) -> dict[str, list]:
     """Returns `columns` of the given shard rows, all in row group `group`, as lists in `rows` order."""
     group_start = sum(parquet.metadata.row_group(i).num_rows for i in range(group))
@@ -78,6 +95,10 @@ class ChunkFetcher:
     dropped and read again when needed (a plan that reads chunks far out of
     order costs reads, not memory). A shard's file is closed after its last
     chunk is read, since an open Parquet file keeps the buffers of its last read.
+
+    Every read, the first and a read again, runs on a thread of its own and is
+    waited for at most `retry_seconds + stall_seconds`, so a read that hangs
+    fails the Work instead of blocking the DataLoader worker for ever.
     """
 
     def __init__(self, shards: Shards, config: ReaderConfig, fs, root: str, work: Work):
@@ -117,7 +138,11 @@ class ChunkFetcher:
     def _read_or_error(self, chunk: tuple[int, int]) -> dict[int, Record] | BaseException:
         try:
             return self._read_retrying(chunk)
-        except BaseException as e:  # handed to the consumer, which applies the policy
+        except (CorruptRecord, StorageUnavailable) as e:  # handed to the consumer, which applies the policy
+            return e
+        except BaseException as e:  # not damage: handed to the consumer, which raises it as it is
+            if isinstance(e, Exception):
+                e.add_note(f"while reading {self._where(chunk)} of {self.shards.uri}")
             return e
 
     def _where(self, chunk: tuple[int, int]) -> str:
@@ -133,6 +158,7 @@ class ChunkFetcher:
         Raises:
             StorageUnavailable: the read still failed when the retry budget ran out.
             CorruptRecord: the chunk's bytes were served but could not be parsed.
+            Exception: anything else the read raised (`proves_damage` is False for it), as it is.
         """
         deadline = time.monotonic() + self.config.retry_seconds
         delay, attempts, damaged = 0.5, 0, False
@@ -142,7 +168,8 @@ class ChunkFetcher:
                 return self._read(chunk)
             except OSError as e:
                 if isinstance(e, FileNotFoundError) and self._root_answers():
-                    raise  # the filesystem answers, so the shard really is missing: no use retrying
+                    # the filesystem answers, so the shard really is missing: damage to the dataset, not an outage
+                    raise CorruptRecord(f"{self._where(chunk)}: missing: {first_line(e)}") from e
                 # Parquet only: a SequenceFile's parse errors are not OSErrors. Twice in a row, so that a
                 # read that failed and recovered just before the probe is not taken for damage.
                 if not isinstance(e, FileNotFoundError) and not self.shards.sequencefile and self._bytes_served(chunk):
@@ -160,6 +187,10 @@ class ChunkFetcher:
                 self._files().clear()  # handles may be bound to a dead connection
                 self.stop.wait(delay)
                 delay = min(delay * 2, 8.0)
+            except Exception as e:
+                if not proves_damage(e):
+                    raise
+                raise CorruptRecord(f"{self._where(chunk)}: damaged: {first_line(e)}") from e
 
     def _bytes_served(self, chunk: tuple[int, int]) -> bool:
         """Returns True if the filesystem serves the raw bytes of `chunk` now.
@@ -178,15 +209,16 @@ class ChunkFetcher:
                     start, length = max(0, size - 2**16), min(size, 2**16)
                 else:
                     group = self._cache_group(chunk) if cache_path else chunk[1]
-                    columns = [parsed.metadata.row_group(group).column(i)
-                               for i in range(parsed.metadata.num_columns)]
-                    start = min(c.dictionary_page_offset or c.data_page_offset for c in columns)
+                    try:
+                        columns = [parsed.metadata.row_group(group).column(i)
+                                   for i in range(parsed.metadata.num_columns)]
+                        start = min(c.dictionary_page_offset or c.data_page_offset for c in columns)
+                    except (IndexError, ValueError):  # the parsed footer does not describe this chunk: damaged
+                        return True
                     length = min(sum(c.total_compressed_size for c in columns), size - start)
                 return len(f.read_at(length, start)) == length
         except OSError:
             return False
-        except Exception:  # the parsed footer does not describe this chunk: the shard is damaged
-            return True
 
     def _root_answers(self) -> bool:
         try:
@@ -238,37 +270,58 @@ class ChunkFetcher:
         Raises:
             StorageUnavailable: the chunk could not be read, or nothing arrived for too long.
             CorruptRecord: the chunk was read but could not be parsed.
+            Exception: the read failed for a reason other than its bytes (a MemoryError, a client's
+                NotImplementedError, a bug): that error as it is, with a note naming the chunk.
         """
         chunk = (int(self.work.shards[item]), int(self.work.chunks[item]))
-        if chunk in self.dropped:  # dropped to bound memory: read it again, here
+        if chunk in self.dropped:  # dropped to bound memory: read it again
             self.dropped.discard(chunk)
             self.rereads += 1
-            self.reads += 1
-            self.ready[chunk] = self._read_or_error(chunk)
-            self._files().clear()
-        patience = self.config.retry_seconds + self.config.stall_seconds
+            self._take(chunk, self._read_again(chunk))
         while chunk not in self.ready:
-            try:
-                got, result = self.queue.get(timeout=patience)
-            except queue.Empty:
-                raise StorageUnavailable(f"{self._where(chunk)}: no data from {self.shards.uri} for "
-                                         f"{patience:g} s; a read is hanging (is the NameNode or a DataNode "
-                                         "stopped?)") from None
-            self.ready[got] = result
-            self.reads += 1
+            self._take(chunk, self.queue)
         self._drop_beyond_limit(keep=chunk)
         result = self.ready[chunk]
         self.used = item + 1
         self.remaining[chunk] -= 1
         if self.remaining[chunk] == 0:
             del self.ready[chunk]
-        if isinstance(result, StorageUnavailable):
-            raise result
         if isinstance(result, CorruptRecord):
             raise CorruptRecord(str(result)) from result  # once for each of the chunk's records
         if isinstance(result, BaseException):
-            raise CorruptRecord(f"{self._where(chunk)}: cannot read: {first_line(result)}") from result
+            raise result  # an outage (StorageUnavailable), or what is not damage, as it is
         return result.get(int(self.work.rows[item]))
+
+    def _read_again(self, chunk: tuple[int, int]) -> queue.Queue:
+        """Starts reading a dropped chunk again on a thread of its own; returns where it will arrive.
+
+        Not in the consumer's thread, where a read that hangs would be waited for without
+        end; not on the prefetch thread, which may be blocked handing over a chunk read ahead.
+        The thread's open files go with it, so nothing of the read is kept.
+        """
+        arrival: queue.Queue = queue.Queue(maxsize=1)
+
+        def run() -> None:
+            arrival.put((chunk, self._read_or_error(chunk)))
+
+        threading.Thread(target=run, daemon=True, name="chunk-read-again").start()
+        return arrival
+
+    def _take(self, chunk: tuple[int, int], arrivals: queue.Queue) -> None:
+        """Takes the next chunk read from `arrivals` into `ready`, waiting at most `retry_seconds + stall_seconds`.
+
+        Raises:
+            StorageUnavailable: nothing arrived in that time; `chunk` names the read waited for.
+        """
+        patience = self.config.retry_seconds + self.config.stall_seconds
+        try:
+            got, result = arrivals.get(timeout=patience)
+        except queue.Empty:
+            raise StorageUnavailable(f"{self._where(chunk)}: no data from {self.shards.uri} for "
+                                     f"{patience:g} s; a read is hanging (is the NameNode or a DataNode "
+                                     "stopped?)") from None
+        self.ready[got] = result
+        self.reads += 1
 
     def _drop_beyond_limit(self, keep: tuple[int, int]) -> None:
         """Drops held chunks, the one needed again last first, until at most `max_held_chunks` are held."""

@@ -62,12 +62,27 @@ def open_filesystem(uri: str, backend: str | None = None) -> tuple[pafs.FileSyst
     parsed = urlparse(uri)
     if parsed.scheme == "hdfs":
         opener = native_hdfs if (backend or hdfs_backend()) == "native" else hdfs
-        return opener(parsed.hostname or "default", parsed.port or 0), parsed.path or "/"
+        return opener(*hdfs_address(uri)), parsed.path or "/"
     if parsed.scheme in ("", "file"):
         path = parsed.path if parsed.scheme == "file" else uri
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
     fs, path = pafs.FileSystem.from_uri(uri)
     return fs, path
+
+
+def hdfs_address(uri: str) -> tuple[str, int]:
+    """Returns the (host or nameservice, port) of an `hdfs://` URI: ("default", 0) for `hdfs:///p`, port 0 if none.
+
+    The host keeps its case. Hadoop looks an HA nameservice up by its ID as written
+    (`dfs.ha.namenodes.MyCluster`), and `urlparse(...).hostname` lowercases it.
+    """
+    parsed = urlparse(uri)
+    host = parsed.netloc.rpartition("@")[2]  # without user information
+    if host.startswith("["):  # an IPv6 address, perhaps with a port after it
+        host = host[1:].partition("]")[0]
+    else:
+        host = host.partition(":")[0]
+    return host or "default", parsed.port or 0
 
 
 def hdfs(host: str = "default", port: int = 0) -> pafs.HadoopFileSystem:
@@ -207,8 +222,9 @@ class NativeCalls:
     and RuntimeError for the rest: a NameNode in safe mode after a restart, a permission denied,
     a DataNode that broke off, a checksum that did not match. Those are I/O failures, as libhdfs's
     OSErrors for the same causes say (PermissionError for a denial), and the reader retries
-    OSError; anything else it takes for damage. Files and listings that a call returns are
-    wrapped the same way.
+    OSError. NotImplementedError (a file hdfs-native cannot read, such as one under an
+    erasure-coding policy it lacks) stays as it is: not an outage, and not damage either
+    (hdfs_io.chunks.proves_damage). Files and listings that a call returns are wrapped the same way.
     """
 
     def __init__(self, inner):

@@ -15,8 +15,8 @@ import pytest
 from pyarrow import fs as pafs
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from hdfs_io.filesystem import (BACKEND_VARIABLE, BACKENDS, FilesystemRef, ForkedJVMError, join_uri, open_filesystem,
-                                worker_start_method)
+from hdfs_io.filesystem import (BACKEND_VARIABLE, BACKENDS, FilesystemRef, ForkedJVMError, hdfs_address, join_uri,
+                                open_filesystem, worker_start_method)
 from scripts.devcluster import ROOT
 
 
@@ -58,6 +58,12 @@ def test_join_uri_keeps_scheme_and_authority():
     assert join_uri("hdfs://nn:8020/data/", "shards", "part-00000.parquet") == \
         "hdfs://nn:8020/data/shards/part-00000.parquet"
     assert join_uri("/local/x", "y") == "/local/x/y"
+
+
+def test_an_hdfs_address_keeps_the_case_of_its_nameservice():
+    assert [hdfs_address(uri) for uri in ("hdfs://MyCluster/data", "hdfs://alice@MyCluster:8020/data",
+                                          "hdfs:///data", "hdfs://[::1]:9820/data")] == [
+        ("MyCluster", 0), ("MyCluster", 8020), ("default", 0), ("::1", 9820)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -171,28 +177,60 @@ def test_files_get_the_clients_replication_not_the_namenodes_default(cluster, hd
 def test_an_ha_nameservice_and_the_default_fs_reach_the_live_namenode(cluster, hdfs_dir, tmp_path, backend, live):
     # an HA nameservice of two NameNodes: the cluster's and an address where nothing listens (a NameNode that is
     # down); the client must fail over to the live one, whichever is listed first
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    dead = unused_address()
     live_one = cluster.hdfs_uri.removeprefix("hdfs://")
     namenodes = [live_one, dead] if live == "first" else [dead, live_one]
     env = client_conf(tmp_path / "conf", {"fs.defaultFS": "hdfs://speechns"},
                       {**ha_nameservice("speechns", namenodes), "dfs.replication": "2"})
     env[BACKEND_VARIABLE] = backend
+    path = write_hello(hdfs_dir)
+
+    run = read_lengths(env, f"hdfs://speechns{path}/hello.bin", f"hdfs://{path}/hello.bin")
+
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["2000", "2000"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_ha_nameservice_named_with_capitals_is_reached_by_its_name(cluster, hdfs_dir, tmp_path, backend):
+    # Hadoop looks a nameservice up by its ID as written (dfs.ha.namenodes.SpeechNS): hdfs://SpeechNS/ must not
+    # become hdfs://speechns/, which no property names
+    dead = unused_address()
+    live_one = cluster.hdfs_uri.removeprefix("hdfs://")
+    env = client_conf(tmp_path / "conf", {"fs.defaultFS": "hdfs://SpeechNS"},
+                      {**ha_nameservice("SpeechNS", [live_one, dead]), "dfs.replication": "2"})
+    env[BACKEND_VARIABLE] = backend
+    path = write_hello(hdfs_dir)
+
+    run = read_lengths(env, f"hdfs://SpeechNS{path}/hello.bin", f"hdfs://{path}/hello.bin")
+
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["2000", "2000"]
+
+
+def unused_address() -> str:
+    """Returns a local host:port where nothing listens: a NameNode that is down."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def write_hello(hdfs_dir: str) -> str:
+    """Writes `hello.bin` (2,000 bytes) into `hdfs_dir` through the cluster's own address; returns the folder's path."""
     path = urlparse(hdfs_dir).path
     fs, _ = open_filesystem(hdfs_dir)
     with fs.open_output_stream(f"{path}/hello.bin") as f:
         f.write(b"ha" * 1000)
+    return path
+
+
+def read_lengths(env: dict[str, str], *uris: str) -> subprocess.CompletedProcess:
+    """Runs a fresh process with `env` that opens each URI and prints the length of what it reads."""
     code = ("import sys\nfrom hdfs_io.filesystem import open_filesystem\n"
             "for uri in sys.argv[1:]:\n"
             "    fs, path = open_filesystem(uri)\n"
             "    print(len(fs.open_input_stream(path).read()))\n")
-
-    run = subprocess.run([sys.executable, "-c", code, f"hdfs://speechns{path}/hello.bin", f"hdfs://{path}/hello.bin"],
-                         env=env, capture_output=True, text=True, timeout=120)
-
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.split() == ["2000", "2000"]
+    return subprocess.run([sys.executable, "-c", code, *uris], env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_an_unknown_hdfs_backend_is_a_one_line_error_with_exit_2(cluster):
