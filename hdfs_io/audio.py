@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import soundfile as sf
 
-TAIL_FRAMES = 4096  # frames at the end of a file decoded first, so a truncated file is named as such
+TAIL_FRAMES = 4096
+PROBE_BLOCK_FRAMES = 1 << 18  # frames the probe decodes at a time (16 s at 16 kHz)  # frames at the end of a file decoded first, so a truncated file is named as such
 
 
 class BadAudio(ValueError):
@@ -46,22 +47,31 @@ def probe(data: bytes) -> AudioInfo:
     if info.format == "WAV":
         _check_wav_data_chunk(data)
     _check_tail_decodes(data, info.frames)
-    # the tail can decode while a frame inside is damaged; the reader decodes every frame, so the probe does too
+    # the tail can decode while a frame inside is damaged; the reader decodes every frame, so the probe does
+    # too, a block at a time: an hour-long recording whole would be 230 MB of float32 per channel
     try:
-        decode(data)
-    except BadAudio as e:
-        raise BadAudio(f"corrupt audio: {e}") from None
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            for _ in f.blocks(PROBE_BLOCK_FRAMES, dtype="float32"):
+                pass
+    except (RuntimeError, sf.LibsndfileError) as e:
+        raise BadAudio(f"corrupt audio: cannot decode: {_soundfile_reason(e)}") from None
     return AudioInfo(info.format, int(info.samplerate), int(info.channels), int(info.frames))
 
 
-def decode(data: bytes) -> tuple[np.ndarray, int]:
-    """Returns `(samples, sample_rate)`: float32 samples shaped (frames, channels).
+def decode(data: bytes, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """Returns `(samples, sample_rate)`: float32 samples shaped (frames, channels), of the first
+    `max_seconds` only if given.
 
     Raises:
         BadAudio: the bytes cannot be decoded.
     """
     try:
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        if max_seconds is None:
+            samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        else:
+            with sf.SoundFile(io.BytesIO(data)) as f:
+                rate = f.samplerate
+                samples = f.read(int(max_seconds * rate), dtype="float32", always_2d=True)
     except (RuntimeError, sf.LibsndfileError) as e:
         raise BadAudio(f"cannot decode: {_soundfile_reason(e)}") from None
     return samples, int(rate)

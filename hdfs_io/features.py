@@ -88,9 +88,10 @@ def log_features(signal: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     return np.log(power + LOG_FLOOR).astype(np.float32)
 
 
-def features_from_bytes(data: bytes, cfg: FeatureConfig) -> np.ndarray:
-    """Returns the features of encoded audio, down-mixed and resampled to the config's rate."""
-    samples, rate = decode(data)
+def features_from_bytes(data: bytes, cfg: FeatureConfig, max_seconds: float | None = None) -> np.ndarray:
+    """Returns the features of encoded audio, down-mixed and resampled to the config's rate
+    (of its first `max_seconds` only, if given)."""
+    samples, rate = decode(data, max_seconds=max_seconds)
     return log_features(resample(to_mono(samples), rate, cfg.sample_rate), cfg)
 
 

@@ -9,7 +9,8 @@ tree, a DS2 JSON-lines manifest or a Kaldi folder (wav.scp + text). The output
 folder is written under a temporary name and renamed into place; its
 `dataset.json` appears only when the dataset is complete. See hdfs_io.dataset_format.
 
-Exit codes: 0 done, 2 a user error (one line on stderr, nothing written), 1 a bug.
+Exit codes: 0 done, 2 a user error (one line on stderr, nothing written), 1 the storage failed to serve an
+input file (one line, nothing written) or a bug (a traceback).
 """
 
 from __future__ import annotations
@@ -291,12 +292,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pack: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # a Spark job failed: a limit the user set is their mistake, anything else a bug
+        failure = source_failure(e)
+        if failure is not None:
+            code, line = failure
+            print(f"pack: error: {line}", file=sys.stderr)
+            return code
         limit = spark_limit(e)
         if limit is None:
             raise
         print(f"pack: error: {limit}", file=sys.stderr)
         return 2
     return 0
+
+
+# How a task's Python exception reaches the driver: as its traceback's text, inside Spark's own error.
+_SOURCE_FAILURE = re.compile(r"^spark_jobs\.packing\.(SourceDenied|SourceUnreadable): (.*)$", re.MULTILINE)
+
+
+def source_failure(error: BaseException) -> tuple[int, str] | None:
+    """Returns (exit code, one line) if a Spark job failed because the storage did not serve a source file
+    (spark_jobs.packing.SourceUnreadable, after Spark's task retries), else None. A refusal is the user's to
+    mend (2); an outage is not (1)."""
+    found = _SOURCE_FAILURE.search(str(error))
+    if found is None:
+        return None
+    kind, line = found.groups()
+    return (2 if kind == "SourceDenied" else 1), f"{line.strip()} (the storage failed, not the file: nothing " \
+        "was quarantined or written; run the pack again once it serves the file)"
 
 
 _RESULT_LIMIT = re.compile(r"Total size of serialized results of \d+ tasks \(([^)]*)\) is bigger than "

@@ -23,7 +23,7 @@ from pyarrow import fs as pafs
 from hdfs_io import dataset_format as F
 from hdfs_io.audio import BadAudio, probe
 from hdfs_io.features import FeatureConfig, FeatureMoments, features_from_bytes
-from hdfs_io.filesystem import first_line, join_uri, open_filesystem
+from hdfs_io.filesystem import failure_cause, first_line, hdfs_user, join_uri, open_filesystem, refuse_if_denied
 from hdfs_io.sequencefile import SequenceFileWriter
 from spark_jobs.sources import URI
 
@@ -40,25 +40,81 @@ QUARANTINE_PARTS = f"{WORK_DIR}/quarantine"
 
 # ---- probe
 
+# Seconds at the start of each sampled utterance that the statistics see: a sample's features cost about
+# 100 MB a minute of audio, so an hour-long recording whole would take some 6 GB in one task.
+STATS_SECONDS = 30.0
+
+
+class SourceUnreadable(Exception):
+    """The storage did not serve a source file: an outage, a refused permission, an expired token.
+
+    Not the file's fault, so it is never quarantined: it fails the task, Spark retries
+    it, and the job ends with this one-line message (`pack.source_failure`).
+    """
+
+
+class SourceDenied(SourceUnreadable):
+    """The storage refused this user a source file: the user's to mend (exit 2)."""
+
+
+class UnsupportedPath(ValueError):
+    """No filesystem serves this path (an unknown scheme): the entry's own fault, quarantined."""
+
+
 def read_audio(uri: str) -> bytes:
     """Returns the bytes of the file at `uri` (any filesystem open_filesystem knows).
 
     Raises:
-        FileNotFoundError: no such file (checked first: libhdfs prints a Java trace
-            for every failed open, but not for a failed stat).
+        FileNotFoundError: no such file, and the storage answered to say so (the file's own fault).
+        UnsupportedPath: no filesystem serves the path.
+        SourceUnreadable: the storage did not serve it (SourceDenied where it refused this user).
     """
-    fs, path = open_filesystem(uri)
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        raise FileNotFoundError(path)
-    with fs.open_input_file(path) as f:
-        return f.read()
+    try:
+        fs, path = open_filesystem(uri)
+    except pa.ArrowInvalid as e:
+        raise UnsupportedPath(first_line(e)) from None
+    except OSError as e:
+        raise SourceUnreadable(f"cannot read {uri}: {failure_cause(e)}") from None
+    try:
+        # Stat first: libhdfs prints a Java trace for every failed open, but not for a failed stat.
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            confirm_missing(fs, path, uri)
+            raise FileNotFoundError(path)
+        with fs.open_input_file(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise
+    except PermissionError as e:
+        raise SourceDenied(f"permission denied: user {hdfs_user()} may not read {uri}") from None
+    except OSError as e:
+        raise SourceUnreadable(f"cannot read {uri}: {failure_cause(e)}") from None
+
+
+def confirm_missing(fs: pafs.FileSystem, path: str, uri: str) -> None:
+    """Returns if `path` is missing for the file's own sake; raises if the storage only seemed to say so.
+
+    libhdfs answers a stat with "not found" when no NameNode answers, and for a path
+    under a folder this user may not enter; the root always exists, and a listing
+    tells a refusal apart. Costs two calls, for missing files only.
+
+    Raises:
+        OSError: the storage did not answer.
+        PermissionError: it refused this user the path.
+    """
+    if fs.get_file_info("/").type != pafs.FileType.Directory:
+        raise OSError("the storage did not answer (for HDFS: is the NameNode up?)")
+    refuse_if_denied(fs, path, uri)
 
 
 def probe_one(candidate: dict, feature_config: dict | None = None) -> dict:
     """Returns the candidate with its audio probed: size, checksum, codec, rate, length, or `error`.
 
+    `error` holds the quarantine reason: a file that is missing or not usable audio.
     A candidate marked `in_stats_sample` also gets `moments`: the per-bin sums of
-    its features under `feature_config`, for the dataset statistics.
+    the features of its first STATS_SECONDS under `feature_config`, for the dataset statistics.
+
+    Raises:
+        SourceUnreadable: the storage did not serve the file (see read_audio).
     """
     out = dict(candidate, **{ERROR: None, MOMENTS: None})
     try:
@@ -66,15 +122,15 @@ def probe_one(candidate: dict, feature_config: dict | None = None) -> dict:
     except FileNotFoundError:
         out[ERROR] = "transcript line with no audio: file not found"
         return out
-    except OSError as e:
-        out[ERROR] = f"cannot read audio: {first_line(e)}"
+    except UnsupportedPath as e:
+        out[ERROR] = f"unsupported path: {e}"
         return out
     try:
         info = probe(data)
         if candidate.get(IN_SAMPLE) and feature_config is not None:
             cfg = FeatureConfig(**feature_config)
             moments = FeatureMoments.empty(cfg.num_bins)
-            moments.add(features_from_bytes(data, cfg))
+            moments.add(features_from_bytes(data, cfg, max_seconds=STATS_SECONDS))
             out[MOMENTS] = moments_bytes(moments)
     except BadAudio as e:
         out[ERROR] = str(e)
@@ -227,7 +283,7 @@ def write_shard(shard: int, rows: Iterable[dict], *, dataset_uri: str, fmt: str,
         for row in rows:
             try:
                 data = read_audio(row[URI])
-            except OSError as e:
+            except FileNotFoundError as e:
                 failed.append({F.SOURCE: row[URI], F.REASON: f"audio vanished during packing: {first_line(e)}"})
                 continue
             if zlib.crc32(data) != row[F.CHECKSUM] or len(data) != row[F.NUM_BYTES]:
@@ -252,8 +308,12 @@ def write_shard(shard: int, rows: Iterable[dict], *, dataset_uri: str, fmt: str,
         sink.close()
     pq.write_table(index_part(shard, written, locations, fmt), posixpath.join(root, F.index_part_path(shard)),
                    filesystem=fs, write_page_checksum=True)
+    # Written or removed: a part left by a failed attempt of this task would be counted with this one's.
+    quarantine_part = join_uri(dataset_uri, QUARANTINE_PARTS, f"write-{shard:05d}.jsonl")
     if failed:
-        write_quarantine(join_uri(dataset_uri, QUARANTINE_PARTS, f"write-{shard:05d}.jsonl"), failed)
+        write_quarantine(quarantine_part, failed)
+    else:
+        remove_if_present(quarantine_part)
     durations = np.array([r[F.DURATION_S] for r in written], np.float64)
     return {
         F.SHARD: shard, "path": rel_path, "rows": len(written), "bytes": sink.size,
@@ -263,6 +323,13 @@ def write_shard(shard: int, rows: Iterable[dict], *, dataset_uri: str, fmt: str,
         "audio_seconds": float(durations.sum()), "histogram": histogram_counts(durations).tolist(),
         "vocabulary": "".join(sorted(set("".join(r[F.TRANSCRIPT] for r in written)))), "failed": len(failed),
     }
+
+
+def remove_if_present(uri: str) -> None:
+    """Deletes the file at `uri` if there is one."""
+    fs, path = open_filesystem(uri)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
 
 
 def index_part(shard: int, written: list[dict], locations: list[int], fmt: str) -> pa.Table:
