@@ -113,5 +113,10 @@ def open_dataset(uri: str) -> Dataset:
         with fs.open_input_stream(manifest_path) as f:
             text = f.read()
     except FileNotFoundError:
+        leftovers = F.replaced_leftovers(fs, path) if fs.get_file_info(path).type == pafs.FileType.NotFound else []
+        if leftovers:
+            raise F.DatasetError(f"{uri} does not exist: a `pack --overwrite` stopped while replacing it, and the "
+                                 f"dataset it replaced is at {leftovers[0]} (the next pack to {uri} puts it back; "
+                                 "or move it back yourself)") from None
         raise F.DatasetError(f"{uri} has no {F.MANIFEST}: not a dataset, or its packing did not finish") from None
     return Dataset(uri, fs, path, F.parse_manifest(text))

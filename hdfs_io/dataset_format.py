@@ -14,11 +14,13 @@ Writers (spark_jobs) and readers (hdfs_io) import the names and schemas from her
 from __future__ import annotations
 
 import json
+import posixpath
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.fs as pafs
 
 FORMAT_NAME = "speechpack"
 FORMAT_VERSION = 2  # 2 added index/part-NNNNN.parquet; version 1 datasets are still read
@@ -120,6 +122,30 @@ def feature_stats_file(digest: str) -> str:
 
 class DatasetError(ValueError):
     """A dataset folder is missing, incomplete or malformed; the message says which part."""
+
+
+def staging_name(name: str, token: str) -> str:
+    """Returns the hidden name beside `name` under which pack writes a dataset before renaming it into place."""
+    return f".{name}.pack-{token}"
+
+
+def replaced_name(staging: str) -> str:
+    """Returns where `pack --overwrite` keeps the dataset it replaces while the staged one is renamed in."""
+    return f"{staging}.old"
+
+
+def replaced_leftovers(fs, path: str) -> list[str]:
+    """Returns the datasets that an interrupted `pack --overwrite` left beside `path`, newest first.
+
+    A driver that dies between the swap's two renames leaves the old dataset at
+    `replaced_name(...)` and nothing at `path`. Lists the parent folder once.
+    """
+    parent, name = posixpath.split(path.rstrip("/"))
+    prefix, suffix = staging_name(name, ""), replaced_name("")
+    found = [i for i in fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
+             if i.base_name.startswith(prefix) and i.base_name.endswith(suffix)
+             and fs.get_file_info(posixpath.join(i.path, MANIFEST)).type == pafs.FileType.File]
+    return [i.path for i in sorted(found, key=lambda i: i.mtime_ns or 0, reverse=True)]
 
 
 def shard_path(shard: int, fmt: str) -> str:

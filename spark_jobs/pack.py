@@ -92,6 +92,8 @@ def check_paths(args: argparse.Namespace) -> None:
         if info.type == pafs.FileType.NotFound:
             raise UserError(f"input {args.input} does not exist")
         out_fs, out_path, out = probe_uri(args.output)
+        if out.type == pafs.FileType.NotFound and restore_replaced(out_fs, out_path):
+            out = out_fs.get_file_info(out_path)
         if overlap(args.input, in_path, args.output, out_path):
             raise UserError(f"output {args.output} and input {args.input} overlap: the output folder is "
                             "replaced as a whole, so it may neither hold the input nor lie inside it")
@@ -110,6 +112,18 @@ def check_paths(args: argparse.Namespace) -> None:
                                 "it must go") from None
     except (FilesystemUnavailable, PermissionError) as e:
         raise UserError(str(e)) from None
+
+
+def restore_replaced(fs: pafs.FileSystem, out_path: str) -> bool:
+    """Puts back the dataset that an interrupted `--overwrite` left beside a missing output; returns True if
+    there was one (see hdfs_io.dataset_format.replaced_leftovers)."""
+    leftovers = F.replaced_leftovers(fs, out_path)
+    if not leftovers:
+        return False
+    fs.move(leftovers[0], out_path)
+    log(f"restored {out_path} from {leftovers[0]}, where an earlier --overwrite that stopped between its two "
+        "renames had left it")
+    return True
 
 
 def overlap(in_uri: str, in_path: str, out_uri: str, out_path: str) -> bool:
@@ -189,7 +203,7 @@ def pack(spark, args: argparse.Namespace, command: list[str]) -> dict:
     sc = spark.sparkContext
     out_fs, out_path = probe_uri(args.output)[:2]
     parent, name = posixpath.split(out_path.rstrip("/"))
-    tmp_path = posixpath.join(parent, f".{name}.pack-{uuid.uuid4().hex[:12]}")
+    tmp_path = posixpath.join(parent, F.staging_name(name, uuid.uuid4().hex[:12]))
     tmp_uri = uri_base(args.output) + tmp_path
     try:
         for folder in (F.SHARD_DIR, F.INDEX_DIR, packing.QUARANTINE_PARTS):
@@ -267,12 +281,22 @@ def pack(spark, args: argparse.Namespace, command: list[str]) -> dict:
 
 
 def publish(fs: pafs.FileSystem, tmp_path: str, out_path: str) -> None:
-    """Renames the finished temporary folder into place, replacing an old output if there is one."""
+    """Renames the finished temporary folder into place, replacing an old output if there is one.
+
+    The old output is renamed aside first (`F.replaced_name`) and put back if the second
+    rename fails; a driver that dies between the two leaves it there, where the next
+    pack restores it (`restore_replaced`) and readers name it (`open_dataset`).
+    """
     old = None
     if fs.get_file_info(out_path).type != pafs.FileType.NotFound:
-        old = f"{tmp_path}.old"
+        old = F.replaced_name(tmp_path)
         fs.move(out_path, old)
-    fs.move(tmp_path, out_path)
+    try:
+        fs.move(tmp_path, out_path)
+    except BaseException:
+        if old:
+            fs.move(old, out_path)
+        raise
     if old:
         fs.delete_dir(old)
 
