@@ -11,7 +11,6 @@ through `rows_task`, which turns Arrow batches into dicts and back.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import posixpath
 import sys
@@ -29,7 +28,7 @@ from pyspark.sql import functions as sf
 from pyspark.sql.pandas.types import from_arrow_schema
 
 from hdfs_io import dataset_format as F
-from hdfs_io.filesystem import join_uri, open_filesystem, probe_uri, uri_base
+from hdfs_io.filesystem import failure_cause, first_line, join_uri, open_filesystem, probe_uri, uri_base
 from spark_jobs import packing, sources
 from spark_jobs.sources import KIND, ORDER, URI
 
@@ -62,7 +61,8 @@ SUMMARY = pa.schema([(F.SHARD, pa.int32()), ("path", pa.string()), ("rows", pa.i
                      ("vocabulary", pa.string()), ("failed", pa.int64())])
 TEXT_ITEM = pa.schema([(ITEM, pa.int64()), ("name", pa.string()), ("start", pa.int64()), ("end", pa.int64()),
                        ("first_line", pa.int64())])
-TREE_ITEM = pa.schema([(ITEM, pa.int64()), ("folder", pa.string()), ("files", pa.string())])
+# A folder travels as bytes: a local name need not be UTF-8 (sources.folder_entries).
+TREE_ITEM = pa.schema([(ITEM, pa.int64()), ("folder", pa.binary()), ("recursive", pa.bool_())])
 
 
 # ---- plumbing: plain-row functions as mapInArrow tasks
@@ -92,18 +92,15 @@ def frame(spark: SparkSession, rows: list[dict], schema: pa.Schema, partitions: 
 def discover(spark: SparkSession, uri: str) -> tuple[str, DataFrame]:
     """Returns the input's kind and a DataFrame of its entries, read by tasks (see spark_jobs.sources).
 
-    The driver lists only the top of a tree, and reads nothing of a text input but its size.
+    The driver lists a tree's folders down to the level that has LIST_TASKS of them (sources.split_tree),
+    keeping their names only, and reads nothing of a text input but its size.
     """
     fs, path, info = probe_uri(uri)
     base = uri_base(uri)
-    kind = sources.input_kind(fs, path, info)
+    kind = sources.input_kind(fs, path, info, base)
     parallelism = spark.sparkContext.defaultParallelism
     if kind == "librispeech":
-        folders, files = sources.split_tree(fs, path, LIST_TASKS)
-        items = [{ITEM: i, "folder": f, "files": None} for i, f in enumerate(folders)]
-        if files:
-            items.append({ITEM: len(items), "folder": None, "files": json.dumps(files)})
-        tasks = frame(spark, items, TREE_ITEM, 4 * parallelism)  # a task lists several folders
+        tasks = frame(spark, tree_items(fs, path, LIST_TASKS), TREE_ITEM, 4 * parallelism)  # several per task
         return kind, map_rows(tasks, partial(tree_task, fs_uri=uri), ENTRY)
     names = ["manifest"] if kind == "manifest" else [n for n in sources.KALDI_FILES
                                                      if fs.get_file_info(posixpath.join(path, n)).type
@@ -147,18 +144,30 @@ def text_task(items: Iterable[dict], partition: int, *, uri: str, kind: str) -> 
             yield from sources.kaldi_entries(lines, item["name"], folder, base)
 
 
+def tree_items(fs: pafs.FileSystem, root: str, want: int) -> list[dict]:
+    """Returns the TREE_ITEM rows of the tree at `root`: about `want` folders to list whole, and the folders
+    above them to list alone (sources.split_tree)."""
+    trees, folders = sources.split_tree(fs, root, want)
+    listings = [(t, True) for t in trees] + [(f, False) for f in folders]
+    return [{ITEM: i, "folder": f.encode("utf-8", "surrogateescape"), "recursive": recursive}
+            for i, (f, recursive) in enumerate(listings)]
+
+
 def tree_task(items: Iterable[dict], partition: int, *, fs_uri: str) -> Iterator[dict]:
     fs, _ = open_filesystem(fs_uri)
     base = uri_base(fs_uri)
     for item in items:
-        if item["folder"] is None:
-            yield from sources.tree_entries(fs, json.loads(item["files"]), base)
-            continue
+        folder = item["folder"].decode("utf-8", "surrogateescape")
         try:
-            files = sources.list_tree(fs, item["folder"])
-        except OSError as e:
-            yield sources.reject(f"{base}{item['folder']}", f"cannot list folder: {e}".splitlines()[0])
+            files = sources.list_tree(fs, folder, item["recursive"])
+        except FileNotFoundError as e:  # gone since the driver listed it: the input's own change
+            yield sources.reject(sources.printable(f"{base}{folder}"), f"cannot list folder: {first_line(e)}")
             continue
+        except PermissionError as e:  # the storage's, not the input's: fail the task (see packing.read_audio)
+            raise packing.SourceDenied(str(e)) from None
+        except OSError as e:
+            raise packing.SourceUnreadable(f"cannot list {sources.printable(base + folder)}: {failure_cause(e)}") \
+                from None
         yield from sources.tree_entries(fs, files, base)
 
 

@@ -4,7 +4,8 @@ Reading a corpus is two steps, both on plain iterators so Spark can run them as
 tasks (spark_jobs.pack_stages) and tests can run them on lists:
   1. `*_entries` turn lines and file listings into entries: audio files,
      transcript lines, speakers, manifest lines (audio and transcript together),
-     and rejects found without opening any audio (bad lines, unknown files).
+     and rejects found without opening any audio (bad lines, unknown files,
+     names that pack cannot open: see `unreadable`).
   2. `resolve` takes the entries of one key at a time, in input order, and
      returns a candidate (key, audio URI, normalized transcript, speaker) or
      rejects: duplicate keys (the first in input order wins), audio without
@@ -18,21 +19,31 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import posixpath
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit
 
 from pyarrow import fs as pafs
 
 from hdfs_io import dataset_format as F
-from hdfs_io.filesystem import first_line, probe_uri, uri_base
+from hdfs_io.filesystem import first_line, hdfs_user, probe_uri, uri_base
 
 AUDIO_EXTENSIONS = (".flac", ".wav", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au", ".sph")
 TRANS_SUFFIX = ".trans.txt"
 KALDI_FILES = ("wav.scp", "text", "utt2spk")
+KALDI_SEGMENTS = "segments"
+# Kaldi ends a key at the first of these (SplitStringOnFirstSpace); other Unicode spaces belong to the key.
+KALDI_SPACES = " \t\r\f\v"
+_KALDI_SPACE_RUN = re.compile(f"[{KALDI_SPACES}]+")
 _SPACES = re.compile(r"\s+")
+BOM = "\ufeff".encode()  # a UTF-8 byte order mark, which some editors put before a text file's first line
+# What pack reads audio from (hdfs_io.filesystem.open_filesystem); a URI with another scheme is rejected.
+URI_SCHEMES = ("hdfs", "file")
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):(//)?")
+_NOT_IN_URI_PATHS = "#?\t\r\n"
 
 # Entry fields besides the format's own (F.KEY, F.TRANSCRIPT, F.SPEAKER, F.SOURCE, F.REASON).
 KIND = "kind"
@@ -91,14 +102,83 @@ def reject(source: str, reason: str, order: str = "") -> dict:
     return entry(REJECT, order, source=source, reason=reason)
 
 
+def is_unicode(text: str) -> bool:
+    """Returns False if `text` holds a lone surrogate, which no UTF-8 (nor Arrow) string can hold.
+
+    JSON can spell one ("\\ud800"), and os.fsdecode makes one of each byte of a
+    local file name that is not UTF-8.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(text: str) -> str:
+    """Returns `text` with its lone surrogates spelled out: a non-UTF-8 file name's bytes as `\\xe9`."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+# ---- audio URIs, and what their names alone say pack cannot read
+
+def audio_uri(value: str, folder: str, base: str) -> str:
+    """Returns the URI of the audio a list names by `value`: a URI as it is, else a path relative to `folder`
+    on the filesystem of `base` (hdfs_io.filesystem.uri_base).
+
+    A value is a URI where it starts with `scheme://`, `hdfs:` or `file:`; a relative file
+    name may hold a colon (`u:1.flac`).
+    """
+    found = _SCHEME.match(value)
+    if found and (found.group(2) or found.group(1).lower() in URI_SCHEMES):
+        return value
+    return f"{base}{posixpath.join(folder, value)}"
+
+
+def unreadable(uri: str) -> str | None:
+    """Returns why pack cannot read the audio at `uri`, as its name alone shows, or None if it may.
+
+    hdfs_io.filesystem.open_filesystem takes a plain local path whole, but splits a URI
+    with a scheme by RFC 3986 (urllib.parse), which ends its path at the first `#` or `?`
+    and drops tabs and line breaks: such a file would be looked for under another name.
+    """
+    found = _SCHEME.match(uri)
+    if not found:
+        return None
+    scheme = found.group(1).lower()
+    if scheme not in URI_SCHEMES:
+        return f"unsupported URI scheme {scheme!r} (pack reads hdfs://, file:// and local paths)"
+    lost = next((c for c in uri if c in _NOT_IN_URI_PATHS), None)
+    if lost:
+        return f"pack opens this file by URI, and a URI's path cannot hold {lost!r} (rename it)"
+    if scheme == "hdfs" and ":" in urlsplit(uri).path:
+        return "HDFS allows no ':' in a file name"
+    return None
+
+
 # ---- the input's kind, decided on the driver from one listing
 
-def input_kind(fs: pafs.FileSystem, path: str, info: pafs.FileInfo) -> str:
-    """Returns "manifest" (a file), "kaldi" (a folder with wav.scp and text) or "librispeech" (any other folder)."""
+def input_kind(fs: pafs.FileSystem, path: str, info: pafs.FileInfo, base: str = "") -> str:
+    """Returns "manifest" (a file), "kaldi" (a folder with wav.scp and text) or "librispeech" (any other folder).
+
+    Raises:
+        InputError: a Kaldi folder with a `segments` file. Its utterances are stretches of
+            longer recordings, and a dataset stores each utterance's audio file whole.
+    """
     if info.type == pafs.FileType.File:
         return "manifest"
-    names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(path))}
-    return "kaldi" if {"wav.scp", "text"} <= names else "librispeech"
+    names = folder_names(fs, path)
+    if not {"wav.scp", "text"} <= names:
+        return "librispeech"
+    if KALDI_SEGMENTS in names:
+        raise InputError(f"{base}{posixpath.join(path, KALDI_SEGMENTS)}: this Kaldi folder's utterances are segments "
+                         "of longer recordings, and pack stores whole audio files; cut the recordings into one "
+                         "file per utterance first (sox, or Kaldi's extract-segments) and list those files in "
+                         "wav.scp, without segments")
+    return "kaldi"
 
 
 # ---- lines of text files, read in byte ranges so that many tasks can share one large file
@@ -178,6 +258,11 @@ def order_of(offset: int, prefix: str = "") -> str:
     return f"{prefix}{offset:016d}"
 
 
+def without_bom(lineno: int, raw: bytes) -> bytes:
+    """Returns a text file's line without the byte order mark that may open line 1."""
+    return raw.removeprefix(BOM) if lineno == 1 else raw
+
+
 # ---- entries: manifests
 
 def manifest_entries(lines: Iterable[tuple[int, int, bytes]], path: str, base: str) -> Iterator[dict]:
@@ -189,6 +274,7 @@ def manifest_entries(lines: Iterable[tuple[int, int, bytes]], path: str, base: s
     folder = posixpath.dirname(path)
     for offset, lineno, raw in lines:
         source, order = f"{base}{path}:{lineno}", order_of(offset)
+        raw = without_bom(lineno, raw)
         if not raw.strip():
             continue
         try:
@@ -204,13 +290,22 @@ def manifest_entries(lines: Iterable[tuple[int, int, bytes]], path: str, base: s
         if not audio_path:
             yield reject(source, "manifest line has an empty 'audio_filepath'", order)
             continue
+        speaker = fields.get("speaker")
+        values = {"audio_filepath": audio_path, "text": fields["text"], "speaker": str(speaker)}
+        bad = next((name for name, value in values.items() if not is_unicode(value)), None)
+        if bad:  # Arrow, and the dataset, hold UTF-8 only
+            yield reject(source, f"manifest line has a lone surrogate (not Unicode text) in {bad!r}", order)
+            continue
         text = normalize_transcript(fields["text"])
         key = posixpath.splitext(audio_path)[0]
         if not text:
             yield reject(source, f"empty transcript: {key!r}", order)
             continue
-        uri = audio_path if urlparse(audio_path).scheme else f"{base}{posixpath.join(folder, audio_path)}"
-        speaker = fields.get("speaker")
+        uri = audio_uri(audio_path, folder, base)
+        problem = unreadable(uri)
+        if problem:
+            yield reject(source, f"{problem}: {audio_path!r}", order)
+            continue
         speaker = str(speaker) if speaker is not None else posixpath.basename(posixpath.dirname(urlparse(uri).path))
         yield entry(PAIR, order, key, uri, text, speaker, source)
 
@@ -219,10 +314,14 @@ def manifest_entries(lines: Iterable[tuple[int, int, bytes]], path: str, base: s
 
 def keyed_lines(lines: Iterable[tuple[int, int, bytes]], source: str,
                 allow_empty: bool = True) -> Iterator[tuple[int, str, str, str] | dict]:
-    """Yields `(offset, key, rest, source:line)` for each `KEY REST` line, or a REJECT for a bad line."""
+    """Yields `(offset, key, rest, source:line)` for each `KEY REST` line, or a REJECT for a bad line.
+
+    As in Kaldi, the key ends at the first run of spaces or tabs (KALDI_SPACES), and a
+    byte order mark before line 1 is not part of it.
+    """
     for offset, lineno, raw in lines:
         where = f"{source}:{lineno}"
-        raw = raw.rstrip(b"\r")
+        raw = without_bom(lineno, raw).rstrip(b"\r")
         if not raw.strip():
             continue
         try:
@@ -230,8 +329,8 @@ def keyed_lines(lines: Iterable[tuple[int, int, bytes]], source: str,
         except UnicodeDecodeError:
             yield reject(where, "line is not valid UTF-8")
             continue
-        key, _, rest = line.strip().partition(" ")
-        rest = rest.strip()
+        key, *rest = _KALDI_SPACE_RUN.split(line.strip(KALDI_SPACES), maxsplit=1)
+        rest = rest[0] if rest else ""
         if not rest and not allow_empty:
             yield reject(where, f"line has no value: key {key!r}")
             continue
@@ -254,8 +353,12 @@ def kaldi_entries(lines: Iterable[tuple[int, int, bytes]], name: str, folder: st
         elif rest.endswith("|"):
             yield reject(where, f"piped wav.scp entry not supported: {key!r}; write the audio to files first", order)
         else:
-            uri = rest if urlparse(rest).scheme else f"{base}{posixpath.join(folder, rest)}"
-            yield entry(AUDIO, order, key, uri, source=uri)
+            uri = audio_uri(rest, folder, base)
+            problem = unreadable(uri)
+            if problem:
+                yield reject(where, f"{problem}: {rest!r}", order)
+            else:
+                yield entry(AUDIO, order, key, uri, source=uri)
 
 
 # ---- entries: LibriSpeech trees
@@ -265,12 +368,16 @@ def tree_entries(fs: pafs.FileSystem, files: Iterable[str], base: str) -> Iterat
 
     SPEAKER/CHAPTER/SPEAKER-CHAPTER.trans.txt gives TEXT entries, any file with an
     audio extension an AUDIO entry keyed by its name; another file in a folder
-    that holds a transcript is rejected.
+    that holds a transcript is rejected, and so is any file whose path is not
+    UTF-8 (a local name, given with surrogate escapes: see `folder_entries`).
     """
     files = sorted(files)
     chapters = {posixpath.dirname(p) for p in files if p.endswith(TRANS_SUFFIX)}
     for path in files:
         uri = f"{base}{path}"
+        if not is_unicode(path):
+            yield reject(printable(uri), "file name is not valid UTF-8; rename it", printable(path))
+            continue
         if path.endswith(TRANS_SUFFIX):
             yield entry(TRANS_FILE, path, source=uri)
             try:
@@ -291,33 +398,95 @@ def tree_entries(fs: pafs.FileSystem, files: Iterable[str], base: str) -> Iterat
         stem, ext = posixpath.splitext(posixpath.basename(path))
         if ext.lower() in AUDIO_EXTENSIONS:
             speaker = posixpath.basename(posixpath.dirname(posixpath.dirname(path)))
-            yield entry(AUDIO, path, stem, uri, speaker=speaker, source=uri)
+            problem = unreadable(uri)
+            yield reject(uri, problem, path) if problem else entry(AUDIO, path, stem, uri, speaker=speaker,
+                                                                   source=uri)
         elif posixpath.dirname(path) in chapters:
             yield reject(uri, "not an audio file name (unknown extension)", path)
 
 
-def list_tree(fs: pafs.FileSystem, folder: str) -> list[str]:
-    """Returns the paths of every file under `folder`."""
-    return [i.path for i in fs.get_file_info(pafs.FileSelector(folder, recursive=True))
-            if i.type == pafs.FileType.File]
+def folder_entries(fs: pafs.FileSystem, folder: str) -> Iterator[tuple[str, bool]]:
+    """Yields `(path, is_folder)` for each entry of `folder`.
 
-
-def split_tree(fs: pafs.FileSystem, root: str, want: int, max_depth: int = 2) -> tuple[list[str], list[str]]:
-    """Returns `(folders, files)`: the top of the tree, listed level by level until `want` folders are found.
-
-    Each folder is then listed whole by one task; `files` are the files met on the way down,
-    every file of the folders they are in.
+    pyarrow fails a whole local listing on one name that is not UTF-8, so local
+    folders are read with os.scandir, which gives such a name with surrogate escapes
+    (as os.fsdecode does). A link counts as what it points to, as in pyarrow, except
+    a link to a folder its own path goes through: all under it is listed already,
+    and following it would list the same folders round and round.
     """
-    folders, files = [root], []
-    for _ in range(max_depth):
-        if len(folders) >= want:
-            break
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            with os.scandir(folder) as found:
+                for e in found:
+                    path, is_folder = posixpath.join(folder, e.name), e.is_dir()
+                    if not (is_folder and e.is_symlink() and links_back(path)):
+                        yield path, is_folder
+            return
+        infos = fs.get_file_info(pafs.FileSelector(folder))
+    except PermissionError:
+        raise PermissionError(f"permission denied: user {hdfs_user()} may not list {printable(folder)}") from None
+    for info in infos:
+        yield info.path, info.type == pafs.FileType.Directory
+
+
+def links_back(link: str) -> bool:
+    """Returns True if the local folder link `link` points to a folder that its own path goes through."""
+    target, parent = os.path.realpath(link), posixpath.dirname(link)
+    while True:
+        if os.path.realpath(parent) == target:
+            return True
+        if posixpath.dirname(parent) == parent:
+            return False
+        parent = posixpath.dirname(parent)
+
+
+def folder_names(fs: pafs.FileSystem, folder: str) -> set[str]:
+    """Returns the names in `folder`, files and folders."""
+    return {posixpath.basename(path) for path, _ in folder_entries(fs, folder)}
+
+
+def list_tree(fs: pafs.FileSystem, folder: str, recursive: bool = True) -> list[str]:
+    """Returns the paths of the files in `folder`, and if `recursive` in every folder below it."""
+    if not isinstance(fs, pafs.LocalFileSystem):
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(folder, recursive=recursive))
+        except PermissionError:
+            raise PermissionError(f"permission denied: user {hdfs_user()} may not list {printable(folder)}") from None
+        return [i.path for i in infos if i.type == pafs.FileType.File]
+    files, folders = [], [folder]
+    while folders:
+        for path, is_folder in folder_entries(fs, folders.pop()):
+            if not is_folder:
+                files.append(path)
+            elif recursive:
+                folders.append(path)
+    return files
+
+
+def split_tree(fs: pafs.FileSystem, root: str, want: int) -> tuple[list[str], list[str]]:
+    """Returns `(trees, folders)`: the tree at `root` cut, level by level, into at least `want` listings.
+
+    Each of `trees` is listed whole by one task, each of `folders` alone (its files,
+    not its subfolders); together they list every file under `root` once. The cut
+    goes as deep as it must, so a tree under a chain of single folders
+    (/corpora/LibriSpeech/train-960/SPEAKER/CHAPTER) still splits; a tree with fewer
+    than `want` folders at every level is listed folder by folder (`trees` empty).
+    This process lists one folder at a time and keeps folder names only.
+    """
+    level, folders = [root], []
+    while level and len(level) < want:
         deeper = []
-        for folder in folders:
-            for info in fs.get_file_info(pafs.FileSelector(folder)):
-                (deeper if info.type == pafs.FileType.Directory else files).append(info.path)
-        folders = sorted(deeper)
-    return folders, sorted(files)
+        for folder in level:
+            has_files = False
+            for path, is_folder in folder_entries(fs, folder):
+                if is_folder:
+                    deeper.append(path)
+                else:
+                    has_files = True
+            if has_files:
+                folders.append(folder)
+        level = sorted(deeper)
+    return level, folders
 
 
 # ---- resolve: one key's entries, in input order, to a candidate and rejects
@@ -369,7 +538,7 @@ def discover(uri: str) -> Discovery:
     fs, path, info = probe_uri(uri)
     if info.type == pafs.FileType.NotFound:
         raise InputError(f"input {uri} does not exist")
-    kind = input_kind(fs, path, info)
+    kind = input_kind(fs, path, info, uri_base(uri))
     return {"manifest": read_manifest, "kaldi": read_kaldi, "librispeech": read_librispeech}[kind](
         fs, path, uri_base(uri))
 
@@ -387,7 +556,7 @@ def read_manifest(fs: pafs.FileSystem, path: str, base: str) -> Discovery:
 
 def read_kaldi(fs: pafs.FileSystem, folder: str, base: str) -> Discovery:
     """Reads a Kaldi data folder: wav.scp (KEY PATH), text (KEY TRANSCRIPT), optional utt2spk."""
-    names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(folder))}
+    names = folder_names(fs, folder)
     entries = itertools.chain.from_iterable(
         kaldi_entries(whole_file(fs, posixpath.join(folder, name)), name, folder, base)
         for name in KALDI_FILES if name in names)

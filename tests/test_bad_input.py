@@ -1,8 +1,9 @@
 """Bad input, fuzzed with hypothesis: no traceback for a user's mistake, no input lost, nothing written outside.
 
-Inputs: random bytes as audio, random transcript bytes, random manifest lines,
-truncated and corrupted dataset.json / index.parquet / quarantine.jsonl, and
-keys holding `/`, `..`, spaces, control characters and non-ASCII.
+Inputs: random bytes as audio, random transcript bytes, random manifest lines and
+Kaldi lists, truncated and corrupted dataset.json / index.parquet / quarantine.jsonl,
+and keys, file names and values holding `/`, `..`, spaces, tabs, `:` `#` `?`, control
+characters, non-ASCII, byte order marks, lone surrogates and bytes that are not UTF-8.
 """
 
 from __future__ import annotations
@@ -11,11 +12,15 @@ import ast
 import contextlib
 import io
 import json
+import os
+import posixpath
 import random
 import shutil
 import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -25,13 +30,32 @@ from pyarrow import fs as pafs
 from hdfs_io import dataset_format as F
 from hdfs_io import inspect, plan, read
 from hdfs_io.audio import decode
-from spark_jobs import sources
+from spark_jobs import pack_stages, sources
 from spark_jobs.packing import probe_one
 from tests.corpora import good_librispeech
 
 ROOT = Path(__file__).resolve().parent.parent
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 LINE_BYTES = st.binary(max_size=80).map(lambda b: b.replace(b"\n", b""))
+BOM = "\ufeff".encode()
+SEPARATORS = st.sampled_from([b" ", b"\t", b"  ", b" \t", b"\t\t "])
+# Text as JSON can carry it: any character, lone surrogates and the characters that mean something in paths.
+ODD_TEXT = st.text(st.one_of(st.characters(exclude_categories=()),
+                             st.sampled_from(["\ud800", "\udfff", "\ufeff", "\t", ":", "#", "?", "/"])), max_size=20)
+
+
+def says_something(lineno: int, raw: bytes) -> bool:
+    return bool(raw.removeprefix(BOM if lineno == 1 else b"").strip())
+
+
+def fits_arrow(entries: list[dict]) -> bool:
+    """Returns True if the entries pass between Spark tasks as the discover stage hands them on."""
+    return len(pa.RecordBatch.from_pylist(entries, pack_stages.ENTRY)) == len(entries)
+
+
+def opened_path(uri: str) -> str:
+    """Returns the path hdfs_io.filesystem.open_filesystem opens for `uri`."""
+    return urlsplit(uri).path if urlsplit(uri).scheme in ("hdfs", "file") else uri
 
 
 @pytest.fixture(scope="module")
@@ -79,52 +103,119 @@ def tree_with_transcript(root: Path, audio: bytes, keys: list[str], transcript: 
 KEYS = ["1-2-0000", "1-2-0001", "1-2-0002"]
 
 
+ODD_FILE_NAMES = [b"caf\xe9", b"\xff\xfe", b"a#b", b"q?x", b"c:d", b"tab\there", b"sp ace", BOM + b"bom"]
+
+
 @FUZZ
-@given(st.lists(st.tuples(st.sampled_from(KEYS + ["9-9-9999", ""]), st.sampled_from([b" ", b"\t", b"  "]),
-                          LINE_BYTES), max_size=8))
-def test_every_transcript_line_and_audio_file_is_a_candidate_or_a_reject(real_audio, lines):
-    transcript = b"\n".join(k.encode() + sep + text for k, sep, text in lines)
+@given(st.lists(st.tuples(st.sampled_from(KEYS + ["9-9-9999", "", "a#b", "q?x", "c:d", "sp"]), SEPARATORS,
+                          LINE_BYTES), max_size=8),
+       st.lists(st.sampled_from(ODD_FILE_NAMES), max_size=4, unique=True), st.booleans(),
+       st.sampled_from(["", "hdfs://nn:8020"]))
+def test_every_transcript_line_and_audio_file_is_a_candidate_or_a_reject(real_audio, lines, odd_names, bom, base):
+    transcript = (BOM if bom else b"") + b"\n".join(k.encode() + sep + text for k, sep, text in lines)
     with tempfile.TemporaryDirectory() as tmp:
         trans = tree_with_transcript(Path(tmp), real_audio, KEYS, transcript)
+        for folder, name in [(trans.parent, n) for n in odd_names] + [(tmp, b"root-" + n) for n in odd_names]:
+            with open(os.fsencode(folder) + b"/" + name + b".flac", "wb") as f:
+                f.write(real_audio)
+        fs = pafs.LocalFileSystem()
 
-        found = sources.read_librispeech(pafs.LocalFileSystem(), tmp, "")
+        found = sources.read_librispeech(fs, tmp, base)
+        whole = list(sources.tree_entries(fs, sources.list_tree(fs, tmp), ""))
+        by_task = [list(pack_stages.tree_task(pack_stages.tree_items(fs, tmp, want), 0, fs_uri=tmp))
+                   for want in (1, 3)]  # as the pack job lists the tree: whole, or split
 
     mentioned = " ".join(f"{r.source} {r.reason}" for r in found.rejects)
     packed = {c.key for c in found.candidates}
-    for key in KEYS:  # every audio file
-        assert key in packed or f"{key}.flac" in mentioned
+    for name in [k.encode() for k in KEYS] + odd_names + [b"root-" + n for n in odd_names]:  # every audio file
+        assert name.decode("utf-8", "replace") in packed \
+            or name.decode("utf-8", "backslashreplace") + ".flac" in mentioned, name
     for lineno, raw in enumerate(transcript.split(b"\n"), 1):  # every line that says something
-        if raw.strip():
-            key = raw.strip().split(maxsplit=1)[0].decode("utf-8", "replace")
-            assert f"{trans}:{lineno}" in mentioned or key in packed
+        if says_something(lineno, raw):
+            key = raw.removeprefix(BOM if lineno == 1 else b"").strip().split(maxsplit=1)[0]
+            assert f"{trans}:{lineno}" in mentioned or key.decode("utf-8", "replace") in packed
+    for c in found.candidates:  # a candidate's URI opens the file it was listed as, not a cut name
+        assert opened_path(c.uri) in (f"{trans.parent}/{c.key}.flac", f"{tmp}/{c.key}.flac")
+    for entries in by_task:
+        assert fits_arrow(entries) and entry_set(entries) == entry_set(whole)
+
+
+def entry_set(entries: list[dict]) -> list[tuple]:
+    return sorted(tuple(e[f] or "" for f in sources.ENTRY_FIELDS) for e in entries)
 
 
 WEIRD_NAMES = st.sampled_from(["a b", "..", "../up", "x/y", "caf\u00e9", "\u97f3\u58f0", "tab\there", "bell\x07",
-                               "-dash", "new\nline", ""])
+                               "-dash", "new\nline", "", "u:1", "c:/x", "a#b", "q?x", "http://h/x", "hdfs://nn/h#x",
+                               "sur\ud800", "\udcff", "\ufeffbom"])
 MANIFEST_LINES = st.one_of(
     LINE_BYTES,
-    st.builds(lambda name, text, extra: json.dumps({"audio_filepath": name + ".flac", "text": text, **extra}).encode(),
-              WEIRD_NAMES, st.text(max_size=20), st.dictionaries(st.sampled_from(["duration", "speaker"]),
-                                                                  st.one_of(st.none(), st.integers(), st.text()))),
+    st.builds(lambda name, text, extra, ascii_only: json.dumps(
+        {"audio_filepath": name + ".flac", "text": text, **extra}, ensure_ascii=ascii_only).encode(
+            "utf-8", "surrogatepass"),  # written raw, a lone surrogate is bytes that are not UTF-8
+              WEIRD_NAMES, ODD_TEXT, st.dictionaries(st.sampled_from(["duration", "speaker"]),
+                                                     st.one_of(st.none(), st.integers(), ODD_TEXT)), st.booleans()),
     st.builds(lambda v: json.dumps(v).encode(), st.one_of(st.none(), st.integers(), st.lists(st.integers()),
                                                           st.dictionaries(st.text(max_size=5), st.text(max_size=5)))),
 )
 
 
 @FUZZ
-@given(st.lists(MANIFEST_LINES, max_size=10))
-def test_every_manifest_line_is_a_candidate_or_a_reject(lines):
+@given(st.lists(MANIFEST_LINES, max_size=10), st.booleans(), st.sampled_from(["", "hdfs://nn:8020"]))
+def test_every_manifest_line_is_a_candidate_or_a_reject(lines, bom, base):
+    data = (BOM if bom else b"") + b"\n".join(lines)
     with tempfile.TemporaryDirectory() as tmp:
         manifest = Path(tmp) / "m.jsonl"
-        manifest.write_bytes(b"\n".join(lines))
+        manifest.write_bytes(data)
 
-        found = sources.read_manifest(pafs.LocalFileSystem(), str(manifest), "")
+        found = sources.read_manifest(pafs.LocalFileSystem(), str(manifest), base)
+        entries = list(sources.manifest_entries(sources.whole_file(pafs.LocalFileSystem(), str(manifest)),
+                                                str(manifest), base))
 
-    said = [n for n, raw in enumerate(b"\n".join(lines).split(b"\n"), 1) if raw.strip()]
+    said = [n for n, raw in enumerate(data.split(b"\n"), 1) if says_something(n, raw)]
     rejected = [int(r.source.rsplit(":", 1)[1]) for r in found.rejects]
     assert len(found.candidates) + len(rejected) == len(said)
     assert len(set(rejected)) == len(rejected) and set(rejected) <= set(said)
     assert all(r.reason.strip() and "\n" not in r.reason for r in found.rejects)
+    assert fits_arrow(entries)
+    for c in found.candidates:  # a candidate's URI opens the file its line names, not a cut name
+        named = json.loads(data[int(c.order):].split(b"\n")[0])["audio_filepath"]
+        assert opened_path(c.uri) == posixpath.join(tmp, named)
+
+
+KALDI_KEYS = st.sampled_from(["u1", "u2", "u3", "spk-1", "a#b", "c:d", "\u97f3", ""])
+KALDI_VALUES = st.one_of(LINE_BYTES, st.sampled_from([b"/abs/u.wav", b"rel/u.flac", b"u:1.flac", b"a#b.wav",
+                                                      b"q?x.wav", b"http://h/x.wav", b"hdfs://nn/y.wav",
+                                                      b"sox x.sph -t wav - |", b"caf\xe9.wav", b"two  words\t",
+                                                      b"tab\there.wav", b"sur\xed\xa0\x80.wav"]))
+KALDI_LINES = st.lists(st.one_of(st.tuples(KALDI_KEYS, SEPARATORS, KALDI_VALUES).map(
+    lambda t: t[0].encode() + t[1] + t[2]), LINE_BYTES), max_size=8)
+
+
+@FUZZ
+@given(st.fixed_dictionaries({name: st.tuples(st.booleans(), KALDI_LINES) for name in sources.KALDI_FILES}),
+       st.sampled_from(["", "hdfs://nn:8020"]))
+def test_every_kaldi_line_is_an_entry_or_a_reject_keyed_without_spaces_or_bom(lists, base):
+    with tempfile.TemporaryDirectory() as tmp:
+        data = {}
+        for name, (bom, lines) in lists.items():
+            data[name] = (BOM if bom else b"") + b"\n".join(lines)
+            (Path(tmp) / name).write_bytes(data[name])
+
+        entries = {name: list(sources.kaldi_entries(sources.whole_file(pafs.LocalFileSystem(), f"{tmp}/{name}"),
+                                                    name, tmp, base)) for name in data}
+        found = sources.read_kaldi(pafs.LocalFileSystem(), tmp, base)
+
+    for name, got in entries.items():
+        said = [n for n, raw in enumerate(data[name].split(b"\n"), 1) if says_something(n, raw)]
+        assert len(got) == len(said) and fits_arrow(got), name  # one entry per line that says something
+        for e in got:
+            if e[sources.KIND] != sources.REJECT:
+                key = e[F.KEY]
+                assert key and not key.startswith("\ufeff") and not set(key) & set(sources.KALDI_SPACES), key
+            if e[sources.KIND] == sources.AUDIO:
+                assert e[sources.URI].endswith(opened_path(e[sources.URI]))  # nothing cut off its end
+    assert {c.key for c in found.candidates} <= {e[F.KEY] for e in entries["wav.scp"]} & {
+        e[F.KEY] for e in entries["text"]}
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +277,7 @@ def test_odd_keys_and_random_audio_are_packed_or_quarantined_and_nothing_lands_o
     (corpus / "sub").mkdir(parents=True)
     (tmp_path / "beside").mkdir()
     names = ["plain", "with space", "caf\u00e9", "\u97f3\u58f0", "tab\there", "bell\x07", "sub/nested",
-             "../beside/up", "-dash", "noise-1", "noise-2", "cut-1"]
+             "../beside/up", "-dash", "u:1", "hash#tag", "what?", "noise-1", "noise-2", "cut-1"]
     lines = []
     for name in names:
         path = (corpus / f"{name}.flac").resolve()
@@ -198,8 +289,11 @@ def test_odd_keys_and_random_audio_are_packed_or_quarantined_and_nothing_lands_o
             data = real_audio
         path.write_bytes(data)
         lines.append(json.dumps({"audio_filepath": f"{name}.flac", "text": f"words for {name}"}))
+    (corpus / "surrogate.flac").write_bytes(real_audio)
     lines += ["{not json", json.dumps({"audio_filepath": "missing.flac", "text": "no file"}),
-              json.dumps({"audio_filepath": "plain.flac", "text": "a duplicate key"})]
+              json.dumps({"audio_filepath": "plain.flac", "text": "a duplicate key"}),
+              json.dumps({"audio_filepath": "surrogate.flac", "text": "a lone \ud800 surrogate"}),
+              json.dumps({"audio_filepath": "http://example.org/web.flac", "text": "not a filesystem"})]
     (corpus / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     before = snapshot(tmp_path)
 
@@ -211,10 +305,30 @@ def test_odd_keys_and_random_audio_are_packed_or_quarantined_and_nothing_lands_o
     quarantine = [json.loads(x) for x in (tmp_path / "out" / F.QUARANTINE).read_text().splitlines()]
     assert len(index) + len(quarantine) == len(lines)  # every manifest line: packed or quarantined
     assert {r[F.KEY] for r in index} == {n for n in names if not n.startswith(("noise", "cut"))}
+    reasons = " ".join(q[F.REASON] for q in quarantine)
+    assert "lone surrogate" in reasons and "unsupported URI scheme 'http'" in reasons
     for r in index:
         assert r[F.NUM_BYTES] == len(real_audio)
     code, errors, _ = run_cli(read.main, [str(tmp_path / "out"), "--workers", "0"])
     assert code == 0 and errors == []
+
+
+def test_a_kaldi_folder_with_segments_is_refused_in_one_line_and_nothing_is_written(cluster, real_audio, tmp_path):
+    kaldi = tmp_path / "kaldi"
+    kaldi.mkdir()
+    (kaldi / "rec1.flac").write_bytes(real_audio)
+    (kaldi / "wav.scp").write_text(f"rec1 {kaldi}/rec1.flac\n")
+    (kaldi / "text").write_text("utt1 hello\nutt2 world\n")
+    (kaldi / "segments").write_text("utt1 rec1 0.00 0.50\nutt2 rec1 0.50 1.00\n")
+    before = snapshot(tmp_path)
+
+    result = cluster.pack("--input", str(kaldi), "--output", str(tmp_path / "out"), check=False)
+
+    output = result.stdout + result.stderr  # spark-submit sends the driver's stderr to stdout
+    errors = [line for line in output.splitlines() if line.startswith("pack: ")]
+    assert result.returncode == 2 and "Traceback" not in output
+    assert len(errors) == 1 and errors[0].startswith(f"pack: error: {kaldi}/segments: "), errors
+    assert snapshot(tmp_path) == before
 
 
 def python_files() -> list[Path]:
