@@ -96,35 +96,35 @@ def test_a_path_no_filesystem_serves_is_quarantined_with_its_reason(uri):
     assert out[packing.ERROR].startswith("unsupported path: ")
 
 
-@pytest.mark.parametrize("case", ["permission refused", "namenode unreachable"])
+@pytest.mark.parametrize("case", ["audio refused", "folder refused", "namenode unreachable"])
 def test_a_pack_whose_audio_the_storage_does_not_serve_fails_in_one_line_and_writes_nothing(
         cluster, hdfs_dir, tmp_path, case):
     from tests.corpora import good_librispeech
 
-    expected = good_librispeech(tmp_path / "corpus", 3, seed=7)
+    good_librispeech(tmp_path / "corpus", 3, seed=7)
     root = hdfs_dir.split("://", 1)[1].split("/", 1)[1]
-    cluster.hadoop("dfs", "-mkdir", "-p", f"/{root}/private")
-    cluster.hadoop("dfs", "-put", str(tmp_path / "corpus"), f"/{root}/private/corpus")
-    cluster.hadoop("dfs", "-chmod", "700", f"/{root}/private")
-    base = f"{hdfs_dir}/private/corpus" if case == "permission refused" else "hdfs://127.0.0.1:9/corpus"
+    cluster.hadoop("dfs", "-put", str(tmp_path / "corpus"), f"/{root}/corpus")
+    chapters = sorted(p.relative_to(tmp_path / "corpus") for p in (tmp_path / "corpus").glob("*/*"))
     manifest = tmp_path / "manifest.jsonl"
+    base = "hdfs://127.0.0.1:9/corpus" if case == "namenode unreachable" else f"{hdfs_dir}/corpus"
     manifest.write_text("".join(
         json.dumps({"audio_filepath": f"{base}/{p.relative_to(tmp_path / 'corpus')}", "text": "a b"}) + "\n"
         for p in sorted((tmp_path / "corpus").rglob("*.flac"))))
-    env = dict(cluster.env, HADOOP_USER_NAME="mallory") if case == "permission refused" else cluster.env
-    argv = cluster.spark_submit_argv(str(ROOT / "spark_jobs" / "pack.py"), "--input", str(manifest),
+    cluster.hadoop("dfs", "-chmod", "700", f"/{root}/corpus/{chapters[-1]}")  # one chapter mallory may not enter
+    env = cluster.env if case == "namenode unreachable" else dict(cluster.env, HADOOP_USER_NAME="mallory")
+    source = f"{hdfs_dir}/corpus" if case == "folder refused" else str(manifest)
+    argv = cluster.spark_submit_argv(str(ROOT / "spark_jobs" / "pack.py"), "--input", source,
                                      "--output", str(tmp_path / "out"), "--quiet", master="local[2]")
 
     result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
 
     output = result.stdout + result.stderr  # spark-submit passes the driver's stderr on as its stdout
     errors = [line for line in output.splitlines() if line.startswith("pack: error:")]
-    assert result.returncode == (2 if case == "permission refused" else 1), output[-3000:]
+    assert result.returncode == (1 if case == "namenode unreachable" else 2), output[-3000:]
     assert len(errors) == 1, output[-3000:]
     assert "Traceback" not in result.stdout, "a traceback reached the user (Spark's own log has the task's)"
-    if case == "permission refused":
-        assert "permission denied" in errors[0] and "mallory" in errors[0]
-    else:
+    if case == "namenode unreachable":
         assert "hdfs://127.0.0.1:9/corpus/" in errors[0]
+    else:
+        assert "permission denied" in errors[0] and "mallory" in errors[0]
     assert not (tmp_path / "out").exists(), "a dataset of quarantined good audio was published"
-    assert len(expected.packed) == 3
