@@ -69,7 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seeds the shuffled layout and the stats sample")
     p.add_argument("--stats-sample", type=int, default=2000,
                    help="utterances sampled for feature mean/std (default 2000)")
-    p.add_argument("--exact-stats", action="store_true", help=f"feature mean/std over every utterance (each its first {packing.STATS_SECONDS:g} s)")
+    p.add_argument("--exact-stats", action="store_true",
+                   help=f"feature mean/std over every utterance (each its first {packing.STATS_SECONDS:g} s)")
     p.add_argument("--feature", choices=["log_mel", "log_spectrogram"], default="log_mel")
     p.add_argument("--master", default=None, help="Spark master when run without spark-submit")
     p.add_argument("--progress-s", type=float, default=PROGRESS_EVERY_S,
