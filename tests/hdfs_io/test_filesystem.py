@@ -311,3 +311,21 @@ def test_filesystem_ref_pickles_without_a_handle(hdfs_dir):
     restored = pickle.loads(pickle.dumps(ref))
 
     assert restored == ref and len(pickle.dumps(ref)) < 200
+
+
+def test_upload_through_pydoop_reaches_an_ha_nameservice_named_with_capitals(cluster, hdfs_dir, tmp_path):
+    dead = unused_address()
+    live_one = cluster.hdfs_uri.removeprefix("hdfs://")
+    env = client_conf(tmp_path / "conf", {"fs.defaultFS": "hdfs://SpeechNS"},
+                      {**ha_nameservice("SpeechNS", [live_one, dead]), "dfs.replication": "2"})
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.bin").write_bytes(b"ha" * 1000)
+    path = urlparse(hdfs_dir).path
+
+    run = subprocess.run([sys.executable, "-m", "hdfs_io.upload", "--client", "pydoop", "--quiet",
+                          str(tmp_path / "src"), f"hdfs://SpeechNS{path}/up"],
+                         env=env, capture_output=True, text=True, timeout=180)
+
+    assert run.returncode == 0, run.stderr[-2000:]
+    fs, _ = open_filesystem(hdfs_dir)
+    assert fs.get_file_info(f"{path}/up/a.bin").size == 2000
