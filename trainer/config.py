@@ -34,14 +34,17 @@ class TrainConfig:
     inject_inf_on_rank: int = 0  # ... on this rank
     crash_after_step: int = -1  # fault injection for tests: exit with code 17 after this step ...
     crash_on_rank: int = 0  # ... on this rank, as a killed process would (first attempt only under torchrun)
+    inject_eval_delay_s: float = 0.0  # fault injection for tests: each rank's evaluation takes this much longer
     dist_timeout_minutes: float = 30.0  # a collective (or the set-up after a restart) waiting longer fails the rank
     audit_keys: bool = False  # every rank appends the keys of each step to LOG_DIR/keys.rank<R>.jsonl
     on_error: str = "fail"  # a damaged record or chunk: "fail" stops with one line, "skip" drops it and counts it
     log_every_steps: int = 50  # without a terminal, rank 0 writes a progress line this often
 
     def __post_init__(self):
-        if self.on_error not in ("fail", "skip"):
-            raise ValueError(f"on_error must be 'fail' or 'skip', not {self.on_error!r}")
+        for name, allowed in (("on_error", ("fail", "skip")), ("optimizer", ("adamw", "sgd")),
+                              ("precision", ("auto", "fp32", "bf16", "fp16"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be {' or '.join(map(repr, allowed))}, not {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)

@@ -38,10 +38,23 @@ def error_counts(hypothesis: str, reference: str) -> tuple[int, int, int, int]:
             edit_distance(list(hypothesis), list(reference)), len(reference))
 
 
+def error_totals(hypotheses: list[str], references: list[str]) -> list[int]:
+    """Returns [word errors, reference words, char errors, reference chars, utterances] summed over a corpus.
+
+    Totals of parts of a corpus add up to the corpus's: ranks that each decode a part sum them.
+    """
+    totals = [0, 0, 0, 0, 0]
+    for h, r in zip(hypotheses, references, strict=True):
+        totals = [a + b for a, b in zip(totals, (*error_counts(h, r), 1))]
+    return totals
+
+
+def rates(totals: list[int]) -> dict:
+    """Returns {"wer", "cer", "utterances"} from `error_totals`: errors over reference lengths."""
+    we, wn, ce, cn, n = totals
+    return {"wer": we / max(wn, 1), "cer": ce / max(cn, 1), "utterances": int(n)}
+
+
 def error_rates(hypotheses: list[str], references: list[str]) -> dict:
     """Returns {"wer", "cer", "utterances"}: errors summed over the corpus, over reference lengths."""
-    we = wn = ce = cn = 0
-    for h, r in zip(hypotheses, references, strict=True):
-        a, b, c, d = error_counts(h, r)
-        we, wn, ce, cn = we + a, wn + b, ce + c, cn + d
-    return {"wer": we / max(wn, 1), "cer": ce / max(cn, 1), "utterances": len(references)}
+    return rates(error_totals(hypotheses, references))

@@ -14,6 +14,15 @@ TensorBoard; default OUT/logs for a local --out, else a folder under the temp di
 On a terminal rank 0 shows a progress bar; in a log it writes a line every
 `train.log_every_steps` steps.
 
+The learning rate is a function of how far the run is (`run_progress`): the steps
+of `train.max_steps`, else the epochs of data read, so a resume on another number
+of ranks goes on with the schedule where it was. A resume keeps the history in
+OUT/metrics.jsonl up to its checkpoint, refuses settings the checkpoint cannot go
+on with (the reader's batches, the optimizer, the model, the features) in one
+line, and applies the others (the LR, the epochs, ...), saying which. Every rank
+evaluates its share of --eval-dataset and the error counts are summed, so no rank
+waits in a collective for another's whole evaluation.
+
 Exit codes: 0 done, 2 a user error (bad config, a dataset that is not there, a
 resume that no longer fits), 1 a reader error (damaged data under on_error=fail,
 storage unavailable) or a bug.
@@ -46,8 +55,8 @@ from hdfs_io.plan import PlanConfig
 from hdfs_io.shard_reader import (CorruptRecord, ReaderConfig, ShardDataset, ShardLoader, StorageUnavailable,
                                   error_message)
 from trainer import checkpoint
-from trainer.config import Config, ConfigError, from_dict, load_config, to_dict
-from trainer.decode import error_rates, greedy_decode
+from trainer.config import Config, ConfigError, TrainConfig, from_dict, load_config, to_dict
+from trainer.decode import error_totals, greedy_decode, rates
 from trainer.model import DeepSpeech2, cosine_with_warmup, parameter_count
 
 
@@ -88,22 +97,38 @@ def encode(transcripts: list[str], vocabulary: list[str]) -> tuple[torch.Tensor,
     return torch.tensor([i for t in ids for i in t], dtype=torch.long), torch.tensor([len(t) for t in ids])
 
 
-def evaluate(model: DeepSpeech2, dataset_uri: str, cfg: Config, device: torch.device) -> dict:
-    """Returns greedy-decoding WER and CER of `model` over every utterance of a dataset."""
-    reader = ShardDataset(dataset_uri, 0, 1, ReaderConfig(plan=PlanConfig(batch_seconds=cfg.train.batch_seconds),
-                                                          feature=cfg.features, output="waveform"))
+def evaluate(model: DeepSpeech2, dataset_uri: str, cfg: Config, device: torch.device, rank: int = 0,
+             world: int = 1) -> dict:
+    """Returns greedy-decoding WER and CER of `model` over every utterance of a dataset.
+
+    Rank `rank` of `world` decodes its share of the dataset (the reader's plan deals it),
+    and the error counts are summed over the ranks in one all-reduce at the end: with
+    world > 1 every rank must call this at the same point, and none waits in a
+    collective for longer than the ranks' shares differ. They all evaluate rank 0's model,
+    the one a checkpoint holds.
+    """
+    if world > 1:
+        # DDP gives every rank rank 0's buffers (batch norm's statistics) at the start of each forward,
+        # so after a training step each rank's hold its own batch's update
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+    reader = ShardDataset(dataset_uri, rank, world, ReaderConfig(
+        plan=PlanConfig(batch_seconds=cfg.train.batch_seconds), feature=cfg.features, output="waveform"))
     was_training = model.training
     model.eval()
     hyps, refs = [], []
     with torch.no_grad():
         for batch in reader:
-            if batch["repeated"] or not batch["keys"]:
+            if batch["repeated"] or not batch["keys"]:  # a repeat is a rank's own earlier batch, already counted
                 continue
             log_probs, lengths = model(batch["waveform"].to(device), batch["lengths"].to(device))
             hyps += greedy_decode(log_probs.float().cpu(), lengths.cpu(), model.vocabulary)
             refs += batch["transcripts"]
     model.train(was_training)
-    return error_rates(hyps, refs)
+    totals = torch.tensor(error_totals(hyps, refs), dtype=torch.float64, device=device)  # NCCL reduces CUDA tensors
+    if world > 1:
+        dist.all_reduce(totals)
+    return rates([int(x) for x in totals.tolist()])
 
 
 def dataset_identity(manifest: dict, uri: str) -> dict:
@@ -111,8 +136,20 @@ def dataset_identity(manifest: dict, uri: str) -> dict:
             "shards": [s["checksum"] for s in manifest["shards"]]}
 
 
-# The config a saved position depends on: another value would deal other batches to the ranks.
-RESUME_MUST_MATCH = ("batch_seconds", "window_utterances", "seed")
+# What a checkpoint cannot go on with under another value. train: the reader's batches (another value would
+# deal other batches to the ranks) and the optimizer (its saved state is another optimizer's). model and
+# features, whole: the saved weights have their shapes and learned from those inputs.
+RESUME_MUST_MATCH = ("train.batch_seconds", "train.window_utterances", "train.seed", "train.optimizer")
+RESUME_MUST_MATCH_SECTIONS = ("model", "features")
+
+
+def changed_settings(saved: dict, now: dict) -> list[tuple[str, str]]:
+    """Returns (section.key, "section.key OLD -> NEW") for each setting of config dict `now` that `saved` differs in.
+
+    A key the saved config lacks (it came with a later version) counts as changed.
+    """
+    return [(f"{section}.{k}", f"{section}.{k} {saved.get(section, {}).get(k)!r} -> {v!r}")
+            for section, values in now.items() for k, v in values.items() if saved.get(section, {}).get(k) != v]
 
 
 def resume_mismatch(ckpt: dict, cfg: Config, identity: dict) -> str | None:
@@ -124,12 +161,50 @@ def resume_mismatch(ckpt: dict, cfg: Config, identity: dict) -> str | None:
     if (saved["utterances"], saved["shards"]) != (identity["utterances"], identity["shards"]):
         return (f"the checkpoint was trained on another dataset ({saved['uri']}, {saved['utterances']} "
                 f"utterances) than {identity['uri']} ({identity['utterances']} utterances)")
-    now = to_dict(cfg)["train"]
-    changed = [f"train.{k} {ckpt['config']['train'].get(k)!r} -> {now[k]!r}" for k in RESUME_MUST_MATCH
-               if ckpt["config"]["train"].get(k) != now[k]]
-    if ckpt["config"]["features"] != to_dict(cfg)["features"]:
-        changed.append("features")
+    changed = [said for key, said in changed_settings(ckpt["config"], to_dict(cfg))
+               if key in RESUME_MUST_MATCH or key.split(".")[0] in RESUME_MUST_MATCH_SECTIONS]
     return f"the checkpoint was made with other settings: {', '.join(changed)}" if changed else None
+
+
+def resume_changes(ckpt: dict, cfg: Config) -> list[str]:
+    """Returns the settings this run changes that a resume applies ("train.lr 0.002 -> 0.001"), for the user.
+
+    Called once `resume_mismatch` found none that it must refuse.
+    """
+    return [said for key, said in changed_settings(ckpt["config"], to_dict(cfg)) if key.startswith("train.")]
+
+
+def run_progress(t: TrainConfig, step: int, epochs_read: float, agreed_s: float) -> float:
+    """Returns the fraction of the run done, which the LR schedule follows.
+
+    By steps when train.max_steps sets the run's length, else by the epochs of data read
+    (`epochs_read`, fractional); by wall time (`agreed_s`, the slowest rank's) when a
+    time budget would end the run first. All are the same on every rank, and the epochs
+    read do not depend on the number of ranks, so a resume on another world size goes
+    on with the schedule where it was.
+    """
+    done = step / t.max_steps if t.max_steps else epochs_read / max(t.epochs, 1)
+    return max(done, agreed_s / (60 * t.max_minutes)) if t.max_minutes else done
+
+
+def epoch_read(start: float, taken: int, left: int) -> float:
+    """Returns the fraction of an epoch read once this run took `taken` of the `left` steps it has in the epoch.
+
+    `start` is the fraction read when this run took the epoch up (0 for an epoch begun
+    here). A resume on another world size deals what was left of the epoch afresh to
+    the new ranks, so their step count spans the rest of the epoch, whatever it was before.
+    """
+    return start + (1.0 - start) * taken / left if left else start
+
+
+def own_count(by_rank: list[int], rank: int, world: int) -> int:
+    """Returns this rank's part of a count every rank of a saved run kept (skipped records, emptied batches).
+
+    On the same world size each rank has its own; on another, rank 0 carries the total.
+    """
+    if len(by_rank) == world:
+        return by_rank[rank]
+    return sum(by_rank) if rank == 0 else 0
 
 
 def wait_summary(waits: list[tuple[bool, float]]) -> dict:
@@ -230,31 +305,22 @@ def run(argv: list[str] | None) -> int:
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=0.9, nesterov=True,
                                     weight_decay=t.weight_decay)
-    total_steps = t.max_steps or t.epochs * len(reader)
     clock = {"started": time.perf_counter(), "before_resume_s": 0.0, "agreed_s": 0.0}
 
     def elapsed() -> float:
         """This rank's training wall time in seconds, counting the runs before a resume."""
         return clock["before_resume_s"] + time.perf_counter() - clock["started"]
 
-    def progress(step_count: int) -> float:
-        """Fraction of training done: by steps, or by wall time when a time budget ends the run first.
-
-        The time is the one all ranks agreed on at the last step (the slowest rank's), so every
-        rank follows the same learning rate.
-        """
-        by_steps = step_count / max(total_steps, 1)
-        return max(by_steps, clock["agreed_s"] / (60 * t.max_minutes)) if t.max_minutes else by_steps
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(progress(s), t.warmup_fraction))
     ctc = nn.CTCLoss(blank=0, zero_infinity=True)
     precision = {"auto": "bf16" if device.type == "cuda" else "fp32"}.get(t.precision, t.precision)
     autocast = (torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
                 if precision != "fp32" else nullcontext())
-    scaler = torch.amp.GradScaler(enabled=precision == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     identity = dataset_identity(manifest, args.dataset)
-    step, epoch, skipped, skipped_utterances, resumed = 0, 0, 0, 0, False
+    step, epoch, skipped, skipped_utterances, empty_batches = 0, 0, 0, 0, 0
+    # how far into `epoch` the readers are: the fraction read, and whether they go on in it (else they start it)
+    epoch_start, reader_resumed = 0.0, False
     found = checkpoint.load(args.out) if args.resume else None
     if args.resume and found is None and rank == 0:
         print(f"train: --resume: no checkpoint in {args.out}; starting from step 0", file=sys.stderr)
@@ -269,26 +335,32 @@ def run(argv: list[str] | None) -> int:
         if why:
             print(f"train: error: cannot resume from {where}: {why}", file=sys.stderr)
             return 2
+        changes = resume_changes(ckpt, cfg)
+        if changes and rank == 0:
+            print(f"train: --resume from {where} at step {ckpt['step']} with changed settings, applied from "
+                  f"here: {', '.join(changes)}", file=sys.stderr)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        for group in optimizer.param_groups:  # the saved groups hold the saved run's; the LR is set at each step
+            group["weight_decay"] = t.weight_decay
+        if ckpt.get("scaler") and scaler.is_enabled():  # a run without fp16 saved none: the scale starts afresh
+            scaler.load_state_dict(ckpt["scaler"])
         step, epoch, skipped = ckpt["step"], ckpt["epoch"], ckpt["skipped_steps"]
-        by_rank = ckpt.get("skipped_utterances_by_rank", [])
-        # this rank's own count; on another world size rank 0 carries the total
-        if len(by_rank) == world:
-            skipped_utterances = by_rank[rank]
-        else:
-            skipped_utterances = sum(by_rank) if rank == 0 else 0
+        skipped_utterances = own_count(ckpt.get("skipped_utterances_by_rank", []), rank, world)
+        empty_batches = own_count(ckpt.get("empty_batches_by_rank", []), rank, world)
         clock["before_resume_s"] = clock["agreed_s"] = ckpt.get("wall_s", 0.0)
-        # a checkpoint written after an epoch ended holds the reader at the end of the epoch before
-        resumed = ckpt["readers"][0]["epoch"] == epoch
+        # a checkpoint written after an epoch ended holds the readers at the end of the epoch before
+        reader_resumed = ckpt["readers"][0]["epoch"] == epoch
+        if reader_resumed:
+            # a checkpoint saved before "epoch_read" was: estimated from the position, exact on the same world size
+            epoch_start = ckpt.get("epoch_read", loader.next_position / max(len(loader), 1))
 
     log_dir = Path(args.log_dir) if args.log_dir else default_log_dir(args.out)
     metrics_file = writer = None
     pending: list[str] = []  # metrics lines not yet appended to OUT/metrics.jsonl
     waits: list[tuple[bool, float]] = []  # rank 0: (first step of its epoch?, data wait fraction), per step
     if rank == 0:
-        if resumed:
+        if found is not None:  # the history up to the checkpoint stays, whatever the readers go on with
             checkpoint.cut_metrics(args.out, step)
         else:
             checkpoint.start_metrics(args.out)
@@ -308,24 +380,26 @@ def run(argv: list[str] | None) -> int:
         metrics_file.write(line)
         pending.append(line)
 
-    def save() -> int:
-        """Writes a checkpoint; returns the records skipped on all ranks so far."""
-        mine = (loader.state_dict(), skipped_utterances)
+    def save(read: float) -> tuple[int, int]:
+        """Writes a checkpoint, `read` the fraction of `epoch` read; returns the records skipped and the
+        batches emptied by skips on all ranks so far."""
+        mine = (loader.state_dict(), skipped_utterances, empty_batches)
         gathered = [None] * world
         if world > 1:
             dist.all_gather_object(gathered, mine)
         else:
             gathered = [mine]
-        states, skipped_by_rank = [g[0] for g in gathered], [g[1] for g in gathered]
+        states, skipped_by_rank, empty_by_rank = ([g[i] for g in gathered] for i in range(3))
         if rank == 0:
             checkpoint.append_metrics(args.out, pending)  # before the checkpoint: see trainer.checkpoint
             pending.clear()
             checkpoint.save(args.out, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "skipped_steps": skipped,
-                "skipped_utterances_by_rank": skipped_by_rank, "wall_s": clock["agreed_s"], "config": to_dict(cfg),
-                "vocabulary": model.vocabulary, "dataset": identity, "readers": states})
-        return sum(skipped_by_rank)
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "step": step, "epoch": epoch, "epoch_read": read, "skipped_steps": skipped,
+                "skipped_utterances_by_rank": skipped_by_rank, "empty_batches_by_rank": empty_by_rank,
+                "wall_s": clock["agreed_s"], "config": to_dict(cfg), "vocabulary": model.vocabulary,
+                "dataset": identity, "readers": states})
+        return sum(skipped_by_rank), sum(empty_by_rank)
 
     # torchrun counts restarts; fault injection fires on the first attempt only
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
@@ -333,54 +407,85 @@ def run(argv: list[str] | None) -> int:
     if t.audit_keys:
         log_dir.mkdir(parents=True, exist_ok=True)
         audit = open(log_dir / f"keys.rank{rank}.jsonl", "a", buffering=1)
+    # for the progress display only: steps per epoch on this world size, from what is left of this one
+    left = len(loader) - loader.next_position if reader_resumed else 0
+    steps_per_epoch = left / (1.0 - epoch_start) if left else len(loader)
+    total_steps = t.max_steps or max(step, round(step + (t.epochs - epoch - epoch_start) * steps_per_epoch))
     bar = tqdm(total=None if t.max_minutes and not t.max_steps else total_steps, initial=step,
                disable=rank != 0 or not sys.stderr.isatty(), unit="step", file=sys.stderr)
+    read = epoch_start  # the fraction of `epoch` read
     done = bool(t.max_steps and step >= t.max_steps)  # a resume of a finished run trains no further step
     while epoch < t.epochs and not done:
-        if not resumed:
+        if not reader_resumed:
             loader.set_epoch(epoch)
-        resumed = False
+            epoch_start = 0.0
+        reader_resumed = False
+        left, taken = len(loader) - loader.next_position, 0  # the steps this run has in the epoch: equal on all ranks
         waited_from = time.perf_counter()
         first_of_epoch = True
         for batch in loader:
             got_at = time.perf_counter()
-            wave, lengths = batch["waveform"].to(device), batch["lengths"].to(device)
-            targets, target_lengths = encode(batch["transcripts"], model.vocabulary)
+            empty = not batch["keys"]
+            if empty:
+                # Every record of the batch was skipped. This rank still takes the step, with a stand-in input
+                # and a loss of zero, so that it meets the other ranks in DDP's gradient all-reduce; in eval mode,
+                # so that batch norm's running statistics do not learn from the stand-in.
+                empty_batches += 1
+                print(f"train: rank {rank} step {step + 1}: all {len(batch['skipped'])} records of batch "
+                      f"{batch['position']} were skipped; it takes a step with a loss of zero", file=sys.stderr)
+                wave, lengths = torch.zeros(1, 1, device=device), torch.ones(1, dtype=torch.long, device=device)
+                model.eval()
+            else:
+                wave, lengths = batch["waveform"].to(device), batch["lengths"].to(device)
             with autocast:
                 log_probs, out_lengths = ddp(wave, lengths)
-            loss = ctc(log_probs.float(), targets, out_lengths.cpu(), target_lengths)
+            if empty:
+                model.train()
+                loss = log_probs.float().sum() * 0.0
+            else:
+                targets, target_lengths = encode(batch["transcripts"], model.vocabulary)
+                loss = ctc(log_probs.float(), targets, out_lengths.cpu(), target_lengths)
             if step == t.inject_inf_at_step and rank == t.inject_inf_on_rank:
-                loss = loss + float("inf")
+                loss = loss * float("inf")  # its gradients too, as an fp16 overflow would
             optimizer.zero_grad(set_to_none=True)
+            scale = scaler.get_scale()
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            # What every rank must agree on, in one collective: whether any rank's step went bad, and the
-            # wall time (the slowest rank's) that the LR schedule and the time budget follow.
+            # What every rank must agree on, in one collective: whether any rank's step went bad, the wall
+            # time (the slowest rank's) that the LR schedule and the time budget follow, and whether any
+            # rank had a record in its batch.
             agreed = torch.tensor([float(not (math.isfinite(loss.item()) and math.isfinite(grad_norm.item()))),
-                                   elapsed()], dtype=torch.float64, device=device)  # NCCL reduces CUDA tensors
+                                   elapsed(), float(not empty)], dtype=torch.float64, device=device)  # NCCL: CUDA
             if world > 1:
                 dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
             clock["agreed_s"] = agreed[1].item()
-            if agreed[0].item() > 0:
-                skipped += 1
+            lr = t.lr * cosine_with_warmup(run_progress(t, step, epoch + read, clock["agreed_s"]), t.warmup_fraction)
+            if agreed[0].item() > 0 or agreed[2].item() == 0:  # a bad step, or no rank had a record
+                skipped += agreed[0].item() > 0
                 optimizer.zero_grad(set_to_none=True)
                 scaler.update()
             else:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
                 scaler.step(optimizer)
                 scaler.update()
-                scheduler.step()
             step += 1
+            taken += 1
+            read = epoch_read(epoch_start, taken, left)
             skipped_utterances += len(batch["skipped"])
             step_end = time.perf_counter()
             step_s = step_end - waited_from
             if rank == 0:
                 audio_s = sum(batch["durations"])
-                record = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
+                record = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": lr,
                           "utterances_per_s": len(batch["keys"]) * world / step_s,
                           "audio_seconds_per_s": audio_s * world / step_s,
                           "data_wait_fraction": (got_at - waited_from) / step_s, "skipped_steps": skipped,
-                          "skipped_utterances_rank0": skipped_utterances, "wall_s": clock["agreed_s"]}
+                          "skipped_utterances_rank0": skipped_utterances, "empty_batches_rank0": empty_batches,
+                          "wall_s": clock["agreed_s"]}
+                if scaler.is_enabled():
+                    record["loss_scale"] = scale
                 log_metrics(record)
                 waits.append((first_of_epoch, record["data_wait_fraction"]))
                 if writer:
@@ -394,19 +499,20 @@ def run(argv: list[str] | None) -> int:
                           f"{record['audio_seconds_per_s']:.0f} audio-s/s, data wait "
                           f"{100 * record['data_wait_fraction']:.1f}%, {clock['agreed_s'] / 60:.1f} min",
                           file=sys.stderr, flush=True)
-            if args.eval_dataset and t.eval_every_steps and step % t.eval_every_steps == 0 and rank == 0:
-                rates = evaluate(model, args.eval_dataset, cfg, device)
-                log_metrics({"step": step, "eval": rates, "wall_s": clock["agreed_s"]})
-                if writer:
-                    writer.add_scalar("eval/cer", rates["cer"], step)
-                    writer.add_scalar("eval/wer", rates["wer"], step)
+            if args.eval_dataset and t.eval_every_steps and step % t.eval_every_steps == 0:  # on every rank
+                time.sleep(t.inject_eval_delay_s)
+                scores = evaluate(model, args.eval_dataset, cfg, device, rank, world)
+                if rank == 0:
+                    log_metrics({"step": step, "eval": scores, "wall_s": clock["agreed_s"]})
+                    if writer:
+                        writer.add_scalar("eval/cer", scores["cer"], step)
+                        writer.add_scalar("eval/wer", scores["wer"], step)
             if audit:
                 audit.write(json.dumps({"step": step, "epoch": epoch, "position": batch["position"],
                                         "attempt": attempt, "keys": batch["keys"], "repeated": batch["repeated"],
-                                        "skipped": len(batch["skipped"]),
-                                        "lr": scheduler.get_last_lr()[0]}) + "\n")
+                                        "skipped": len(batch["skipped"]), "lr": lr}) + "\n")
             if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:  # after the step's eval and audit
-                save()
+                save(read)
             if step == t.crash_after_step and rank == t.crash_on_rank and attempt == 0:
                 os._exit(17)
             out_of_time = t.max_minutes and clock["agreed_s"] / 60 >= t.max_minutes  # agreed: ranks stop together
@@ -416,14 +522,14 @@ def run(argv: list[str] | None) -> int:
             waited_from = time.perf_counter()
             first_of_epoch = False
         else:
-            epoch += 1
+            epoch, read = epoch + 1, 0.0
     bar.close()
-    skipped_everywhere = save()
+    skipped_everywhere, emptied_everywhere = save(read)
+    final = evaluate(model, args.eval_dataset, cfg, device, rank, world) if args.eval_dataset else {}
     if rank == 0:
         result = {"step": step, "epoch": epoch, "skipped_steps": skipped, "skipped_utterances": skipped_everywhere,
-                  "wall_s": clock["agreed_s"], "data_wait_fraction": wait_summary(waits)}
-        if args.eval_dataset:
-            result.update(evaluate(model, args.eval_dataset, cfg, device))
+                  "empty_batches": emptied_everywhere, "wall_s": clock["agreed_s"],
+                  "data_wait_fraction": wait_summary(waits), **final}
         print(json.dumps(result))
         metrics_file.close()
         if writer:

@@ -22,8 +22,12 @@ from hdfs_io.dataset import open_dataset
 from hdfs_io.filesystem import open_filesystem
 from hdfs_io.plan import PlanConfig
 from hdfs_io.shard_reader import ReaderConfig, ShardDataset
+from pyarrow import fs as pafs
 from scripts.devcluster import free_port
 from tests.corpora import good_librispeech
+from trainer.config import Config, TrainConfig, load_config, to_dict
+from trainer.model import cosine_with_warmup
+from trainer.train import epoch_read, resume_changes, resume_mismatch, run_progress
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--conf", str(ROOT / "conf" / "ds2_tiny.yaml"), "--train.batch_seconds=12", "--train.checkpoint_every_steps=3",
@@ -302,3 +306,118 @@ def test_an_epoch_stopped_on_two_ranks_finishes_on_another_number_of_ranks_read_
                 for k in r["keys"]]
     expected = open_dataset(hdfs_dataset).index().column(F.KEY).to_pylist()
     assert Counter(consumed) == Counter(expected)  # one clean epoch over both runs: none missing, none twice
+
+
+def test_a_resume_on_another_world_size_goes_on_with_the_lr_schedule_where_it_was(
+        cluster, hdfs_dataset, stopped_on_two_ranks, tmp_path):
+    shutil.copytree(stopped_on_two_ranks / "out", tmp_path / "out")
+
+    train(cluster, "--dataset", hdfs_dataset, *ELASTIC, "--out", str(tmp_path / "out"), "--log-dir",
+          str(tmp_path / "log"), "--resume")
+
+    before = {r["step"]: r["lr"] for r in audit(stopped_on_two_ranks / "log", 2)[0]}
+    after = [r["lr"] for r in audit(tmp_path / "log", 1)[0]]  # steps 4 to the end of the epoch
+    peak = load_config(ROOT / "conf" / "ds2_tiny.yaml").train.lr
+    assert after[0] == pytest.approx(before[4], rel=1e-9), "step 4 is at the same point of the epoch on any world size"
+    assert after == sorted(after, reverse=True), "the LR went up again after a resume"
+    assert all(lr > 0 for lr in after), f"the LR reached zero before the epoch ended: {after}"
+    assert after[-1] < 0.1 * peak, f"the schedule did not come to its end with the epoch: {after}"
+
+
+def test_lr_schedule_is_a_function_of_the_data_read_whatever_the_number_of_ranks():
+    t = TrainConfig(epochs=1, warmup_fraction=0.05)
+
+    def multiplier(step: int, read: float) -> float:
+        return cosine_with_warmup(run_progress(t, step, read, 0.0), t.warmup_fraction)
+
+    # one epoch: 100 steps on 4 ranks; stopped after 50, the other half is 25 steps on 8 ranks, or 50 on 4
+    whole = [multiplier(k, epoch_read(0.0, k, 100)) for k in range(100)]
+    on_eight = [multiplier(50 + k, epoch_read(epoch_read(0.0, 50, 100), k, 25)) for k in range(25)]
+
+    assert on_eight == pytest.approx(whole[50::2]), "8 ranks read the second half twice as fast, on the same schedule"
+    assert whole[49] > on_eight[0] > on_eight[-1] > 0
+    assert run_progress(t, 75, 1.0, 0.0) == 1.0 and run_progress(TrainConfig(max_steps=10), 5, 0.1, 0.0) == 0.5
+
+
+def test_a_resume_refuses_another_optimizer_or_model_in_one_line_and_names_the_settings_it_applies():
+    identity = {"uri": "d", "utterances": 3, "shards": [1]}
+    ckpt = {"dataset": identity, "config": to_dict(Config())}
+
+    sgd, wider, lower = (load_config(None, [o]) for o in ("--train.optimizer=sgd", "--model.rnn_hidden=64",
+                                                           "--train.lr=3e-4"))
+
+    assert "train.optimizer 'adamw' -> 'sgd'" in resume_mismatch(ckpt, sgd, identity)
+    assert "model.rnn_hidden 256 -> 64" in resume_mismatch(ckpt, wider, identity)
+    assert resume_mismatch(ckpt, lower, identity) is None
+    assert resume_changes(ckpt, lower) == ["train.lr 0.0015 -> 0.0003"]
+
+
+def test_a_resume_after_the_final_checkpoint_keeps_the_history_in_out(cluster, hdfs_dataset, tmp_path):
+    common = ["--dataset", hdfs_dataset, "--out", str(tmp_path / "out"), "--log-dir", str(tmp_path / "log")]
+    first = train(cluster, *common, "--epochs", "1")
+    steps = json.loads(first.stdout.strip().splitlines()[-1])["step"]
+
+    train(cluster, *common, "--epochs", "2", "--resume")  # the final checkpoint says epoch 1, its readers epoch 0
+
+    history = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in history] == list(range(1, 2 * steps + 1))
+
+
+def test_a_resume_applies_a_new_lr_and_the_fp16_loss_scale_and_refuses_another_optimizer(
+        cluster, hdfs_dataset, tmp_path):
+    common = ["--dataset", hdfs_dataset, "--out", str(tmp_path / "out"), "--train.precision=fp16"]
+    # the first step overflows, as fp16 gradients do: the loss scale halves
+    train(cluster, *common, "--max-steps", "2", "--train.inject_inf_at_step=0")
+
+    sgd = train(cluster, *common, "--max-steps", "3", "--resume", "--train.optimizer=sgd", check=False)
+    lower = train(cluster, *common, "--max-steps", "3", "--resume", "--train.lr=1e-4")
+
+    assert sgd.returncode == 2 and len(error_lines(sgd)) == 1 and "Traceback" not in sgd.stderr, sgd.stderr[-2000:]
+    assert "train.optimizer 'adamw' -> 'sgd'" in error_lines(sgd)[0]
+    assert "train.lr 0.002 -> 0.0001" in lower.stderr
+    history = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["skipped_steps"] for m in history] == [1, 1, 1]
+    assert history[2]["lr"] == pytest.approx(1e-4 * cosine_with_warmup(2 / 3, 0.05))
+    assert [m["loss_scale"] for m in history] == [65536.0, 32768.0, 32768.0], "the loss scale started afresh"
+
+
+def damage_records(dataset: Path, keys: list[str]) -> None:
+    """Flips a byte in the middle of the audio of each of `keys` in a local dataset's shards."""
+    ds, reader = open_dataset(str(dataset)), ShardDataset(str(dataset), 0, 1)
+    shards = {r[F.KEY]: r[F.SHARD] for r in ds.index([F.KEY, F.SHARD]).to_pylist()}
+    for key in keys:
+        audio = reader.get(key)["audio"]
+        path = dataset / ds.manifest["shards"][shards[key]]["path"]
+        data = bytearray(path.read_bytes())
+        data[data.find(audio) + len(audio) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+
+def test_a_batch_whose_records_were_all_skipped_takes_a_step_on_every_rank(cluster, hdfs_dataset, tmp_path):
+    fs, path = open_filesystem(hdfs_dataset)
+    pafs.copy_files(path, str(tmp_path / "ds"), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    plan = PlanConfig(batch_seconds=12, window_utterances=TrainConfig().window_utterances)  # as TINY trains
+    ids = ShardDataset(str(tmp_path / "ds"), 1, 2, ReaderConfig(plan=plan)).plan(0).batches[1]
+    keys = open_dataset(str(tmp_path / "ds")).index([F.KEY]).column(F.KEY).take(ids).to_pylist()
+    damage_records(tmp_path / "ds", keys)  # rank 1's second batch, whole
+
+    result = train(cluster, "--dataset", str(tmp_path / "ds"), "--out", str(tmp_path / "out"), "--max-steps", "2",
+                   "--train.on_error=skip", "--train.dist_timeout_minutes=1", procs=2, check=False)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (final["step"], final["skipped_utterances"], final["empty_batches"]) == (2, len(keys), 1)
+    assert f"rank 1 step 2: all {len(keys)} records of batch 1 were skipped" in result.stderr
+
+
+def test_an_evaluation_longer_than_the_collective_timeout_runs_on_every_rank_and_the_job_goes_on(
+        cluster, hdfs_dataset, tmp_path):
+    # each rank's evaluation takes 15 s longer than it does; a collective waits 12 s at most
+    result = train(cluster, "--dataset", hdfs_dataset, "--out", str(tmp_path / "out"), "--max-steps", "2",
+                   "--eval-dataset", hdfs_dataset, "--train.eval_every_steps=2", "--train.inject_eval_delay_s=15",
+                   "--train.dist_timeout_minutes=0.2", "--log-dir", str(tmp_path / "log"), procs=2, check=False)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    evals = [m["eval"] for m in metrics(tmp_path / "log") if "eval" in m]
+    final = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(evals) == 1 and evals[0]["utterances"] == final["utterances"] == 24
