@@ -15,18 +15,25 @@ HDFS is reached through one of two backends, chosen by `SPEECHPACK_HDFS_BACKEND`
   filesystem through fsspec. It reads `fs.defaultFS` and HA nameservices from
   `HADOOP_CONF_DIR`; replication is passed to it from there as libhdfs's is, and
   block size comes from the NameNode's defaults (README, "Two HDFS clients").
+  hdfs-native has no timeout of its own on a NameNode that accepts and never
+  answers, so its calls here have a deadline (`NativeCalls`, `native_call_seconds`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import getpass
 import os
 import posixpath
+import queue
 import re
+import socket
 import tempfile
+import threading
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
+from itertools import islice
 from urllib.parse import urlparse
 
 from pyarrow import fs as pafs
@@ -140,6 +147,8 @@ def native_hdfs(host: str = "default", port: int = 0) -> pafs.FileSystem:
     """Returns this process's hdfs-native filesystem for `host:port` (no JVM), opening it once per process.
 
     Keyed by process too: a client's threads do not survive fork, so a forked worker opens its own.
+    Every call the client makes returns or fails within `native_call_seconds()`, and a NameNode that
+    refuses connections is retried as a Java client would (`native_retry_policy`).
 
     Raises:
         FilesystemUnavailable: hdfs-native is not installed or the address is not valid.
@@ -150,12 +159,15 @@ def native_hdfs(host: str = "default", port: int = 0) -> pafs.FileSystem:
             from hdfs_native.fsspec import HdfsFileSystem
         except ImportError as e:
             raise FilesystemUnavailable(f"{BACKEND_VARIABLE}=native needs the hdfs-native package: {e}") from None
+        conf = hadoop_conf()
+        nodes = namenodes(host, port, conf)
+        where = nodes.name if nodes else host
         try:
-            client = HdfsFileSystem(None if host == "default" else host, port or None, skip_instance_cache=True)
+            client = HdfsFileSystem(None if host == "default" else host, port or None, skip_instance_cache=True,
+                                    **native_retry_policy(nodes, conf))
         except Exception as e:  # hdfs-native raises plain exceptions for configuration errors
-            where = f"{host}:{port}" if port else host
             raise FilesystemUnavailable(f"cannot open HDFS at {where}: {first_line(e)}") from e
-        client.client = NativeCalls(client.client)
+        client.client = NativeCalls(client.client, native_call_seconds(), where)
         global _native_opened
         _native_opened = True
         _handles[key] = pafs.PyFileSystem(StrictFSSpecHandler(client, client_replication()))
@@ -215,8 +227,19 @@ class StrictFSSpecHandler(pafs.FSSpecHandler):
         return PythonFile(self.fs.open(path, mode="rb"), mode="r")
 
 
+NATIVE_CALL_BYTES = 64 * 2**20  # the most one hdfs-native write moves: 0.5 MB/s fills the 120 s deadline
+_LOCAL_CALLS = frozenset({"seek", "tell", "file_length"})  # a file's position and length, answered from memory
+# An open file's bytes come from DataNodes: hdfs-native locates every block when it opens a file, and asks the
+# NameNode only for its server defaults, on a client's first read (hdfs-native 0.14.7's debug log). So a client's
+# first read runs with the deadline, and later ones on the caller's thread, where the reader's stall watchdog
+# bounds a DataNode that hangs (hdfs_io.chunks). On a pool thread a read's bytes come from that thread's malloc
+# arena, and freeing them on this one made glibc give pages back and fault them in again: +60% on a 64 MiB read.
+_DATANODE_READS = frozenset({"read", "read_range", "read_range_stream"})
+
+
 class NativeCalls:
-    """An hdfs-native object whose calls raise OSError for HDFS failures that hdfs-native gives no Python name.
+    """An hdfs-native object whose calls end within a deadline and raise OSError for HDFS failures that
+    hdfs-native gives no Python name.
 
     hdfs-native raises FileNotFoundError, PermissionError and the like where Python has a name,
     and RuntimeError for the rest: a NameNode in safe mode after a restart, a permission denied,
@@ -225,36 +248,186 @@ class NativeCalls:
     OSError. NotImplementedError (a file hdfs-native cannot read, such as one under an
     erasure-coding policy it lacks) stays as it is: not an outage, and not damage either
     (hdfs_io.chunks.proves_damage). Files and listings that a call returns are wrapped the same way.
+
+    hdfs-native (0.14) waits without end on a NameNode that accepts a connection and never answers
+    (one SIGSTOPped, or anything else on that port), whatever `dfs.client.socket-timeout` says. So each
+    call runs on a pool thread and its caller waits `seconds` at most (`call_within`), but for reading an
+    open file's bytes once the client has read some (`_DATANODE_READS`).
     """
 
-    def __init__(self, inner):
-        self._inner = inner
+    _listing_batch = 1000  # entries fetched per call while listing: the NameNode's page (dfs.ls.limit)
+    _data_reads: frozenset[str] = frozenset()
+
+    def __init__(self, inner, seconds: float, where: str, client: NativeCalls | None = None):
+        self._inner, self._seconds, self._where = inner, seconds, where
+        self._client = client or self  # the client's wrapper, shared by the files it opens
+        self.has_read = False  # on the client's: whether one of its files' reads has returned
 
     def __getattr__(self, name: str):
         attr = getattr(self._inner, name)
-        return _native_call(attr) if callable(attr) else attr
+        if not callable(attr) or name in _LOCAL_CALLS:
+            return attr
+        return functools.partial(self._call, name in self._data_reads, attr)
 
-
-def _native_call(call):
-    def wrapped(*args, **kwargs):
+    def _call(self, reads_data: bool, call, *args, **kwargs):
+        on_this_thread = reads_data and self._client.has_read
         with _native_errors_as_oserror():
-            result = call(*args, **kwargs)
+            if on_this_thread:
+                result = call(*args, **kwargs)
+            else:
+                result = call_within(functools.partial(call, *args, **kwargs), self._seconds, self._where)
+        if reads_data:
+            self._client.has_read = True
         if hasattr(result, "inner"):  # hdfs_native.FileReader / FileWriter over a Rust file
-            result.inner = NativeCalls(result.inner)
-        elif hasattr(result, "__next__"):  # a listing: its pages are fetched while iterating
-            return _native_iteration(result)
+            result.inner = NativeFile(result.inner, self._seconds, self._where, self._client)
+        elif hasattr(result, "__next__"):  # a listing or a stream of a file's bytes: fetched while iterating
+            return self._iteration(on_this_thread, result, 1 if reads_data else self._listing_batch)
         return result
-    return wrapped
 
-
-def _native_iteration(iterator):
-    while True:
-        with _native_errors_as_oserror():
-            try:
-                item = next(iterator)
-            except StopIteration:
+    def _iteration(self, on_this_thread: bool, iterator, batch_size: int):
+        while True:
+            take = functools.partial(_take, iterator, batch_size)
+            with _native_errors_as_oserror():
+                batch = take() if on_this_thread else call_within(take, self._seconds, self._where)
+            yield from batch
+            if len(batch) < batch_size:
                 return
-        yield item
+
+
+class NativeFile(NativeCalls):
+    """An hdfs-native file whose writes hand hdfs-native at most NATIVE_CALL_BYTES per call,
+    so that the deadline bounds a stall (a NameNode that does not answer for the next block) rather than
+    the size of a write."""
+
+    _data_reads = _DATANODE_READS
+
+    def write(self, buf) -> int:
+        view = memoryview(buf).cast("B")
+        for start in range(0, len(view), NATIVE_CALL_BYTES):
+            self._call(False, self._inner.write, view[start:start + NATIVE_CALL_BYTES])
+        return len(view)
+
+
+def _take(iterator, count: int) -> list:
+    return list(islice(iterator, count))
+
+
+def call_within(call, seconds: float, where: str):
+    """Returns `call()`, run on a daemon thread of this process's pool, waiting for it at most `seconds`.
+
+    A call that outlives its deadline is left to finish, or hang, on its thread; a daemon thread
+    does not keep the process from exiting. Threads are reused: handing a call to an idle one costs
+    half of starting a thread, which a small file's open and read pay about five times.
+
+    Raises:
+        TimeoutError: `call` did not return within `seconds`; the message names `where`.
+        Whatever `call` raised.
+    """
+    try:
+        runner = _idle_runners.pop()
+    except IndexError:  # all busy, or none yet
+        runner = _CallRunner()
+    outcome: list = []
+    finished = threading.Lock()  # held until the call ends: a lock hands over faster than an Event
+    finished.acquire()
+    runner.calls.put((call, outcome, finished))
+    if not finished.acquire(timeout=seconds):
+        raise TimeoutError(f"HDFS at {where} did not answer within {seconds:g} s ({RPC_TIMEOUT_KEY})")
+    returned, value = outcome[0]
+    if not returned:
+        raise value
+    return value
+
+
+class _CallRunner:
+    """A daemon thread that runs the calls put on its queue, one at a time, and is idle between them."""
+
+    def __init__(self):
+        self.calls: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="hdfs-native calls", daemon=True).start()
+
+    def _serve(self):
+        while True:
+            call, outcome, finished = self.calls.get()
+            try:
+                outcome.append((True, call()))
+            except BaseException as e:  # handed to the caller, which raises it
+                outcome.append((False, e))
+            _idle_runners.append(self)  # also once a call that outlived its deadline ends
+            finished.release()  # after: the caller's next call finds this thread idle instead of starting one
+
+
+_idle_runners: list[_CallRunner] = []
+os.register_at_fork(after_in_child=_idle_runners.clear)  # a forked child has none of its parent's threads
+
+
+RPC_TIMEOUT_KEY = "ipc.client.rpc-timeout.ms"
+HADOOP_RPC_TIMEOUT_MS = 120_000  # Hadoop's default (HADOOP-17552), and the reader's default stall_seconds
+
+
+def native_call_seconds() -> float:
+    """Returns how long one hdfs-native call may take before it fails with TimeoutError: `ipc.client.rpc-timeout.ms`
+    from HADOOP_CONF_DIR, else Hadoop's default of 120 s.
+
+    A Java client reads 0 as "no timeout"; here it is the default, so that no call waits without end.
+    """
+    ms = int(hadoop_conf().get(RPC_TIMEOUT_KEY, HADOOP_RPC_TIMEOUT_MS))
+    return (ms if ms > 0 else HADOOP_RPC_TIMEOUT_MS) / 1000
+
+
+HADOOP_NAMENODE_PORT = 8020  # where an hdfs:// URI names no port
+
+
+@dataclass(frozen=True)
+class NameNodes:
+    """The NameNodes that an `hdfs://` authority names: one, or an HA nameservice's."""
+
+    name: str  # the nameservice, or host:port of the one NameNode
+    addresses: tuple[tuple[str, int], ...]
+    nameservice: bool
+
+
+def namenodes(host: str, port: int, conf: dict[str, str]) -> NameNodes | None:
+    """Returns the NameNodes that `(host, port)`, as `hdfs_address` gives them, names under the Hadoop configuration
+    `conf`; None where `conf` does not say (`hdfs:///` without an `hdfs://` fs.defaultFS).
+
+    A host without a port that `dfs.ha.namenodes.<host>` lists is an HA nameservice, its NameNodes at
+    `dfs.namenode.rpc-address.<host>.<id>`, as Hadoop's ConfiguredFailoverProxyProvider finds them.
+    """
+    if host == "default":
+        default = conf.get("fs.defaultFS", "")
+        if urlparse(default).scheme != "hdfs" or hdfs_address(default)[0] == "default":
+            return None
+        host, port = hdfs_address(default)
+    ids = conf.get(f"dfs.ha.namenodes.{host}")
+    if ids and not port:
+        rpc = (conf.get(f"dfs.namenode.rpc-address.{host}.{i.strip()}") for i in ids.split(","))
+        return NameNodes(host, tuple(hdfs_address(f"hdfs://{a}") for a in rpc if a), nameservice=True)
+    address = (host, port or HADOOP_NAMENODE_PORT)
+    return NameNodes(address_text(address), (address,), nameservice=False)
+
+
+def address_text(address: tuple[str, int]) -> str:
+    """Returns `host:port`, with an IPv6 host in brackets."""
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def native_retry_policy(nodes: NameNodes | None, conf: dict[str, str]) -> dict[str, str]:
+    """Returns the hdfs-native settings that retry an unreachable NameNode as a Java client would.
+
+    hdfs-native retries any NameNode by its HA failover policy (`dfs.client.failover.*`, Hadoop's defaults: 15
+    attempts backing off to 15 s apart), a single one too, so a port that refused connections held a call for
+    about three minutes. A Java client retries a single NameNode `ipc.client.connect.max.retries` times (default
+    10), `ipc.client.connect.retry.interval` apart (1 s): that is what hdfs-native is given for one. An HA
+    nameservice keeps its failover policy, as in Java; with every NameNode refusing, a pair gives up in a minute.
+    """
+    if nodes is None or nodes.nameservice:
+        return {}
+    retries = conf.get("ipc.client.connect.max.retries", "10")
+    interval_ms = conf.get("ipc.client.connect.retry.interval", "1000")
+    return {"dfs.client.failover.max.attempts": retries, "dfs.client.failover.sleep.base.millis": interval_ms,
+            "dfs.client.failover.sleep.max.millis": interval_ms}
 
 
 @contextlib.contextmanager
@@ -344,7 +517,9 @@ def probe_uri(uri: str) -> tuple[pafs.FileSystem, str, pafs.FileInfo]:
     """Returns `(fs, path, info)` for a URI, checking on the way that its filesystem answers.
 
     libhdfs prints Java stack traces to stderr on every failed call; they are
-    kept out of the user's terminal here and boiled down to one line.
+    kept out of the user's terminal here and boiled down to one line. An `hdfs://`
+    URI whose NameNodes all refuse connections fails at once, not after a client's
+    retries (`refuse_if_no_namenode_listens`).
 
     Raises:
         FilesystemUnavailable: the filesystem cannot be reached.
@@ -353,6 +528,8 @@ def probe_uri(uri: str) -> tuple[pafs.FileSystem, str, pafs.FileInfo]:
     """
     with captured_stderr() as captured:
         try:
+            if urlparse(uri).scheme == "hdfs":
+                refuse_if_no_namenode_listens(uri)
             fs, path = open_filesystem(uri)
             # libhdfs reports an unreachable NameNode as "not found"; the root always exists.
             if isinstance(fs, pafs.HadoopFileSystem) and fs.get_file_info("/").type != pafs.FileType.Directory:
@@ -373,6 +550,39 @@ def probe_uri(uri: str) -> tuple[pafs.FileSystem, str, pafs.FileInfo]:
                 raise FilesystemUnavailable(f"cannot authenticate to {uri}: {ticket}") from None
             cause = java_exception_line(captured.read()) or first_line(e)
             raise FilesystemUnavailable(f"cannot reach {uri}: {cause}") from None
+
+
+PROBE_CONNECT_SECONDS = 2.0  # a NameNode port that neither accepts nor refuses by then is left to the client
+
+
+def refuse_if_no_namenode_listens(uri: str) -> None:
+    """Raises FilesystemUnavailable if every NameNode that the `hdfs://` URI names refuses TCP connections.
+
+    A client says the same only after its retries: seconds for one NameNode, a minute for an HA pair
+    (`native_retry_policy`). A NameNode that accepts the connection, or does not refuse within
+    PROBE_CONNECT_SECONDS, is left to the client.
+    """
+    nodes = namenodes(*hdfs_address(uri), hadoop_conf())
+    if nodes is None or not nodes.addresses or not all(map(refuses_connections, nodes.addresses)):
+        return
+    if nodes.nameservice:
+        listed = ", ".join(map(address_text, nodes.addresses))
+        raise FilesystemUnavailable(
+            f"cannot reach {uri}: every NameNode of {nodes.name} refuses connections ({listed})")
+    raise FilesystemUnavailable(f"cannot reach {uri}: the NameNode at {nodes.name} refuses connections "
+                                "(is HDFS running at that host and port?)")
+
+
+def refuses_connections(address: tuple[str, int]) -> bool:
+    """Returns True if `address` refuses a TCP connection; False if it accepts one, or neither within
+    PROBE_CONNECT_SECONDS, or cannot be looked up."""
+    try:
+        socket.create_connection(address, timeout=PROBE_CONNECT_SECONDS).close()
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def refuse_if_denied(fs: pafs.FileSystem, path: str, uri: str) -> None:

@@ -110,10 +110,11 @@ def test_soak_namenode_kills(many_shards, run):
     kill_the_namenode_mid_read(many_shards, "libhdfs")
 
 
-# How a reader with a 3 s retry budget gives up on a dead NameNode. libhdfs's calls fail with
-# "connection refused", retried until the budget is spent; hdfs-native's calls block while the
-# NameNode is gone, and the reader's stall watchdog (retry + stall seconds) ends the wait.
-DEAD_NAMENODE_ERROR = {"libhdfs": "did not serve it", "native": "a read is hanging"}
+# How a reader with a 3 s retry budget gives up on a dead NameNode: both clients' calls fail with
+# "connection refused", retried until the budget is spent. (Before 2026-12-03 hdfs-native's calls
+# blocked for minutes while it retried the NameNode, and the reader's stall watchdog ended the wait;
+# hdfs_io.filesystem.native_retry_policy now gives it the Java client's connect retries.)
+DEAD_NAMENODE_ERROR = {"libhdfs": "did not serve it", "native": "did not serve it"}
 
 
 def kill_the_namenode_mid_read(many_shards, backend: str) -> None:
