@@ -8,6 +8,7 @@ whole shards that the driver merges (`merge_summaries`, `build_manifest`).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import posixpath
@@ -304,6 +305,11 @@ def write_shard(shard: int, rows: Iterable[dict], *, dataset_uri: str, fmt: str,
             if pending:
                 writer.write_table(pa.Table.from_pylist(pending, F.SHARD_SCHEMA), row_group_size=len(pending))
             writer.close()
+    except BaseException:
+        if fmt == "parquet":  # closed now, into the open stream: left open, it writes its footer when collected
+            with contextlib.suppress(Exception):
+                writer.close()
+        raise
     finally:
         sink.close()
     pq.write_table(index_part(shard, written, locations, fmt), posixpath.join(root, F.index_part_path(shard)),
