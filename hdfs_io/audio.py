@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import soundfile as sf
 
-TAIL_FRAMES = 4096
-PROBE_BLOCK_FRAMES = 1 << 18  # frames the probe decodes at a time (16 s at 16 kHz)  # frames at the end of a file decoded first, so a truncated file is named as such
+TAIL_FRAMES = 4096  # frames at the end of a file decoded first, so a truncated file is named as such
+PROBE_BLOCK_FRAMES = 1 << 18  # frames the probe decodes at a time (16 s at 16 kHz)
 
 
 class BadAudio(ValueError):

@@ -159,7 +159,8 @@ def tree_task(items: Iterable[dict], partition: int, *, fs_uri: str) -> Iterator
     for item in items:
         folder = item["folder"].decode("utf-8", "surrogateescape")
         try:
-            files = sources.list_tree(fs, folder, item["recursive"])
+            files = packing.confirmed(partial(sources.list_tree, recursive=item["recursive"]), fs, folder,
+                                      base + folder)
         except FileNotFoundError as e:  # gone since the driver listed it: the input's own change
             yield sources.reject(sources.printable(f"{base}{folder}"), f"cannot list folder: {first_line(e)}")
             continue

@@ -77,12 +77,7 @@ def read_audio(uri: str) -> bytes:
     except OSError as e:
         raise SourceUnreadable(f"cannot read {uri}: {failure_cause(e)}") from None
     try:
-        # Stat first: libhdfs prints a Java trace for every failed open, but not for a failed stat.
-        if fs.get_file_info(path).type != pafs.FileType.File:
-            confirm_missing(fs, path, uri)
-            raise FileNotFoundError(path)
-        with fs.open_input_file(path) as f:
-            return f.read()
+        return confirmed(read_file, fs, path, uri)
     except FileNotFoundError:
         raise
     except PermissionError as e:
@@ -91,8 +86,27 @@ def read_audio(uri: str) -> bytes:
         raise SourceUnreadable(f"cannot read {uri}: {failure_cause(e)}") from None
 
 
+def read_file(fs: pafs.FileSystem, path: str) -> bytes:
+    """Returns the bytes of the file at `path`, stat first: libhdfs prints a Java trace for every failed open,
+    but not for a failed stat."""
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise FileNotFoundError(path)
+    with fs.open_input_file(path) as f:
+        return f.read()
+
+
+def confirmed(call, fs: pafs.FileSystem, path: str, uri: str):
+    """Returns `call(fs, path)`, letting its FileNotFoundError through only once `confirm_missing` agrees."""
+    try:
+        return call(fs, path)
+    except FileNotFoundError:
+        confirm_missing(fs, path, uri)
+        raise
+
+
 def confirm_missing(fs: pafs.FileSystem, path: str, uri: str) -> None:
-    """Returns if `path` is missing for the file's own sake; raises if the storage only seemed to say so.
+    """Returns if `path` (a file or a folder) is missing for the input's own sake; raises if the storage only
+    seemed to say so.
 
     libhdfs answers a stat with "not found" when no NameNode answers, and for a path
     under a folder this user may not enter; the root always exists, and a listing

@@ -128,3 +128,12 @@ def test_a_pack_whose_audio_the_storage_does_not_serve_fails_in_one_line_and_wri
     else:
         assert "permission denied" in errors[0] and "mallory" in errors[0]
     assert not (tmp_path / "out").exists(), "a dataset of quarantined good audio was published"
+
+
+def test_a_tree_listing_that_the_namenode_does_not_answer_fails_the_task_instead_of_quarantining(cluster):
+    from spark_jobs.pack_stages import tree_task
+
+    item = {"folder": b"/corpus/100", "recursive": True}
+
+    with pytest.raises(SourceUnreadable):
+        list(tree_task([item], 0, fs_uri="hdfs://127.0.0.1:9/corpus"))
