@@ -71,20 +71,36 @@ def proves_damage(error: BaseException) -> bool:
     """Returns True if `error` is a parser's verdict on bytes it was served: they are not a valid chunk.
 
     That is pyarrow's ArrowInvalid (a Parquet footer or page that does not parse), a
-    SequenceFile format error, or text that is not UTF-8. A codec this reader lacks
+    footer that lacks the rows the index places in the shard, a SequenceFile format
+    error, or text that is not UTF-8. A codec this reader lacks
     is not damage, nor is anything else: a client that does not support a file (say,
     hdfs-native and an erasure-coding policy), a MemoryError, a bug.
     """
     if isinstance(error, UnsupportedCodec):
         return False
-    return isinstance(error, (pa.ArrowInvalid, SequenceFileError, UnicodeDecodeError))
+    return isinstance(error, (pa.ArrowInvalid, SequenceFileError, UnicodeDecodeError, ShardDisagrees))
+
+
+class ShardDisagrees(ValueError):
+    """A shard's footer parses but lacks the rows the index places in it: damage to the dataset."""
 
 
 def parquet_rows(parquet: pq.ParquetFile, group: int, rows: list[int], columns: list[str]) -> dict[str, list]:
-    """Returns `columns` of the given shard rows, all in row group `group`, as lists in `rows` order."""
-    group_start = sum(parquet.metadata.row_group(i).num_rows for i in range(group))
-    table = parquet.read_row_group(group, columns=columns)
-    return table.take(np.asarray(rows, np.int64) - group_start).to_pydict()
+    """Returns `columns` of the given shard rows, all in row group `group`, as lists in `rows` order.
+
+    Raises:
+        ShardDisagrees: the shard has no such row group, or the group lacks one of the rows.
+    """
+    meta = parquet.metadata
+    if group >= meta.num_row_groups:
+        raise ShardDisagrees(f"the shard has {meta.num_row_groups} row groups, the index names group {group}")
+    group_start = sum(meta.row_group(i).num_rows for i in range(group))
+    offsets = np.asarray(rows, np.int64) - group_start
+    if len(offsets) and (offsets.min() < 0 or offsets.max() >= meta.row_group(group).num_rows):
+        held = meta.row_group(group).num_rows
+        raise ShardDisagrees(f"row group {group} holds rows {group_start}-{group_start + held - 1}, the index places "
+                             f"rows {group_start + int(offsets.min())}-{group_start + int(offsets.max())} in it")
+    return parquet.read_row_group(group, columns=columns).take(offsets).to_pydict()
 
 
 class ChunkFetcher:

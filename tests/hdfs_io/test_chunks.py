@@ -282,3 +282,18 @@ def test_a_missing_shard_is_damage_named_with_fail_not_an_outage(tmp_path):
     fetcher.close()
 
     assert time.monotonic() - started < ReaderConfig.retry_seconds / 2, "it was retried as if the storage were down"
+
+
+@pytest.mark.parametrize("kept", [ROWS_PER_GROUP, ROWS_PER_GROUP + 1])  # group 1 gone; group 1 short of a row
+def test_a_shard_whose_valid_footer_lacks_the_indexed_rows_is_damage_counted_with_skip(tmp_path, kept):
+    shards = parquet_dataset(tmp_path)
+    fewer = pq.read_table(tmp_path / shards.paths[0]).slice(0, kept)
+    pq.write_table(fewer, tmp_path / shards.paths[0], row_group_size=ROWS_PER_GROUP)  # parses fine
+    fs = pafs.PyFileSystem(FaultyLocal())
+
+    fetcher = ChunkFetcher(shards, ReaderConfig(), fs, str(tmp_path), work_of(AGAIN))
+    skipped = read_batches(fetcher, "skip")
+    fetcher.close()
+
+    assert [b["keys"] for b in skipped] == [["utt-0000", "utt-0001"], [], ["utt-0002", "utt-0003"]]
+    assert sum(len(b["skipped"]) for b in skipped) == 2
