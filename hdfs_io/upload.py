@@ -134,7 +134,8 @@ class PydoopClient:
             if not self.fs.exists(path):
                 return []
             raise
-        return [(posixpath.basename(urlparse(i["name"]).path), i["kind"] == "directory", i["size"]) for i in infos]
+        # the name is a whole URI; taken by text, since a URI parser ends a path at ';', '#' or '?'
+        return [(posixpath.basename(i["name"]), i["kind"] == "directory", i["size"]) for i in infos]
 
     def makedirs(self, path: str) -> None:
         self.fs.create_directory(path)

@@ -451,3 +451,18 @@ def test_a_file_changed_within_its_mtime_granularity_after_its_copy_is_compared_
 
     assert (again.files, again.skipped) == (1, 2)
     assert remote_files(dest)[rel] == (src / rel).read_bytes()
+
+
+def test_pydoop_names_with_semicolon_hash_or_question_mark_are_skipped_by_a_rerun(cluster, hdfs_dir, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a;b.bin", "a#b.bin", "q?x.bin"):
+        (src / name).write_bytes(name.encode() * 100)
+    argv = [sys.executable, "-m", "hdfs_io.upload", "--client", "pydoop", "--quiet", str(src), f"{hdfs_dir}/up"]
+    first = subprocess.run(argv, env=cluster.env, capture_output=True, text=True, timeout=180)
+    assert first.returncode == 0, first.stderr[-2000:]
+
+    again = subprocess.run(argv, env=cluster.env, capture_output=True, text=True, timeout=180)
+
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "upload: 0 files (0 bytes) copied, 3 skipped" in again.stdout + again.stderr
