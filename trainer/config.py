@@ -34,7 +34,7 @@ class TrainConfig:
     inject_inf_on_rank: int = 0  # ... on this rank
     crash_after_step: int = -1  # fault injection for tests: exit with code 17 after this step ...
     crash_on_rank: int = 0  # ... on this rank, as a killed process would (first attempt only under torchrun)
-    inject_eval_delay_s: float = 0.0  # fault injection for tests: each rank's evaluation takes this much longer
+    inject_eval_utterance_delay_s: float = 0.0  # fault injection for tests: evaluating an utterance takes this longer
     dist_timeout_minutes: float = 30.0  # a collective (or the set-up after a restart) waiting longer fails the rank
     audit_keys: bool = False  # every rank appends the keys of each step to LOG_DIR/keys.rank<R>.jsonl
     on_error: str = "fail"  # a damaged record or chunk: "fail" stops with one line, "skip" drops it and counts it

@@ -121,6 +121,7 @@ def evaluate(model: DeepSpeech2, dataset_uri: str, cfg: Config, device: torch.de
         for batch in reader:
             if batch["repeated"] or not batch["keys"]:  # a repeat is a rank's own earlier batch, already counted
                 continue
+            time.sleep(cfg.train.inject_eval_utterance_delay_s * len(batch["keys"]))
             log_probs, lengths = model(batch["waveform"].to(device), batch["lengths"].to(device))
             hyps += greedy_decode(log_probs.float().cpu(), lengths.cpu(), model.vocabulary)
             refs += batch["transcripts"]
@@ -500,7 +501,6 @@ def run(argv: list[str] | None) -> int:
                           f"{100 * record['data_wait_fraction']:.1f}%, {clock['agreed_s'] / 60:.1f} min",
                           file=sys.stderr, flush=True)
             if args.eval_dataset and t.eval_every_steps and step % t.eval_every_steps == 0:  # on every rank
-                time.sleep(t.inject_eval_delay_s)
                 scores = evaluate(model, args.eval_dataset, cfg, device, rank, world)
                 if rank == 0:
                     log_metrics({"step": step, "eval": scores, "wall_s": clock["agreed_s"]})

@@ -412,9 +412,11 @@ def test_a_batch_whose_records_were_all_skipped_takes_a_step_on_every_rank(clust
 
 def test_an_evaluation_longer_than_the_collective_timeout_runs_on_every_rank_and_the_job_goes_on(
         cluster, hdfs_dataset, tmp_path):
-    # each rank's evaluation takes 15 s longer than it does; a collective waits 12 s at most
+    # each evaluated utterance takes 1 s longer: all 24 on one rank (24 s) is past the 12 s a collective waits,
+    # each rank's share (12 s, side by side) is not
     result = train(cluster, "--dataset", hdfs_dataset, "--out", str(tmp_path / "out"), "--max-steps", "2",
-                   "--eval-dataset", hdfs_dataset, "--train.eval_every_steps=2", "--train.inject_eval_delay_s=15",
+                   "--eval-dataset", hdfs_dataset, "--train.eval_every_steps=2",
+                   "--train.inject_eval_utterance_delay_s=1",
                    "--train.dist_timeout_minutes=0.2", "--log-dir", str(tmp_path / "log"), procs=2, check=False)
 
     assert result.returncode == 0, result.stderr[-3000:]
