@@ -424,7 +424,7 @@ def folder_entries(fs: pafs.FileSystem, folder: str) -> Iterator[tuple[str, bool
             return
         infos = fs.get_file_info(pafs.FileSelector(folder))
     except PermissionError:
-        raise PermissionError(f"permission denied: user {hdfs_user()} may not list {printable(folder)}") from None
+        raise listing_denied(folder) from None
     for info in infos:
         yield info.path, info.type == pafs.FileType.Directory
 
@@ -445,13 +445,18 @@ def folder_names(fs: pafs.FileSystem, folder: str) -> set[str]:
     return {posixpath.basename(path) for path, _ in folder_entries(fs, folder)}
 
 
+def listing_denied(folder: str) -> PermissionError:
+    """Returns the error for a folder the storage refuses to list to this user, naming both."""
+    return PermissionError(f"permission denied: user {hdfs_user()} may not list {printable(folder)}")
+
+
 def list_tree(fs: pafs.FileSystem, folder: str, recursive: bool = True) -> list[str]:
     """Returns the paths of the files in `folder`, and if `recursive` in every folder below it."""
     if not isinstance(fs, pafs.LocalFileSystem):
         try:
             infos = fs.get_file_info(pafs.FileSelector(folder, recursive=recursive))
         except PermissionError:
-            raise PermissionError(f"permission denied: user {hdfs_user()} may not list {printable(folder)}") from None
+            raise listing_denied(folder) from None
         return [i.path for i in infos if i.type == pafs.FileType.File]
     files, folders = [], [folder]
     while folders:
