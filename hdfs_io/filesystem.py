@@ -649,3 +649,25 @@ def first_line(error: BaseException) -> str:
         if line.strip():
             return line.strip()
     return type(error).__name__
+
+
+def is_unicode(text: str) -> bool:
+    """Returns False if `text` holds a lone surrogate, which no UTF-8 (nor Arrow) string can hold.
+
+    JSON can spell one ("\\ud800"), and os.fsdecode makes one of each byte of a
+    local file name that is not UTF-8.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(text: str) -> str:
+    """Returns `text` with its lone surrogates spelled out: a non-UTF-8 file name's bytes as `\\xe9`."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+

@@ -58,7 +58,8 @@ from urllib.parse import urlparse
 from pyarrow import fs as pafs
 from tqdm import tqdm
 
-from hdfs_io.filesystem import FilesystemUnavailable, first_line, hdfs_address, hdfs_user, probe_uri
+from hdfs_io.filesystem import (FilesystemUnavailable, first_line, hdfs_address, hdfs_user, is_unicode, printable,
+                                probe_uri)
 
 CHUNK_BYTES = 8 * 2**20
 RECORD_CHUNK_BYTES = 2**16  # the record is read in small pieces: at 30M files it is about 3 GB
@@ -221,11 +222,6 @@ def path_key(rel: str) -> tuple[str, ...]:
     return tuple(rel.split("/"))
 
 
-def shown(rel: str) -> str:
-    """Returns a relative path as it can be printed: bytes that are not UTF-8 as \\xNN."""
-    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 def is_record_name(name: str) -> bool:
     """Whether a name at the destination's top is the checksum record's, or a segment's."""
     return name == CHECKSUMS or name.startswith(CHECKSUMS + ".")
@@ -263,7 +259,7 @@ def _walk(root: str, names: list[str], top: tuple[int, int]) -> Iterator[tuple[s
             yield rel, LocalFile(path, error=unstatable(path, e))
             continue
         is_folder = stat.S_ISDIR(st.st_mode)
-        if not is_utf8(name):
+        if not is_unicode(name):
             nothing_under = "; nothing under it copied" if is_folder else ""
             yield rel + "/" * is_folder, LocalFile(path, error=f"the name is not UTF-8, as HDFS names must be "
                                                                f"(rename it){nothing_under}")
@@ -282,14 +278,6 @@ def _walk(root: str, names: list[str], top: tuple[int, int]) -> Iterator[tuple[s
             yield rel, LocalFile(path, st.st_size, st.st_mtime_ns)
         else:
             yield rel, LocalFile(path, error=f"not a regular file but {special_kind(st.st_mode)}: not copied")
-
-
-def is_utf8(name: str) -> bool:
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:  # os.listdir gives undecodable bytes as lone surrogates
-        return False
-    return True
 
 
 def unstatable(path: str, error: OSError) -> str:
@@ -753,7 +741,7 @@ def upload(src: str, dest: str, workers: int = 8, client_name: str = "pyarrow", 
         elif outcome.status == "skipped":
             summary.skipped += 1
         elif outcome.status == "failed":
-            summary.failed[shown(outcome.rel)] = outcome.error
+            summary.failed[printable(outcome.rel)] = outcome.error
         if outcome.status != "kept":
             bar.update(1)
 

@@ -28,7 +28,7 @@ from pyspark.sql import functions as sf
 from pyspark.sql.pandas.types import from_arrow_schema
 
 from hdfs_io import dataset_format as F
-from hdfs_io.filesystem import failure_cause, first_line, join_uri, open_filesystem, probe_uri, uri_base
+from hdfs_io.filesystem import failure_cause, first_line, join_uri, open_filesystem, printable, probe_uri, uri_base
 from spark_jobs import packing, sources
 from spark_jobs.sources import KIND, ORDER, URI
 
@@ -162,12 +162,12 @@ def tree_task(items: Iterable[dict], partition: int, *, fs_uri: str) -> Iterator
             files = packing.confirmed(partial(sources.list_tree, recursive=item["recursive"]), fs, folder,
                                       base + folder)
         except FileNotFoundError as e:  # gone since the driver listed it: the input's own change
-            yield sources.reject(sources.printable(f"{base}{folder}"), f"cannot list folder: {first_line(e)}")
+            yield sources.reject(printable(f"{base}{folder}"), f"cannot list folder: {first_line(e)}")
             continue
         except PermissionError as e:  # the storage's, not the input's: fail the task (see packing.read_audio)
             raise packing.SourceDenied(str(e)) from None
         except OSError as e:
-            raise packing.SourceUnreadable(f"cannot list {sources.printable(base + folder)}: {failure_cause(e)}") \
+            raise packing.SourceUnreadable(f"cannot list {printable(base + folder)}: {failure_cause(e)}") \
                 from None
         yield from sources.tree_entries(fs, files, base)
 

@@ -29,7 +29,7 @@ from urllib.parse import urlparse, urlsplit
 from pyarrow import fs as pafs
 
 from hdfs_io import dataset_format as F
-from hdfs_io.filesystem import first_line, hdfs_user, probe_uri, uri_base
+from hdfs_io.filesystem import first_line, hdfs_user, is_unicode, printable, probe_uri, uri_base
 
 AUDIO_EXTENSIONS = (".flac", ".wav", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au", ".sph")
 TRANS_SUFFIX = ".trans.txt"
@@ -100,27 +100,6 @@ def entry(kind: str, order: str = "", key: str | None = None, uri: str | None = 
 
 def reject(source: str, reason: str, order: str = "") -> dict:
     return entry(REJECT, order, source=source, reason=reason)
-
-
-def is_unicode(text: str) -> bool:
-    """Returns False if `text` holds a lone surrogate, which no UTF-8 (nor Arrow) string can hold.
-
-    JSON can spell one ("\\ud800"), and os.fsdecode makes one of each byte of a
-    local file name that is not UTF-8.
-    """
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def printable(text: str) -> str:
-    """Returns `text` with its lone surrogates spelled out: a non-UTF-8 file name's bytes as `\\xe9`."""
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a surrogate that stands for no byte
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # ---- audio URIs, and what their names alone say pack cannot read
