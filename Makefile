@@ -31,7 +31,7 @@ demo: setup
 # Starts the local HDFS + Spark cluster, runs the suite, stops the cluster even on failure.
 test: setup
 	@$(PY) -m scripts.devcluster up || { $(PY) -m scripts.devcluster down; exit 2; }
-	@. .devcluster/env.sh && $(PY) -m pytest -m "not slow" --durations=15 $(PYTEST_ARGS); rc=$$?; \
+	@. .devcluster/env.sh && $(PY) -m pytest -m "not slow" --durations=30 $(PYTEST_ARGS); rc=$$?; \
 	  $(PY) -m scripts.devcluster down; exit $$rc
 
 soak: setup

@@ -184,10 +184,24 @@ def open_with_2s_deadline(proxy: FreezableProxy, conf_dir: Path) -> pafs.FileSys
         return open_filesystem(f"hdfs://{proxy.address}/", "native")[0]
 
 
+def answered(call, attempts: int = 30):
+    """Returns `call()` once it answers within the deadline, for a client's first calls through the proxy.
+
+    A client's first call connects and negotiates: on the loaded CI machine (the whole suite in one
+    process) it took over 2 s. What these tests time is a call once the NameNode has gone silent.
+    """
+    for _ in range(attempts - 1):
+        try:
+            return call()
+        except TimeoutError:
+            continue
+    return call()
+
+
 def test_a_call_to_a_namenode_that_stops_answering_mid_run_fails_within_the_rpc_timeout(namenode_proxy, tmp_path):
     # the client is connected and has been answered; then the NameNode goes silent (SIGSTOP, a frozen VM)
     fs = open_with_2s_deadline(namenode_proxy, tmp_path)
-    assert fs.get_file_info("/").type == pafs.FileType.Directory  # answered through the proxy
+    assert answered(lambda: fs.get_file_info("/")).type == pafs.FileType.Directory  # answered through the proxy
     namenode_proxy.frozen.set()
 
     started = time.monotonic()
@@ -207,7 +221,7 @@ def test_a_first_read_while_the_namenode_stops_answering_fails_within_the_rpc_ti
     with fs.open_output_stream(f"{path}/a.bin") as f:
         f.write(b"a" * 1000)
     fs = open_with_2s_deadline(namenode_proxy, tmp_path)
-    opened = fs.open_input_file(f"{path}/a.bin")  # the file's blocks located through the proxy
+    opened = answered(lambda: fs.open_input_file(f"{path}/a.bin"))  # the file's blocks located through the proxy
     namenode_proxy.frozen.set()
 
     started = time.monotonic()
