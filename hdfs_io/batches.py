@@ -45,7 +45,7 @@ def verified_features(data: tuple[bytes, int], bins: int, where: str, key: str) 
     return np.frombuffer(feats, "<f2").reshape(-1, bins).astype(np.float32)
 
 
-def prepare(record: Record, crc: int, where: str, *, feature: FeatureConfig, output: str,
+def prepare(record: Record, where: str, *, feature: FeatureConfig, output: str,
             stats: tuple[np.ndarray, np.ndarray] | None, cache_dir: str | None = None) -> np.ndarray:
     """Returns one record's model input: normalized features (frames, bins), or its waveform at the model's rate.
 
@@ -57,7 +57,7 @@ def prepare(record: Record, crc: int, where: str, *, feature: FeatureConfig, out
     if isinstance(record.data, tuple):  # from the feature cache
         feats = verified_features(record.data, feature.num_bins, f"{cache_dir}/ {where}", record.key)
     else:
-        samples, rate = verified_decode(record.data, crc, where, record.key)
+        samples, rate = verified_decode(record.data, record.checksum, where, record.key)
         signal = resample(to_mono(samples), rate, feature.sample_rate)
         if output == "waveform":
             return signal
@@ -84,12 +84,12 @@ def collate(position: int, epoch: int, items: list[tuple[str, str, float, np.nda
             "repeated": repeated, "skipped": skipped}
 
 
-def form_batches(work: Work, get: Callable[[int], Record | None], to_input: Callable[[Record, int, str], np.ndarray],
+def form_batches(work: Work, get: Callable[[int], Record | None], to_input: Callable[[Record, str], np.ndarray],
                  where: Callable[[int, int], str], on_error: str, output: str) -> Iterator[dict]:
     """Yields the Work's batches in order, applying the error policy to each record.
 
-    `get(item)` returns the item's record (None if its chunk lacks it); `to_input(record, crc,
-    where)` returns its model input; `where(shard, row)` names it in errors.
+    `get(item)` returns the item's record (None if its chunk lacks it); `to_input(record, where)`
+    returns its model input; `where(shard, row)` names it in errors.
     """
     for i in range(len(work)):
         items, skipped = [], []
@@ -100,7 +100,7 @@ def form_batches(work: Work, get: Callable[[int], Record | None], to_input: Call
                 if record is None:
                     raise CorruptRecord(f"{here}: record missing from its chunk")
                 items.append((record.key, record.transcript, float(work.durations[j]),
-                              to_input(record, int(work.checksums[j]), here)))
+                              to_input(record, here)))
             except CorruptRecord as e:
                 if on_error == "fail":
                     raise

@@ -25,6 +25,7 @@ from pyarrow.fs import FileType
 
 from hdfs_io import dataset_format as F
 from hdfs_io import client_log
+from hdfs_io.dataset import read_index_part
 from hdfs_io.filesystem import failure_cause, first_line
 from hdfs_io.sequencefile import OffsetBytes, SequenceFileError, SequenceFileReader, UnsupportedCodec, writable_bytes
 from hdfs_io.reader_config import ReaderConfig
@@ -44,6 +45,7 @@ class Record(NamedTuple):
     key: str
     transcript: str
     data: bytes | tuple[bytes, int]  # audio bytes, or (float16 features, CRC32) from the feature cache
+    checksum: int | None = None  # the CRC32 of the audio bytes as packed (None for the feature cache's)
 
 
 @dataclass(frozen=True)
@@ -54,9 +56,23 @@ class Shards:
     sequencefile: bool
     cache_dir: str | None = None  # features-<digest>/ to read instead of the audio
     backend: str | None = None  # the HDFS backend (hdfs_io.filesystem.hdfs_backend) the reader chose
+    format_version: int = F.FORMAT_VERSION  # SequenceFile shards: where their index rows are (read_index_part)
 
     def where(self, shard: int, row: int) -> str:
         return f"shard {self.paths[shard]} row {row}"
+
+    def index_rows(self, fs, root: str, shard: int) -> "SequenceRows":
+        """Returns what reading a SequenceFile shard's records needs, from its index rows (read_index_part).
+
+        Raises:
+            hdfs_io.dataset_format.DatasetError: they do not parse.
+            OSError: the filesystem did not serve them (FileNotFoundError: not there).
+        """
+        part = read_index_part(fs, root, self.uri, self.format_version, shard,
+                               [F.OFFSET, F.NUM_BYTES, F.KEY, F.TRANSCRIPT, F.CHECKSUM])
+        return SequenceRows(part.column(F.OFFSET).to_numpy(),
+                            part.column(F.NUM_BYTES).to_numpy() + pa.compute.binary_length(part.column(F.KEY)).to_numpy(),
+                            part.column(F.TRANSCRIPT).to_pylist(), part.column(F.CHECKSUM).to_numpy())
 
     def files(self, root: str, shard: int) -> tuple[str, str | None]:
         """Returns the shard's file and its feature cache file (None without a cache)."""
@@ -67,18 +83,50 @@ class Shards:
         return f"{root}/{name}", f"{root}/{self.cache_dir}/{stem}.parquet"
 
 
+@dataclass(frozen=True)
+class SequenceRows:
+    """A SequenceFile shard's index rows, by row: where each record is and what its record lacks."""
+    offsets: np.ndarray  # the record's byte offset in the shard
+    record_bytes: np.ndarray  # its key's and value's bytes
+    transcripts: list[str]
+    checksums: np.ndarray  # the CRC32 of its audio
+
+    def records(self, fs, path: str, rows: list[int]) -> dict[int, Record]:
+        """Returns {row: its Record} for `rows` of the shard at `path`, read in one byte range.
+
+        Raises:
+            ShardDisagrees: a row is past the shard's index rows.
+        """
+        if max(rows) >= len(self.offsets):
+            raise ShardDisagrees(f"the shard's index rows end at row {len(self.offsets) - 1}, "
+                                 f"the index places row {max(rows)} in it")
+        by_offset = {int(self.offsets[r]): r for r in rows}
+        start, last = min(by_offset), max(by_offset)
+        # a record is its lengths, key and value, perhaps after a 20-byte sync marker
+        end = last + 64 + int(self.record_bytes[by_offset[last]])
+        with fs.open_input_file(path) as f:
+            header = SequenceFileReader(f, name=path)
+            blob = f.read_at(min(end, f.size()) - start, start)
+        reader = header.over(OffsetBytes(blob, start))
+        return {by_offset[offset]: Record(writable_bytes(reader.key_class, key).decode("utf-8"),
+                                          self.transcripts[by_offset[offset]],
+                                          writable_bytes(reader.value_class, value),
+                                          int(self.checksums[by_offset[offset]]))
+                for key, value, offset in reader.iter_range(start, last) if offset in by_offset}
+
+
 def proves_damage(error: BaseException) -> bool:
     """Returns True if `error` is a parser's verdict on bytes it was served: they are not a valid chunk.
 
     That is pyarrow's ArrowInvalid (a Parquet footer or page that does not parse), a
     footer that lacks the rows the index places in the shard, a SequenceFile format
-    error, or text that is not UTF-8. A codec this reader lacks
+    error, text that is not UTF-8, or a shard's index rows that do not parse. A codec this reader lacks
     is not damage, nor is anything else: a client that does not support a file (say,
     hdfs-native and an erasure-coding policy), a MemoryError, a bug.
     """
     if isinstance(error, UnsupportedCodec):
         return False
-    return isinstance(error, (pa.ArrowInvalid, SequenceFileError, UnicodeDecodeError, ShardDisagrees))
+    return isinstance(error, (pa.ArrowInvalid, SequenceFileError, UnicodeDecodeError, ShardDisagrees, F.DatasetError))
 
 
 class ShardDisagrees(ValueError):
@@ -138,7 +186,8 @@ class ChunkFetcher:
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def _files(self) -> dict[str, pq.ParquetFile]:
+    def _files(self) -> dict[str | int, pq.ParquetFile | SequenceRows]:
+        """Returns this thread's open Parquet files by path, and SequenceFile shards' index rows by shard."""
         return self.local.__dict__.setdefault("files", {})
 
     def _run(self) -> None:
@@ -147,7 +196,7 @@ class ChunkFetcher:
                 return
             result = self._read_or_error(chunk)
             if self.last_of_shard[chunk[0]] == i:
-                for path in self.shards.files(self.root, chunk[0]):
+                for path in (*self.shards.files(self.root, chunk[0]), chunk[0]):
                     self._files().pop(path, None)
             self.queue.put((chunk, result))
 
@@ -265,20 +314,17 @@ class ChunkFetcher:
             return {row: Record(key, text, (feats, crc)) for row, key, text, feats, crc
                     in zip(rows, *(got[c] for c in columns))}
         if not self.shards.sequencefile:
-            got = parquet_rows(self._parquet(path), chunk_id, list(rows), [F.KEY, F.TRANSCRIPT, F.AUDIO])
-            return {row: Record(*fields) for row, *fields in zip(rows, got[F.KEY], got[F.TRANSCRIPT], got[F.AUDIO])}
-        by_offset = {int(w.offsets[j]): j for j in rows.values()}
-        start, last = min(by_offset), max(by_offset)
-        # a record is its lengths, key and value, perhaps after a 20-byte sync marker
-        end = last + 64 + int(w.record_bytes[by_offset[last]])
-        with self.fs.open_input_file(path) as f:
-            header = SequenceFileReader(f, name=path)
-            blob = f.read_at(min(end, f.size()) - start, start)
-        reader = header.over(OffsetBytes(blob, start))
-        return {int(w.rows[by_offset[offset]]): Record(writable_bytes(reader.key_class, key).decode("utf-8"),
-                                                       w.transcripts[by_offset[offset]],
-                                                       writable_bytes(reader.value_class, value))
-                for key, value, offset in reader.iter_range(start, last) if offset in by_offset}
+            columns = [F.KEY, F.TRANSCRIPT, F.AUDIO, F.CHECKSUM]
+            got = parquet_rows(self._parquet(path), chunk_id, list(rows), columns)
+            return {row: Record(*fields) for row, *fields in zip(rows, *(got[c] for c in columns))}
+        return self._sequence_rows(shard).records(self.fs, path, list(rows))
+
+    def _sequence_rows(self, shard: int) -> SequenceRows:
+        """Returns a SequenceFile shard's index rows, read once per fetcher and thread, like its files."""
+        files = self._files()
+        if shard not in files:
+            files[shard] = self.shards.index_rows(self.fs, self.root, shard)
+        return files[shard]
 
     def get(self, item: int) -> Record | None:
         """Returns the record of the Work's item `item` (the next one in reading order), waiting if needed.

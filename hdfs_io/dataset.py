@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import posixpath
 from dataclasses import dataclass
@@ -33,7 +34,8 @@ class Dataset:
             hdfs_io.dataset_format.DatasetError: the index is missing, unreadable
                 (a Parquet page checksum included) or disagrees with the manifest.
         """
-        table = self._parquet(F.INDEX, columns)
+        with _named_if_missing(self.uri, F.INDEX):
+            table = read_parquet(self.fs, self._file(F.INDEX), self.uri, F.INDEX, columns)
         return F.validate_index(table, self.manifest)
 
     def index_part(self, shard: int, columns: list[str] | None = None) -> pa.Table:
@@ -42,22 +44,18 @@ class Dataset:
         Raises:
             hdfs_io.dataset_format.DatasetError: the part is missing or unreadable.
         """
-        if self.manifest["format_version"] < 2:
-            index = self.index(sorted({*(columns or F.INDEX_SCHEMA.names), F.SHARD, F.ROW}))
-            mine = index.filter(pa.compute.equal(index.column(F.SHARD), shard)).sort_by(F.ROW)
-            return mine.select(columns) if columns else mine
-        return self._parquet(F.index_part_path(shard), columns)
+        version = self.manifest["format_version"]
+        with _named_if_missing(self.uri, F.index_part_path(shard) if version >= 2 else F.INDEX):
+            return read_index_part(self.fs, self.path, self.uri, version, shard, columns)
 
-    def _parquet(self, name: str, columns: list[str] | None) -> pa.Table:
-        try:
-            with self.fs.open_input_stream(self._file(name)) as f:
-                data = f.read()  # read first, so an error below is about the bytes, not the filesystem
-        except FileNotFoundError:
-            raise F.DatasetError(f"{self.uri} has no {name}") from None
-        try:
-            return pq.read_table(pa.BufferReader(data), columns=columns, page_checksum_verification=True)
-        except Exception as e:  # any failure to parse bytes already in memory: pyarrow raises several kinds
-            raise F.DatasetError(f"{self.uri}/{name} is unreadable: {first_line(e)}") from None
+    def index_file(self) -> pq.ParquetFile:
+        """Returns index.parquet opened for random access: its footer read, no column yet.
+
+        Raises:
+            hdfs_io.dataset_format.DatasetError: the file is missing or its footer does not parse.
+        """
+        with _named_if_missing(self.uri, F.INDEX):
+            return open_parquet(self.fs, self._file(F.INDEX), self.uri, F.INDEX)
 
     def quarantine(self) -> list[dict]:
         """Returns quarantine.jsonl's records.
@@ -98,6 +96,102 @@ class Dataset:
                 reader = SequenceFileReader(f, name=path)
                 for key, value in reader.records():
                     yield key.decode("utf-8"), value
+
+
+def open_parquet(fs: pafs.FileSystem, path: str, uri: str, name: str) -> pq.ParquetFile:
+    """Returns the Parquet file at `path` opened for random access, with page checksums verified on read.
+
+    Only its footer is read here; each later read fetches the column chunks it asks for, so a
+    process reads what it uses and not the file (index.parquet is 2.2 GB at 30M utterances).
+
+    Raises:
+        hdfs_io.dataset_format.DatasetError: its footer does not parse; the message names it as `name`
+            in the dataset at `uri`.
+        FileNotFoundError: there is no such file (libhdfs says so too when no NameNode answers).
+        OSError: the filesystem did not serve it.
+    """
+    return parsed(fs, path, f"{uri}/{name}", lambda: pq.ParquetFile(fs.open_input_file(path),
+                                                                     page_checksum_verification=True))
+
+
+def read_parquet(fs: pafs.FileSystem, path: str, uri: str, name: str, columns: list[str] | None = None) -> pa.Table:
+    """Returns `columns` (all by default) of the Parquet file at `path`, reading only their column chunks.
+
+    Raises:
+        hdfs_io.dataset_format.DatasetError: its bytes do not parse.
+        FileNotFoundError: there is no such file.
+        OSError: the filesystem did not serve it.
+    """
+    parquet = open_parquet(fs, path, uri, name)
+    return parsed(fs, path, f"{uri}/{name}", lambda: parquet.read(columns=columns))
+
+
+def parsed(fs: pafs.FileSystem, path: str, where: str, parse):
+    """Returns `parse()`, a read of the Parquet file at `path`; a failure that is about its bytes is DatasetError
+    naming `where`.
+
+    pyarrow raises OSError both for a filesystem that fails and for a page that fails its checksum;
+    the two are told apart by reading the file's raw bytes again: served whole, the bytes are bad.
+    """
+    try:
+        return parse()
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if not _served(fs, path):
+            raise
+        raise F.DatasetError(f"{where} is unreadable: {first_line(e)}") from None
+    except Exception as e:  # any other failure to parse: pyarrow raises several kinds
+        raise F.DatasetError(f"{where} is unreadable: {first_line(e)}") from None
+
+
+def _served(fs: pafs.FileSystem, path: str, piece: int = 16 * 2**20) -> bool:
+    """Returns True if the filesystem serves every byte of the file at `path` now (read and dropped, piece by piece)."""
+    try:
+        with fs.open_input_stream(path) as f:
+            while f.read(piece):
+                pass
+        return True
+    except OSError:
+        return False
+
+
+def read_index_part(fs: pafs.FileSystem, root: str, uri: str, format_version: int, shard: int,
+                    columns: list[str] | None = None) -> pa.Table:
+    """Returns the index rows of one shard of the dataset at `root`, in row order.
+
+    Format version 2 on, that is the shard's own index part. A version 1 index is read for
+    that shard's rows only: its row groups whose statistics cannot hold the shard are skipped.
+
+    Raises:
+        hdfs_io.dataset_format.DatasetError: the part (or the index) is unreadable.
+        FileNotFoundError: it is missing.
+        OSError: the filesystem did not serve it.
+    """
+    if format_version >= 2:
+        name = F.index_part_path(shard)
+        return read_parquet(fs, posixpath.join(root, name), uri, name, columns)
+    index = open_parquet(fs, posixpath.join(root, F.INDEX), uri, F.INDEX)
+    wanted = sorted({*(columns or F.INDEX_SCHEMA.names), F.SHARD, F.ROW})
+    at = index.schema_arrow.get_field_index(F.SHARD)
+    groups = []
+    for g in range(index.metadata.num_row_groups):
+        stats = index.metadata.row_group(g).column(at).statistics
+        if stats is None or not stats.has_min_max or stats.min <= shard <= stats.max:
+            groups.append(g)
+    table = parsed(fs, posixpath.join(root, F.INDEX), f"{uri}/{F.INDEX}",
+                    lambda: index.read_row_groups(groups, columns=wanted))
+    mine = table.filter(pa.compute.equal(table.column(F.SHARD), shard)).sort_by(F.ROW)
+    return mine.select(columns) if columns else mine
+
+
+@contextlib.contextmanager
+def _named_if_missing(uri: str, name: str):
+    """Turns a FileNotFoundError inside into a DatasetError saying that the dataset at `uri` has no `name`."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise F.DatasetError(f"{uri} has no {name}") from None
 
 
 def open_dataset(uri: str) -> Dataset:

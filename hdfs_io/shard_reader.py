@@ -43,7 +43,6 @@ from functools import partial
 from typing import Iterator
 
 import numpy as np
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyarrow.fs import FileType
 from torch._utils import ExceptionWrapper
@@ -52,13 +51,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from hdfs_io import client_log
 from hdfs_io import dataset_format as F
 from hdfs_io.batches import form_batches, prepare, verified_decode
-from hdfs_io.chunks import ChunkFetcher, CorruptRecord, Shards, StorageUnavailable, parquet_rows
+from hdfs_io.chunks import ChunkFetcher, CorruptRecord, Record, Shards, StorageUnavailable, parquet_rows
 from hdfs_io.dataset import open_dataset
 from hdfs_io.feature_stats import feature_stats, packed_config
 from hdfs_io.filesystem import FilesystemRef, hdfs_backend, worker_start_method
 from hdfs_io.reader_config import ReaderConfig
-from hdfs_io.plan import PLANNER_VERSION, RankPlan, index_columns, plan_durations, plan_rank_resumed
-from hdfs_io.sequencefile import SequenceFileReader, writable_bytes
+from hdfs_io.plan import PLANNER_VERSION, RankPlan, plan_rank_resumed
+from hdfs_io.rank_index import read_rank_index
 from hdfs_io.work import Work, work_for, worker_positions
 
 
@@ -88,22 +87,12 @@ class ShardDataset(IterableDataset):
         ds = open_dataset(uri)
         self.manifest = ds.manifest
         self.sequencefile = ds.manifest["format"] != "parquet"
-        # Held for the whole dataset: the numeric columns a global plan and the chunk reads need, about
-        # 40 bytes an utterance. Keys and transcripts come with the audio, chunk by chunk, except a
-        # SequenceFile's transcripts: its records hold only key and audio.
-        text = [F.KEY, F.TRANSCRIPT] if self.sequencefile else []
-        index = ds.index([F.DURATION_S, F.SHARD, F.ROW, F.ROW_GROUP, F.OFFSET, F.NUM_BYTES, F.CHECKSUM, *text])
-        self.utterances = index.num_rows
-        durations, self.shards, self.rows = index_columns(index)
-        self.durations = plan_durations(durations)  # float32, rounded up: what the planner works with
-        self.checksums = index.column(F.CHECKSUM).to_numpy()
-        self.chunks = F.chunk_ids(self.manifest["format"], index.column(F.ROW_GROUP).to_numpy(),
-                                  index.column(F.OFFSET).to_numpy())
-        if self.sequencefile:
-            self.offsets = index.column(F.OFFSET).to_numpy()
-            self.record_bytes = (index.column(F.NUM_BYTES).to_numpy()
-                                 + pc.binary_length(index.column(F.KEY)).to_numpy())
-            self.transcripts = index.column(F.TRANSCRIPT).combine_chunks()
+        # Held for the whole dataset: what the global plan and the chunk reads need, 16 bytes an utterance,
+        # read from three columns of the index (hdfs_io.rank_index). Keys, transcripts and checksums
+        # come with the audio, chunk by chunk, in the worker that reads it.
+        index = read_rank_index(ds)
+        self.utterances = len(index)
+        self.durations, self.shards, self.rows, self.chunks = index.durations, index.shards, index.rows, index.chunks
         del index
         packed_config(self.manifest)  # checked now; the statistics themselves are read when first needed
         self._stats: tuple[np.ndarray, np.ndarray, str] | None = None
@@ -234,7 +223,7 @@ class ShardDataset(IterableDataset):
     def shards_spec(self) -> Shards:
         """Returns where this dataset's bytes are, for chunk reads in any process."""
         return Shards(self.ref.uri, tuple(s["path"] for s in self.manifest["shards"]), self.sequencefile,
-                      self.cache_dir, self.ref.backend)
+                      self.cache_dir, self.ref.backend, self.manifest["format_version"])
 
     def work(self, epoch: int, start: int, worker: int, workers: int) -> Work:
         """Returns what DataLoader worker `worker` of `workers` reads of this rank's epoch from `start`."""
@@ -244,10 +233,7 @@ class ShardDataset(IterableDataset):
     def _fields(self, ids: np.ndarray) -> dict:
         """Returns the per-item fields of a Work for index rows `ids` (see hdfs_io.work.Work)."""
         fields = {"shards": self.shards[ids], "chunks": self.chunks[ids], "rows": self.rows[ids],
-                  "checksums": self.checksums[ids], "durations": self.durations[ids]}
-        if self.sequencefile:
-            fields.update(offsets=self.offsets[ids], record_bytes=self.record_bytes[ids],
-                          transcripts=self.transcripts.take(ids).to_pylist())
+                  "durations": self.durations[ids]}
         if self.cache_dir:
             fields["cache_groups"], fields["cache_rows"] = self._cache_places(ids)
         return fields
@@ -308,12 +294,12 @@ class ShardDataset(IterableDataset):
         wanted = key_hash(key)
         first, last = np.searchsorted(hashes, wanted, "left"), np.searchsorted(hashes, wanted, "right")
         # almost always one candidate; more only when 64-bit hashes collide
-        for u, found, data, transcript in self._read_rows(fs, root, rows[first:last]):
-            if found == key:
+        for u, record in self._read_rows(fs, root, rows[first:last]):
+            if record.key == key:
                 where = f"shard {self.manifest['shards'][self.shards[u]]['path']} row {self.rows[u]}"
-                samples, rate = verified_decode(data, int(self.checksums[u]), where, key)
-                return {"key": key, "audio": data, "samples": samples, "sample_rate": rate,
-                        "transcript": transcript, "duration_s": float(self.durations[u])}
+                samples, rate = verified_decode(record.data, record.checksum, where, key)
+                return {"key": key, "audio": record.data, "samples": samples, "sample_rate": rate,
+                        "transcript": record.transcript, "duration_s": float(self.durations[u])}
         raise KeyError(key)
 
     def _key_hashes(self, fs, root: str) -> tuple[np.ndarray, np.ndarray]:
@@ -332,31 +318,27 @@ class ShardDataset(IterableDataset):
     def read_audio(self, ids: np.ndarray) -> Iterator[bytes]:
         """Yields the audio bytes of utterances `ids` that pass their CRC32 check, one read per chunk."""
         fs, root = self.ref.open()
-        for u, _, data, _ in self._read_rows(fs, root, ids):
-            if zlib.crc32(data) == self.checksums[u]:
-                yield data
+        for _, record in self._read_rows(fs, root, ids):
+            if zlib.crc32(record.data) == record.checksum:
+                yield record.data
 
-    def _read_rows(self, fs, root: str, ids: np.ndarray) -> Iterator[tuple[int, str, bytes, str]]:
-        """Yields (id, key, audio bytes, transcript) of utterances `ids`, reading each Parquet row group once
-        (a SequenceFile: each record alone)."""
+    def _read_rows(self, fs, root: str, ids: np.ndarray) -> Iterator[tuple[int, Record]]:
+        """Yields (id, Record) of utterances `ids`, reading each chunk once (a SequenceFile's: its index rows too)."""
         ids = np.asarray(ids, np.int64)
-        if self.sequencefile:
-            for u in ids.tolist():
-                path = f"{root}/{self.manifest['shards'][self.shards[u]]['path']}"
-                with fs.open_input_file(path) as f:
-                    reader = SequenceFileReader(f, name=path)
-                    key, value = reader.read_at(int(self.offsets[u]))
-                yield (u, writable_bytes(reader.key_class, key).decode("utf-8"),
-                       writable_bytes(reader.value_class, value), self.transcripts[u].as_py())
-            return
+        spec = self.shards_spec()
         codes = self.shards[ids].astype(np.int64) << 32 | self.chunks[ids]
         for code in np.unique(codes).tolist():
             members = ids[codes == code]
             shard, group = code >> 32, code & 0xFFFFFFFF
             path = f"{root}/{self.manifest['shards'][shard]['path']}"
-            rows = parquet_rows(pq.ParquetFile(fs.open_input_file(path)), group, self.rows[members].tolist(),
-                                [F.KEY, F.AUDIO, F.TRANSCRIPT])
-            yield from zip(members.tolist(), rows[F.KEY], rows[F.AUDIO], rows[F.TRANSCRIPT])
+            rows = self.rows[members].tolist()
+            if self.sequencefile:
+                records = spec.index_rows(fs, root, shard).records(fs, path, rows)
+                yield from ((u, records[r]) for u, r in zip(members.tolist(), rows) if r in records)
+                continue
+            columns = [F.KEY, F.TRANSCRIPT, F.AUDIO, F.CHECKSUM]
+            got = parquet_rows(pq.ParquetFile(fs.open_input_file(path)), group, rows, columns)
+            yield from zip(members.tolist(), (Record(*fields) for fields in zip(*(got[c] for c in columns))))
 
 
 def key_hash(key: str) -> int:

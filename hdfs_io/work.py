@@ -23,14 +23,10 @@ class Work:
     positions: np.ndarray  # the rank's batch positions, in the order this worker reads them
     repeated: np.ndarray  # bool per batch: whether it repeats an earlier one (counted padding)
     bounds: np.ndarray  # len(positions) + 1 item offsets
-    shards: np.ndarray  # per item: shard number, its chunk in that shard, its row in that shard,
-    chunks: np.ndarray  # the CRC32 of its audio and its duration (what the planner used)
-    rows: np.ndarray
-    checksums: np.ndarray
+    shards: np.ndarray  # per item: shard number, its chunk in that shard, its row in that shard
+    chunks: np.ndarray  # and its duration (what the planner used); key, transcript and checksum
+    rows: np.ndarray  # come with the chunk
     durations: np.ndarray
-    offsets: np.ndarray | None = None  # SequenceFile shards: the record's offset, its length (key + value),
-    record_bytes: np.ndarray | None = None
-    transcripts: list[str] | None = None  # and the transcript, which its records lack
     cache_groups: np.ndarray | None = None  # with a feature cache: the chunk's row group in the cache file,
     cache_rows: np.ndarray | None = None  # and the row's place inside it
 

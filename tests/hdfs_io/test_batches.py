@@ -25,20 +25,19 @@ def flac(seconds: float, rate: int = 16000) -> bytes:
     return out.getvalue()
 
 
-def fields(ids: np.ndarray, audio: list[bytes]) -> dict:
+def fields(ids: np.ndarray) -> dict:
     return {"shards": np.zeros(len(ids), np.int32), "chunks": np.zeros(len(ids), np.int32), "rows": ids,
-            "checksums": np.array([zlib.crc32(audio[u]) for u in ids], np.int64),
             "durations": np.ones(len(ids), np.float32)}
 
 
 def test_a_worker_takes_every_kth_position_from_the_start_and_only_those_batches():
     plan = RankPlan([np.array([0, 1]), np.array([2]), np.array([3, 4, 5]), np.array([2])], [False, False, False, True])
 
-    work = work_for(7, plan, worker_positions(4, 1, 1, 2), lambda ids: fields(ids, [b""] * 6))
+    work = work_for(7, plan, worker_positions(4, 1, 1, 2), fields)
 
     assert work.positions.tolist() == [2] and work.epoch == 7
     assert work.rows.tolist() == [3, 4, 5] and list(work.items(0)) == [0, 1, 2]
-    assert work_for(0, plan, worker_positions(4, 0, 0, 2), lambda ids: fields(ids, [b""] * 6)).repeated.tolist() \
+    assert work_for(0, plan, worker_positions(4, 0, 0, 2), fields).repeated.tolist() \
         == [False, False]
     assert worker_positions(4, 0, 1, 2).tolist() == [1, 3]
 
@@ -47,11 +46,12 @@ def test_a_worker_takes_every_kth_position_from_the_start_and_only_those_batches
 def test_a_damaged_or_missing_record_fails_or_is_skipped_and_named(on_error):
     audio = [flac(0.5), flac(0.7), flac(0.4)]
     plan = RankPlan([np.array([0, 1]), np.array([2])], [False, False])
-    work = work_for(0, plan, worker_positions(2, 0, 0, 1), lambda ids: fields(ids, audio))
-    records = {0: Record("a", "x", audio[0]), 1: Record("b", "y", audio[1][:-9] + b"\0" * 9)}  # 2 is missing
+    work = work_for(0, plan, worker_positions(2, 0, 0, 1), fields)
+    records = {0: Record("a", "x", audio[0], zlib.crc32(audio[0])),
+               1: Record("b", "y", audio[1][:-9] + b"\0" * 9, zlib.crc32(audio[1]))}  # 2 is missing
 
-    def to_input(record, crc, where):
-        return prepare(record, crc, where, feature=FEATURE, output="waveform", stats=None)
+    def to_input(record, where):
+        return prepare(record, where, feature=FEATURE, output="waveform", stats=None)
 
     batches = form_batches(work, records.get, to_input, lambda s, r: f"shard {s} row {r}", on_error, "waveform")
 
@@ -67,11 +67,11 @@ def test_a_damaged_or_missing_record_fails_or_is_skipped_and_named(on_error):
 
 def test_features_are_normalized_with_the_given_statistics():
     audio = flac(1.0)
-    record = Record("a", "x", audio)
+    record = Record("a", "x", audio, zlib.crc32(audio))
     mean, std = np.full(FEATURE.num_bins, 2.0, np.float32), np.full(FEATURE.num_bins, 4.0, np.float32)
 
-    raw = prepare(record, zlib.crc32(audio), "here", feature=FEATURE, output="features",
+    raw = prepare(record, "here", feature=FEATURE, output="features",
                   stats=(np.zeros_like(mean), np.ones_like(std)))
-    normalized = prepare(record, zlib.crc32(audio), "here", feature=FEATURE, output="features", stats=(mean, std))
+    normalized = prepare(record, "here", feature=FEATURE, output="features", stats=(mean, std))
 
     assert raw.shape[1] == FEATURE.num_bins and np.allclose(normalized, (raw - 2.0) / 4.0)

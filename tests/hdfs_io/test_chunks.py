@@ -141,11 +141,10 @@ def work_of(rows: list[int], batch_size: int = 2, **fields) -> Work:
     return Work(0, np.arange(batches, dtype=np.int64), np.zeros(batches, bool), bounds,
                 shards=np.zeros(len(rows), np.int32),
                 chunks=fields.pop("chunks", rows_array // ROWS_PER_GROUP),
-                rows=rows_array, checksums=np.array([zlib.crc32(audio_of(r)) for r in rows], np.int64),
-                durations=np.ones(len(rows), np.float32), **fields)
+                rows=rows_array, durations=np.ones(len(rows), np.float32), **fields)
 
 
-def audio_length(record: Record, crc: int, where: str) -> np.ndarray:
+def audio_length(record: Record, where: str) -> np.ndarray:
     """A model input that needs nothing but the record: its audio's bytes as samples."""
     return np.frombuffer(record.data, np.uint8).astype(np.float32)
 
@@ -241,24 +240,29 @@ def test_a_parquet_shard_cut_short_is_damage_named_with_fail_and_counted_with_sk
     assert sum(len(b["skipped"]) for b in skipped) == len(AGAIN)
 
 
-def sequencefile_dataset(root: Path, rows: int = 4) -> tuple[Shards, Work]:
-    """Writes one SequenceFile shard of `rows` records; returns it and a Work that reads them all in order."""
+def sequencefile_dataset(root: Path, rows: int = 4) -> tuple[Shards, Work, list[int]]:
+    """Writes one SequenceFile shard of `rows` records and its index part, as pack writes them; returns the
+    shard, a Work that reads them all in order, and the records' offsets."""
     (root / F.SHARD_DIR).mkdir(parents=True)
     sink = io.BytesIO()
     writer = SequenceFileWriter(sink, name="part-00000")
     offsets = [writer.append(f"utt-{r:04d}", audio_of(r)) for r in range(rows)]
     (root / F.shard_path(0, "sequencefile")).write_bytes(sink.getvalue())
-    work = work_of(list(range(rows)), chunks=np.zeros(rows, np.int64), offsets=np.array(offsets, np.int64),
-                   record_bytes=np.array([len(audio_of(r)) + len(f"utt-{r:04d}") for r in range(rows)], np.int64),
-                   transcripts=[f"words of {r}" for r in range(rows)])
-    return Shards(str(root), (F.shard_path(0, "sequencefile"),), sequencefile=True), work
+    (root / F.INDEX_DIR).mkdir()
+    part = {F.OFFSET: offsets, F.NUM_BYTES: [len(audio_of(r)) for r in range(rows)],
+            F.KEY: [f"utt-{r:04d}" for r in range(rows)], F.TRANSCRIPT: [f"words of {r}" for r in range(rows)],
+            F.CHECKSUM: [zlib.crc32(audio_of(r)) for r in range(rows)]}
+    pq.write_table(pa.table(part, schema=pa.schema([F.INDEX_SCHEMA.field(c) for c in part])),
+                   root / F.index_part_path(0))
+    work = work_of(list(range(rows)), chunks=np.zeros(rows, np.int64))
+    return Shards(str(root), (F.shard_path(0, "sequencefile"),), sequencefile=True), work, offsets
 
 
 def test_a_sequencefile_record_with_a_damaged_header_is_damage_counted_with_skip(tmp_path):
-    shards, work = sequencefile_dataset(tmp_path)
+    shards, work, offsets = sequencefile_dataset(tmp_path)
     shard = tmp_path / shards.paths[0]
     data = bytearray(shard.read_bytes())
-    at = int(work.offsets[0]) + 4  # the first record's key length
+    at = offsets[0] + 4  # the first record's key length
     data[at:at + 4] = struct.pack(">i", 10**6)
     shard.write_bytes(bytes(data))
 
