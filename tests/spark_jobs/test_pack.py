@@ -144,21 +144,13 @@ def test_pack_local_files_on_local2(cluster, bad_corpus, tmp_path):
         assert open_dataset(str(v1)).index_part(shard).select(F.INDEX_SCHEMA.names).to_pylist() == mine
 
 
-def test_pack_hdfs_on_standalone_master(cluster, bad_corpus, hdfs_dir):
+def test_pack_hdfs_and_files_on_standalone_master(cluster, bad_corpus, hdfs_dir, tmp_path):
+    # HDFS to HDFS on local[2] is test_pack_yarn's reference pack (local2_pack), which YARN's packs must equal
     root, expected = bad_corpus
     source = to_hdfs(root, f"{hdfs_dir}/corpus")
 
     run_pack(cluster, cluster.spark_master, "--input", source, "--output", f"{hdfs_dir}/dataset",
              "--shard-size-mb", "0.1")
-
-    check_dataset(f"{hdfs_dir}/dataset", expected, root)
-
-
-def test_pack_hdfs_on_local2_and_files_on_standalone(cluster, bad_corpus, hdfs_dir, tmp_path):
-    root, expected = bad_corpus
-    source = to_hdfs(root, f"{hdfs_dir}/corpus")
-
-    run_pack(cluster, "local[2]", "--input", source, "--output", f"{hdfs_dir}/dataset")
     run_pack(cluster, cluster.spark_master, "--input", f"file://{root}", "--output", str(tmp_path / "ds"))
 
     check_dataset(f"{hdfs_dir}/dataset", expected, root)
