@@ -49,10 +49,7 @@ def read_rank_index(ds: Dataset) -> RankIndex:
     chunk_column = F.ROW_GROUP if ds.manifest["format"] == "parquet" else F.OFFSET
     columns = [F.DURATION_S, F.SHARD, chunk_column]
     for column in columns:
-        kind = index.schema_arrow.field(column).type if column in index.schema_arrow.names else None
-        if kind != F.INDEX_SCHEMA.field(column).type:
-            raise F.DatasetError(f"index.parquet: column {column!r} is {kind or 'missing'}, "
-                                 f"not {F.INDEX_SCHEMA.field(column).type}")
+        _check_type(index, column)
     n = ds.manifest["utterances"]
     if index.metadata.num_rows != n:
         raise F.DatasetError(f"index.parquet has {index.metadata.num_rows} rows, dataset.json says {n}")
@@ -74,7 +71,7 @@ def read_rank_index(ds: Dataset) -> RankIndex:
         if (c < 0).any():
             raise F.DatasetError(f"index.parquet: column {chunk_column!r} holds values out of range")
         durations[a:b], shards[a:b] = plan_durations(d), s
-        chunks[a:b] = F.chunk_ids(ds.manifest["format"], c, c)
+        chunks[a:b] = F.chunk_ids(ds.manifest["format"], c, c)  # c is the row group or the offset
         # in (shard, row) order, each shard's rows are the manifest's count of consecutive index rows
         ids = np.arange(a, b)
         in_order = in_order and np.array_equal(s, np.searchsorted(starts, ids, "right") - 1)
@@ -88,9 +85,7 @@ def read_rank_index(ds: Dataset) -> RankIndex:
 
 def _rows_from_column(ds: Dataset, index, name: str, shard_rows: np.ndarray, shards: np.ndarray) -> np.ndarray:
     """Returns the `row` column of an index that is not in (shard, row) order, checked against its shards."""
-    if index.schema_arrow.field(F.ROW).type != F.INDEX_SCHEMA.field(F.ROW).type:
-        raise F.DatasetError(f"index.parquet: column {F.ROW!r} is {index.schema_arrow.field(F.ROW).type}, "
-                             f"not {F.INDEX_SCHEMA.field(F.ROW).type}")
+    _check_type(index, F.ROW)
     rows = np.empty(len(shards), np.int32)
     a = 0
     for g in range(index.metadata.num_row_groups):
@@ -102,3 +97,11 @@ def _rows_from_column(ds: Dataset, index, name: str, shard_rows: np.ndarray, sha
             raise F.DatasetError("index.parquet: column 'row' points past the end of its shard")
         rows[a:b], a = r, b
     return rows
+
+
+def _check_type(index, column: str) -> None:
+    """Raises DatasetError if index.parquet lacks `column` or holds it in another type than F.INDEX_SCHEMA's."""
+    kind = index.schema_arrow.field(column).type if column in index.schema_arrow.names else None
+    if kind != F.INDEX_SCHEMA.field(column).type:
+        raise F.DatasetError(f"index.parquet: column {column!r} is {kind or 'missing'}, "
+                             f"not {F.INDEX_SCHEMA.field(column).type}")

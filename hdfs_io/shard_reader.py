@@ -326,6 +326,7 @@ class ShardDataset(IterableDataset):
         """Yields (id, Record) of utterances `ids`, reading each chunk once (a SequenceFile's: its index rows too)."""
         ids = np.asarray(ids, np.int64)
         spec = self.shards_spec()
+        index_rows = {}  # a SequenceFile shard's, read once for all its chunks
         codes = self.shards[ids].astype(np.int64) << 32 | self.chunks[ids]
         for code in np.unique(codes).tolist():
             members = ids[codes == code]
@@ -333,7 +334,9 @@ class ShardDataset(IterableDataset):
             path = f"{root}/{self.manifest['shards'][shard]['path']}"
             rows = self.rows[members].tolist()
             if self.sequencefile:
-                records = spec.index_rows(fs, root, shard).records(fs, path, rows)
+                if shard not in index_rows:
+                    index_rows[shard] = spec.index_rows(fs, root, shard)
+                records = index_rows[shard].records(fs, path, rows)
                 yield from ((u, records[r]) for u, r in zip(members.tolist(), rows) if r in records)
                 continue
             columns = [F.KEY, F.TRANSCRIPT, F.AUDIO, F.CHECKSUM]
