@@ -64,11 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     except (F.DatasetError, FilesystemUnavailable, PermissionError, ValueError) as e:
         print(f"read: error: {e}", file=sys.stderr)
         return 2
-    ds.set_epoch(args.epoch)
+    loader = ShardLoader(ds, num_workers=args.workers)  # on HDFS, its workers' forkserver starts while this plans
+    loader.set_epoch(args.epoch)
     planned_at = time.perf_counter()
     batches = len(ds)  # plans this rank's share of the epoch
     plan_s = time.perf_counter() - planned_at
-    loader = ShardLoader(ds, num_workers=args.workers)
     utterances = skipped = repeated = rereads = reads = 0
     audio_s = 0.0
     first_batch_s = None

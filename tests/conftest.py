@@ -26,6 +26,17 @@ QUICK_START_JVMS = (f"spark.driver.extraJavaOptions={_QUICK_JVM}", f"spark.execu
                     f"spark.yarn.am.extraJavaOptions={_QUICK_JVM}")
 
 
+def pytest_configure(config) -> None:
+    # Once HDFS is open in this process, DataLoader workers start from its one forkserver, whichever test starts
+    # it first. It imports what the reader's workers import, once, as ShardLoader's own forkserver does, so a
+    # worker forks warm instead of importing torch and pyarrow again.
+    import multiprocessing
+
+    from hdfs_io.shard_reader import WORKER_MODULES
+
+    multiprocessing.set_forkserver_preload(WORKER_MODULES)
+
+
 @dataclass(frozen=True)
 class Cluster:
     hdfs_uri: str

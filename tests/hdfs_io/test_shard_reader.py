@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import shutil
 import subprocess
 import sys
@@ -521,3 +522,32 @@ def test_a_process_that_stops_reading_mid_epoch_exits(cluster, tmp_path):
 
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == ["stopped"]
+
+
+WORKER_PARENT = '''
+import os
+import sys
+from hdfs_io.shard_reader import ShardDataset, ShardLoader
+from tests.hdfs_io.test_shard_reader import CONFIG
+
+loader = ShardLoader(ShardDataset(sys.argv[1], 0, 1, CONFIG), num_workers=2, timeout=300)
+worker = next(iter(loader))["worker_pid"]
+with open(f"/proc/{worker}/stat") as f:
+    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+with open(f"/proc/{parent}/maps") as f:
+    print(parent != os.getpid(), "libtorch_cpu" in f.read())
+'''
+
+
+@pytest.mark.parametrize("backend", ["libhdfs", "native"])
+def test_hdfs_workers_fork_from_a_forkserver_that_has_imported_the_reader(packed, backend):
+    # a worker of a process that opened HDFS cannot be forked from it; started cold, each one imports torch,
+    # pyarrow and the reader again (seconds, and pages it does not share): its forkserver imports them once
+    _, uris = packed
+    env = {**os.environ, BACKEND_VARIABLE: backend}
+
+    run = subprocess.run([sys.executable, "-c", WORKER_PARENT, uris["hdfs-parquet"]], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300, check=True)
+
+    assert run.stdout.split() == ["True", "True"], run.stdout + run.stderr[-2000:]
+
