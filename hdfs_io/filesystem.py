@@ -5,18 +5,21 @@ Everything else in the project takes a `pyarrow.fs.FileSystem` and a path that
 process boundary (Spark tasks, DataLoader workers).
 
 HDFS is reached through one of two backends, chosen by `SPEECHPACK_HDFS_BACKEND`:
-- `libhdfs` (the default): pyarrow's HadoopFileSystem, a JNI client that runs a
-  JVM inside this process (about 2.5 s and 300 MB to start). A JVM does not
-  survive fork: once one process has opened HDFS, a child forked from it hangs
-  on its first HDFS call, even with a new handle. `open_filesystem` refuses
-  that case with `ForkedJVMError` instead of hanging; open HDFS only inside
-  workers, or start workers with `worker_start_method()`.
-- `native`: hdfs-native, a Rust client with no JVM, wrapped as a pyarrow
+- `native` (the default): hdfs-native, a Rust client with no JVM, wrapped as a pyarrow
   filesystem through fsspec. It reads `fs.defaultFS` and HA nameservices from
   `HADOOP_CONF_DIR`; replication is passed to it from there as libhdfs's is, and
   block size comes from the NameNode's defaults (README, "Two HDFS clients").
   hdfs-native has no timeout of its own on a NameNode that accepts and never
   answers, so its calls here have a deadline (`NativeCalls`, `native_call_seconds`).
+  Its runtime's threads do not survive fork either, so workers start from a
+  forkserver once it is open (`worker_start_method()`).
+- `libhdfs`: pyarrow's HadoopFileSystem, a JNI client that runs a
+  JVM inside this process (about 2.5 s and 300 MB to start). A JVM does not
+  survive fork: once one process has opened HDFS, a child forked from it hangs
+  on its first HDFS call, even with a new handle. `open_filesystem` refuses
+  that case with `ForkedJVMError` instead of hanging; open HDFS only inside
+  workers, or start workers with `worker_start_method()`. It needs Java and the
+  Hadoop jars (`scripts/hadoop_env.sh`).
 """
 
 from __future__ import annotations
@@ -117,13 +120,18 @@ def hdfs(host: str = "default", port: int = 0) -> pafs.HadoopFileSystem:
             )
         except OSError as e:
             where = f"{host}:{port}" if port else host
-            raise FilesystemUnavailable(f"cannot open HDFS at {where}: {first_line(e)}") from e
+            hint = LIBHDFS_SETUP if re.match(r"Unable to load lib(jvm|hdfs)", str(e)) else ""
+            raise FilesystemUnavailable(f"cannot open HDFS at {where}: {first_line(e)}{hint}") from e
         _jvm_pid = pid
         _handles[key] = handle
     return _handles[key]
 
 
 BACKENDS = ("libhdfs", "native")
+DEFAULT_BACKEND = "native"
+LIBHDFS_SETUP = ("; libhdfs needs JAVA_HOME, the Hadoop jars on CLASSPATH and ARROW_LIBHDFS_DIR, which "
+                 "`. scripts/hadoop_env.sh` sets (README, \"Two HDFS clients\"), or use "
+                 "SPEECHPACK_HDFS_BACKEND=native, which needs no Java")
 BACKEND_VARIABLE = "SPEECHPACK_HDFS_BACKEND"
 
 
@@ -132,12 +140,12 @@ class UnknownBackend(FilesystemUnavailable):
 
 
 def hdfs_backend() -> str:
-    """Returns the HDFS backend this process uses: SPEECHPACK_HDFS_BACKEND, else libhdfs.
+    """Returns the HDFS backend this process uses: SPEECHPACK_HDFS_BACKEND, else native.
 
     Raises:
         UnknownBackend: the variable names no backend.
     """
-    name = os.environ.get(BACKEND_VARIABLE) or "libhdfs"
+    name = os.environ.get(BACKEND_VARIABLE) or DEFAULT_BACKEND
     if name not in BACKENDS:
         raise UnknownBackend(f"{BACKEND_VARIABLE}={name!r} names no HDFS backend; use one of {', '.join(BACKENDS)}")
     return name

@@ -24,7 +24,7 @@ import pytest
 from pyarrow.fs import FileSelector
 
 from hdfs_io import dataset_format as F
-from hdfs_io.filesystem import BACKEND_VARIABLE, BACKENDS, open_filesystem
+from hdfs_io.filesystem import BACKEND_VARIABLE, BACKENDS, hdfs_backend, open_filesystem
 from hdfs_io.plan import PlanConfig
 from hdfs_io.shard_reader import ReaderConfig, ShardDataset, ShardLoader, StorageUnavailable, error_message
 from scripts import devcluster
@@ -39,7 +39,7 @@ def record(fault: str, **row) -> None:
     FAULT_LOG.parent.mkdir(exist_ok=True)
     with FAULT_LOG.open("a") as f:
         f.write(json.dumps({"fault": fault, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                            "hdfs_backend": os.environ.get(BACKEND_VARIABLE) or "libhdfs", **row}) + "\n")
+                            "hdfs_backend": hdfs_backend(), **row}) + "\n")
 
 
 @pytest.fixture(scope="module")

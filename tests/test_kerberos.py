@@ -1,6 +1,6 @@
 """A Kerberized Hadoop cluster (scripts/secure_cluster: an MIT KDC, secure HDFS and YARN), end to end.
 
-alice's ticket gets her in, through every client: upload (pyarrow and pydoop), pack on Spark (local, and on
+alice's ticket gets her in, through every client: upload (hdfs-native, libhdfs and pydoop), pack on Spark (local, and on
 YARN with delegation tokens), read (libhdfs and hdfs-native), torchrun training with checkpoints on HDFS. No ticket, an expired ticket,
 or mallory on alice's private folder: one line naming the user and the cause, exit 2, nothing
 written. A ticket that expires mid-read ends the read with a clear error, or the read is whole.
@@ -87,11 +87,13 @@ def commands(env: dict[str, str], corpus: Path, hdfs_corpus: str, dataset: str, 
     py = sys.executable
     return {
         "upload": (run(env, py, "-m", "hdfs_io.upload", "--quiet", str(corpus), f"{out}/upload"), "upload"),
+        "upload, libhdfs": (run(dict(env, SPEECHPACK_HDFS_BACKEND="libhdfs"), py, "-m", "hdfs_io.upload", "--quiet",
+                                str(corpus), f"{out}/upload-libhdfs"), "upload"),
         "pack": (run(env, *spark_submit, str(ROOT / "spark_jobs" / "pack.py"), "--input", hdfs_corpus,
                      "--output", f"{out}/pack", "--shard-size-mb", "0.05"), "pack"),
         "read": (run(env, py, "-m", "hdfs_io.read", dataset, "--workers", "2"), "read"),
-        "read, hdfs-native": (run(dict(env, SPEECHPACK_HDFS_BACKEND="native"), py, "-m", "hdfs_io.read", dataset,
-                                  "--workers", "2"), "read"),
+        "read, libhdfs": (run(dict(env, SPEECHPACK_HDFS_BACKEND="libhdfs"), py, "-m", "hdfs_io.read", dataset,
+                              "--workers", "2"), "read"),
         "inspect": (run(env, py, "-m", "hdfs_io.inspect", dataset), "inspect"),
         "train": (run(env, py, "-m", "trainer.train", *TINY_TRAINING, "--dataset", dataset, "--out", f"{out}/train",
                       "--max-steps", "2"), "train"),
@@ -147,7 +149,7 @@ def test_alice_with_a_ticket_uploads_packs_reads_and_trains_and_owns_every_file(
                  f"{private}/upload-pydoop")
     assert pydoop.returncode == 0, pydoop.stderr[-3000:]
     dataset = f"{private}/pack"
-    for name in ("read", "read, hdfs-native"):
+    for name in ("read", "read, libhdfs"):
         assert f"read: rank 0/1 epoch 0: {UTTERANCES} utterances" in runs[name][0].stdout, name
     train = run(env, sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 "-m", "trainer.train", *TINY_TRAINING, "--dataset", dataset, "--out", f"{private}/run",
@@ -157,7 +159,7 @@ def test_alice_with_a_ticket_uploads_packs_reads_and_trains_and_owns_every_file(
 
     listing = hdfs_listing(secure, env, private)
     paths = {row[-1].split(urlparse(private).path, 1)[-1] for row in listing}
-    assert {"/upload", "/upload-pydoop", "/pack/dataset.json", "/run/checkpoint.pt", "/train"} <= paths, paths
+    assert {"/upload", "/upload-libhdfs", "/upload-pydoop", "/pack/dataset.json", "/run/checkpoint.pt", "/train"} <= paths, paths
     assert {row[2] for row in listing} == {"alice"}, [row for row in listing if row[2] != "alice"]
     for name, (result, _) in runs.items():
         record(f"Kerberos: alice with a ticket ({name})", outcome=f"exit {result.returncode}", keys_read=None,

@@ -244,6 +244,21 @@ def test_an_unknown_hdfs_backend_is_a_one_line_error_with_exit_2(cluster):
         "inspect: error: SPEECHPACK_HDFS_BACKEND='webhdfs' names no HDFS backend; use one of libhdfs, native"]
 
 
+def test_libhdfs_without_a_java_environment_says_in_one_line_what_to_set(cluster):
+    env = {k: v for k, v in os.environ.items() if k not in ("JAVA_HOME", "CLASSPATH")}
+    env[BACKEND_VARIABLE] = "libhdfs"
+
+    run = subprocess.run([sys.executable, "-m", "hdfs_io.inspect", f"{cluster.hdfs_uri}/anything"], env=env,
+                         capture_output=True, text=True, timeout=120)
+
+    assert run.returncode == 2
+    [line] = run.stderr.strip().splitlines()
+    assert line.startswith(f"inspect: error: cannot open HDFS at 127.0.0.1:{cluster.hdfs_uri.rsplit(':', 1)[1]}: "
+                           "Unable to load libjvm")
+    for what in ("JAVA_HOME", "CLASSPATH", "scripts/hadoop_env.sh", f"{BACKEND_VARIABLE}=native"):
+        assert what in line, line
+
+
 def test_workers_start_from_a_forkserver_once_the_parent_opened_hdfs_native(cluster):
     # in a fresh interpreter: this one may hold a JVM already. A forked child of a process whose hdfs-native
     # client runs read 7x slower than a forkserver's (bench/hdfs_backends, issue note)
@@ -280,10 +295,11 @@ def test_spark_standalone_job_writes_parquet_to_hdfs(cluster, hdfs_dir, tmp_path
     assert table.column("square").to_pylist() == [i * i for i in range(500)]
 
 
-def test_dataloader_workers_each_open_their_own_hdfs_handle(hdfs_dir):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dataloader_workers_each_open_their_own_hdfs_handle(hdfs_dir, backend):
     files = write_files(hdfs_dir, 10)
-    open_filesystem(hdfs_dir)  # this process now runs a JVM, as a trainer would
-    dataset = FileBytes(FilesystemRef(hdfs_dir), sorted(files))
+    open_filesystem(hdfs_dir, backend)  # this process now runs a client that a fork does not copy, as a trainer would
+    dataset = FileBytes(FilesystemRef(hdfs_dir, backend), sorted(files))
 
     loader = DataLoader(dataset, batch_size=None, num_workers=2, timeout=120,
                         multiprocessing_context=worker_start_method())
@@ -293,10 +309,10 @@ def test_dataloader_workers_each_open_their_own_hdfs_handle(hdfs_dir):
     assert {worker for worker, _, _ in got} == {0, 1}
 
 
-def test_a_handle_inherited_through_fork_fails_fast_instead_of_hanging(hdfs_dir):
+def test_a_libhdfs_handle_inherited_through_fork_fails_fast_instead_of_hanging(hdfs_dir):
     files = write_files(hdfs_dir, 2)
-    open_filesystem(hdfs_dir)
-    dataset = FileBytes(FilesystemRef(hdfs_dir), sorted(files))
+    open_filesystem(hdfs_dir, "libhdfs")
+    dataset = FileBytes(FilesystemRef(hdfs_dir, "libhdfs"), sorted(files))
 
     loader = DataLoader(dataset, batch_size=None, num_workers=1, timeout=120,
                         multiprocessing_context="fork")

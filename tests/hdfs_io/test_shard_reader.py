@@ -551,3 +551,33 @@ def test_hdfs_workers_fork_from_a_forkserver_that_has_imported_the_reader(packed
 
     assert run.stdout.split() == ["True", "True"], run.stdout + run.stderr[-2000:]
 
+
+NO_JVM = '''
+import os
+import sys
+from hdfs_io.shard_reader import ShardDataset, ShardLoader
+from tests.hdfs_io.test_shard_reader import CONFIG
+
+def has_jvm(pid):
+    with open(f"/proc/{pid}/maps") as f:
+        return "libjvm" in f.read()
+
+processes = {os.getpid(): None}
+for batch in ShardLoader(ShardDataset(sys.argv[1], 0, 1, CONFIG), num_workers=2):
+    if batch["worker_pid"] not in processes:  # while the worker runs
+        processes[batch["worker_pid"]] = has_jvm(batch["worker_pid"])
+processes[os.getpid()] = has_jvm(os.getpid())
+for pid, jvm in processes.items():
+    print(pid, jvm)
+'''
+
+
+def test_by_default_neither_a_reader_nor_its_workers_start_a_jvm(packed):
+    _, uris = packed
+    env = {k: v for k, v in os.environ.items() if k != BACKEND_VARIABLE}
+
+    run = subprocess.run([sys.executable, "-c", NO_JVM, uris["hdfs-seq"]], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300, check=True)
+
+    processes = dict(line.split() for line in run.stdout.splitlines())
+    assert len(processes) == 3 and set(processes.values()) == {"False"}, run.stdout
