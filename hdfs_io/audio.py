@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import soundfile as sf
+import soxr
 
 TAIL_FRAMES = 4096  # frames at the end of a file decoded first, so a truncated file is named as such
 PROBE_BLOCK_FRAMES = 1 << 18  # frames the probe decodes at a time (16 s at 16 kHz)
@@ -83,17 +84,11 @@ def to_mono(samples: np.ndarray) -> np.ndarray:
 
 
 def resample(signal: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
-    """Returns a 1-D signal resampled from `rate` to `target_rate` (band-limited, FFT method)."""
+    """Returns a 1-D float32 signal resampled from `rate` to `target_rate` by soxr, libsoxr's band-limited
+    resampler at its "HQ" (20-bit) quality: flat to about 91% of the lower Nyquist frequency, nothing above it."""
     if rate == target_rate or len(signal) == 0:
         return signal.astype(np.float32, copy=False)
-    n_out = int(round(len(signal) * target_rate / rate))
-    spectrum = np.fft.rfft(signal)
-    n_bins = n_out // 2 + 1
-    if n_bins <= len(spectrum):
-        spectrum = spectrum[:n_bins]
-    else:
-        spectrum = np.concatenate([spectrum, np.zeros(n_bins - len(spectrum), spectrum.dtype)])
-    return (np.fft.irfft(spectrum, n_out) * (n_out / len(signal))).astype(np.float32)
+    return soxr.resample(signal.astype(np.float32, copy=False), rate, target_rate, quality="HQ")
 
 
 def _check_wav_data_chunk(data: bytes) -> None:

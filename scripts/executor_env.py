@@ -7,7 +7,7 @@
 
 The archive holds what the Spark jobs run on executors, at the versions this
 checkout's .venv runs (their dependencies too): pyarrow, numpy, soundfile (with
-its libsndfile), pandas (pyspark's mapInArrow needs it), hdfs-native, and this
+its libsndfile), soxr (features for cache_features), pandas (pyspark's mapInArrow needs it), hdfs-native, and this
 project's packages as they are now: rebuild it after changing hdfs_io or
 spark_jobs, since a YARN cluster-mode driver imports them from the archive. It
 holds no torch and no pyspark: YARN ships pyspark.zip itself. Like venv-pack's
@@ -33,9 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = ROOT / ".cache" / "executor-env" / "speechpack-env.tar.gz"
 # What executors import: pack's and cache_features's tasks, and pyspark's Arrow path.
-PACKAGES = ("pyarrow", "numpy", "soundfile", "pandas", "hdfs-native")
+PACKAGES = ("pyarrow", "numpy", "soundfile", "soxr", "pandas", "hdfs-native")
 # The import names checked inside the built environment before it is packed.
-IMPORTS = ("pyarrow", "pyarrow.parquet", "numpy", "soundfile", "pandas", "hdfs_native",
+IMPORTS = ("pyarrow", "pyarrow.parquet", "numpy", "soundfile", "soxr", "pandas", "hdfs_native",
            "hdfs_io.filesystem", "spark_jobs.packing")
 ARCHIVE_ROOT_NAME = "environment"  # the name after '#' in --archives, and in spark.pyspark.python
 PROJECT = "speechpack"  # installed from this checkout, not pinned

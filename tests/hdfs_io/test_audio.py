@@ -45,3 +45,29 @@ def test_resample_keeps_a_tone_at_its_frequency():
 
     peak_hz = np.argmax(np.abs(np.fft.rfft(out))) * target / len(out)
     assert len(out) == target and abs(peak_hz - 1000) < 2
+
+
+def tone(hz: float, rate: int, seconds: float = 1.3) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    return (0.5 * np.sin(2 * np.pi * hz * t + 0.3)).astype(np.float32)
+
+
+def rms(signal: np.ndarray) -> float:
+    middle = signal[len(signal) // 10: -len(signal) // 10]  # away from the ends, where any filter rings
+    return float(np.sqrt(np.mean(middle.astype(np.float64) ** 2)))
+
+
+@pytest.mark.parametrize("rate", [44100, 48000, 22050])
+def test_resampling_keeps_a_tone_below_the_new_nyquist_at_its_amplitude(rate):
+    out = resample(tone(7000, rate), rate, 16000)
+
+    assert out.dtype == np.float32 and len(out) == round(len(tone(7000, rate)) * 16000 / rate)
+    assert 20 * np.log10(rms(out) / rms(tone(7000, rate))) == pytest.approx(0, abs=0.1)  # dB
+
+
+@pytest.mark.parametrize("rate", [44100, 48000, 22050])
+def test_resampling_removes_a_tone_above_the_new_nyquist(rate):
+    # 9 kHz cannot be represented at 16 kHz: what is left of it is aliasing, and must be 60 dB down
+    out = resample(tone(9000, rate), rate, 16000)
+
+    assert 20 * np.log10(rms(out) / rms(tone(9000, rate))) < -60
