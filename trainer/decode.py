@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jiwer
 import torch
 
 
@@ -22,31 +23,25 @@ def greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor, vocabulary: li
     return out
 
 
-def edit_distance(a: list, b: list) -> int:
-    """Returns the Levenshtein distance between two sequences."""
-    row = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        diagonal, row[0] = row[0], i
-        for j, y in enumerate(b, 1):
-            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (x != y))
-    return row[-1]
-
-
-def error_counts(hypothesis: str, reference: str) -> tuple[int, int, int, int]:
-    """Returns (word errors, reference words, char errors, reference chars)."""
-    return (edit_distance(hypothesis.split(), reference.split()), len(reference.split()),
-            edit_distance(list(hypothesis), list(reference)), len(reference))
-
-
 def error_totals(hypotheses: list[str], references: list[str]) -> list[int]:
-    """Returns [word errors, reference words, char errors, reference chars, utterances] summed over a corpus.
+    """Returns [word errors, reference words, char errors, reference chars, utterances] summed over a corpus:
+    substitutions, deletions and insertions, counted by jiwer (spaces are characters).
 
     Totals of parts of a corpus add up to the corpus's: ranks that each decode a part sum them.
     """
-    totals = [0, 0, 0, 0, 0]
-    for h, r in zip(hypotheses, references, strict=True):
-        totals = [a + b for a, b in zip(totals, (*error_counts(h, r), 1))]
-    return totals
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+    if not references:
+        return [0, 0, 0, 0, 0]
+    words = jiwer.process_words(references, hypotheses)
+    chars = jiwer.process_characters(references, hypotheses)
+    return [*errors_and_length(words), *errors_and_length(chars), len(references)]
+
+
+def errors_and_length(alignment: jiwer.WordOutput | jiwer.CharacterOutput) -> tuple[int, int]:
+    """Returns (substitutions + deletions + insertions, reference length) of a jiwer alignment."""
+    a = alignment
+    return a.substitutions + a.deletions + a.insertions, a.hits + a.substitutions + a.deletions
 
 
 def rates(totals: list[int]) -> dict:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.decode import edit_distance, error_rates, greedy_decode
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trainer.decode import error_rates, error_totals, greedy_decode
 
 
 def test_greedy_decode_merges_repeats_and_drops_blanks():
@@ -19,10 +22,38 @@ def test_greedy_decode_merges_repeats_and_drops_blanks():
     assert greedy_decode(log_probs, torch.tensor([9]), vocabulary) == ["AAB B"]
 
 
-def test_edit_distance_counts_substitutions_insertions_deletions():
-    assert edit_distance("kitten", "sitting") == 3
-    assert edit_distance([], ["a"]) == 1
-    assert edit_distance(["a", "b"], ["a", "b"]) == 0
+def levenshtein(a: list, b: list) -> int:
+    """The reference the error counts are checked against: the edit distance, row by row."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        diagonal, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (x != y))
+    return row[-1]
+
+
+def test_error_counts_are_substitutions_insertions_and_deletions():
+    assert error_totals(["sitting"], ["kitten"]) == [1, 1, 3, 6, 1]
+    assert error_totals(["a"], [""]) == [1, 0, 1, 0, 1]  # all inserted, nothing to refer to
+    assert error_totals([""], ["a b"]) == [2, 2, 3, 3, 1]
+    assert error_totals([], []) == [0, 0, 0, 0, 0]
+
+
+# transcripts as the datasets hold them: lowercase words over a small alphabet, single spaces
+TEXTS = st.lists(st.text("abcde'", min_size=1, max_size=6), max_size=8).map(" ".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(TEXTS, TEXTS), max_size=5))
+def test_error_totals_are_the_edit_distances_of_words_and_characters(pairs):
+    hypotheses, references = [h for h, _ in pairs], [r for _, r in pairs]
+
+    totals = error_totals(hypotheses, references)
+
+    assert totals == [sum(levenshtein(h.split(), r.split()) for h, r in pairs),
+                      sum(len(r.split()) for r in references),
+                      sum(levenshtein(list(h), list(r)) for h, r in pairs),
+                      sum(len(r) for r in references), len(pairs)]
 
 
 def test_error_rates_sum_errors_over_reference_lengths():
