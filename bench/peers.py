@@ -47,7 +47,7 @@ from bench import peer_formats as P
 from bench.common import ROOT, SPARK_SUBMIT, WORK, bench_args, corpus, median, spark_pack, write_result
 from hdfs_io.dataset import open_dataset
 from hdfs_io.features import FeatureConfig
-from hdfs_io.filesystem import BACKEND_VARIABLE, open_filesystem
+from hdfs_io.filesystem import BACKEND_VARIABLE, DEFAULT_BACKEND, open_filesystem
 from hdfs_io.plan import PlanConfig
 from hdfs_io.shard_reader import ReaderConfig, ShardDataset, ShardLoader
 from scripts.devcluster import local_spark_env
@@ -136,7 +136,7 @@ def conversion(root: Path, repeats: int, shard_bytes: int) -> dict:
 def ours(uri: str, workers: int, cache: bool = False, backend: str | None = None):
     def run() -> int:
         before = os.environ.get(BACKEND_VARIABLE)
-        os.environ[BACKEND_VARIABLE] = backend or before or "libhdfs"  # ShardDataset resolves it, for its workers too
+        os.environ[BACKEND_VARIABLE] = backend or before or DEFAULT_BACKEND  # ShardDataset resolves it, for its workers too
         try:
             ds = ShardDataset(uri, 0, 1, ReaderConfig(plan=PlanConfig(batch_seconds=BATCH_SECONDS),
                                                       use_feature_cache=cache))

@@ -95,6 +95,17 @@ def hdfs_address(uri: str) -> tuple[str, int]:
     return host or "default", parsed.port or 0
 
 
+def libhdfs_setup() -> str:
+    """Returns what to add to a libhdfs error when this environment lacks what libhdfs needs, else ""."""
+    unset = [name for name in ("JAVA_HOME", "CLASSPATH", "ARROW_LIBHDFS_DIR") if not os.environ.get(name)
+             and not (name == "ARROW_LIBHDFS_DIR" and os.environ.get("HADOOP_HOME"))]  # or HADOOP_HOME/lib/native
+    if not unset:
+        return ""
+    return (f"; {' and '.join(unset)} unset: libhdfs needs Java, the Hadoop jars on CLASSPATH and libhdfs.so, "
+            f"which `. scripts/hadoop_env.sh` sets (README, \"Two HDFS clients\"), or use "
+            f"{BACKEND_VARIABLE}=native, which needs no Java")
+
+
 def hdfs(host: str = "default", port: int = 0) -> pafs.HadoopFileSystem:
     """Returns this process's HadoopFileSystem for `host:port`, opening it once.
 
@@ -120,8 +131,7 @@ def hdfs(host: str = "default", port: int = 0) -> pafs.HadoopFileSystem:
             )
         except OSError as e:
             where = f"{host}:{port}" if port else host
-            hint = LIBHDFS_SETUP if re.match(r"Unable to load lib(jvm|hdfs)", str(e)) else ""
-            raise FilesystemUnavailable(f"cannot open HDFS at {where}: {first_line(e)}{hint}") from e
+            raise FilesystemUnavailable(f"cannot open HDFS at {where}: {first_line(e)}{libhdfs_setup()}") from e
         _jvm_pid = pid
         _handles[key] = handle
     return _handles[key]
@@ -129,9 +139,6 @@ def hdfs(host: str = "default", port: int = 0) -> pafs.HadoopFileSystem:
 
 BACKENDS = ("libhdfs", "native")
 DEFAULT_BACKEND = "native"
-LIBHDFS_SETUP = ("; libhdfs needs JAVA_HOME, the Hadoop jars on CLASSPATH and ARROW_LIBHDFS_DIR, which "
-                 "`. scripts/hadoop_env.sh` sets (README, \"Two HDFS clients\"), or use "
-                 "SPEECHPACK_HDFS_BACKEND=native, which needs no Java")
 BACKEND_VARIABLE = "SPEECHPACK_HDFS_BACKEND"
 
 
@@ -166,7 +173,8 @@ def native_hdfs(host: str = "default", port: int = 0) -> pafs.FileSystem:
         try:
             from hdfs_native.fsspec import HdfsFileSystem
         except ImportError as e:
-            raise FilesystemUnavailable(f"{BACKEND_VARIABLE}=native needs the hdfs-native package: {e}") from None
+            raise FilesystemUnavailable(f"the HDFS client hdfs-native ({BACKEND_VARIABLE}=native, the default) is not "
+                                        f"installed: {e}; install it, or set {BACKEND_VARIABLE}=libhdfs") from None
         conf = hadoop_conf()
         nodes = namenodes(host, port, conf)
         where = nodes.name if nodes else host
@@ -464,8 +472,9 @@ def jvm_started() -> bool:
 def worker_start_method() -> str | None:
     """Returns the multiprocessing start method that is safe for HDFS workers here.
 
-    None (the platform default, fork) while no JVM runs in this process;
-    "forkserver" once one does, so workers start from a clean interpreter.
+    None (the platform default, fork) while this process has opened no HDFS client; "forkserver" once
+    it has (libhdfs's JVM or hdfs-native's runtime threads, which a fork does not copy), so workers fork
+    from a process that never opened one (`hdfs_io.shard_reader.worker_context` preloads it).
     """
     return "forkserver" if jvm_started() or _native_opened else None
 

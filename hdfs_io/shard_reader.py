@@ -387,16 +387,24 @@ def exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
+# What a worker imports: torch, pyarrow, numpy and the reader; pandas, which pyarrow imports at a worker's first
+# `to_numpy()`; the JVM-free HDFS client. Once HDFS is open here, workers cannot be forked from this process; they
+# fork from a forkserver that has imported these once, so each starts warm and shares its pages. What else a worker
+# imports (the main module again, as `__mp_main__`: `trainer.train` adds 0.1 s) it imports on its own.
+WORKER_MODULES = ("hdfs_io.shard_reader", "pandas", "hdfs_native.fsspec")
+
+
 def worker_context() -> multiprocessing.context.BaseContext:
     """Returns the multiprocessing context to start this process's DataLoader workers with.
 
     Once HDFS is open here, workers start from a forkserver (`worker_start_method`). It is started at
     once, importing WORKER_MODULES while this process goes on (plans, builds its model), so that its
-    workers fork warm at the first iteration and share its pages.
+    workers fork warm at the first iteration and share its pages. This sets the process's forkserver
+    preload list; a forkserver that already runs keeps the one it started with.
     """
     context = multiprocessing.get_context(worker_start_method())
     if context.get_start_method() == "forkserver":
-        context.set_forkserver_preload(WORKER_MODULES)
+        context.set_forkserver_preload(list(WORKER_MODULES))
         multiprocessing.forkserver.ensure_running()
     return context
 
@@ -420,10 +428,6 @@ def read_work(shards: Shards, config: ReaderConfig, stats, work: Work) -> Iterat
         fetcher.close()
 
 
-# What a worker imports: torch, pyarrow, numpy and the reader; pandas, which pyarrow imports at a worker's first
-# `to_numpy()`; the JVM-free HDFS client. Once HDFS is open here, workers cannot be forked from this process; they
-# fork from a forkserver that has imported these once, so each starts warm and shares its pages.
-WORKER_MODULES = ["hdfs_io.shard_reader", "pandas", "hdfs_native.fsspec"]
 IDLE_SECONDS = 1.0  # how long an idle worker waits for Work before ending its task (DataLoader joins for 5 s)
 
 
@@ -509,7 +513,8 @@ class ShardLoader:
         self._first = 0  # the worker that reads the iteration's first position
         self._ahead: tuple[tuple, int, int] | None = None  # handed out early: (its start position, tag, first worker)
         self._planner: threading.Thread | None = None
-        self._context = worker_context() if num_workers else None
+        if num_workers:
+            worker_context()  # on HDFS, its forkserver starts now, to import while this process goes on
 
     def _wait_for_planner(self) -> None:
         if self._planner is not None:
@@ -571,7 +576,7 @@ class ShardLoader:
 
     def _start(self) -> DataLoader:
         ds = self.dataset
-        context = self._context
+        context = worker_context()  # again: HDFS may have been opened since (a trainer's checkpoints, say)
         self._inboxes = [context.Queue() for _ in range(self.num_workers)]
         for inbox in self._inboxes:
             # A Work still in an inbox when this process exits is for a worker that is gone; without this the

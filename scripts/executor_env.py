@@ -7,7 +7,7 @@
 
 The archive holds what the Spark jobs run on executors, at the versions this
 checkout's .venv runs (their dependencies too): pyarrow, numpy, soundfile (with
-its libsndfile), soxr (features for cache_features), pandas (pyspark's mapInArrow needs it), hdfs-native, and this
+its libsndfile), soxr (features: cache_features, pack's statistics), pandas (pyspark's mapInArrow needs it), hdfs-native, and this
 project's packages as they are now: rebuild it after changing hdfs_io or
 spark_jobs, since a YARN cluster-mode driver imports them from the archive. It
 holds no torch and no pyspark: YARN ships pyspark.zip itself. Like venv-pack's

@@ -34,7 +34,7 @@ def pytest_configure(config) -> None:
 
     from hdfs_io.shard_reader import WORKER_MODULES
 
-    multiprocessing.set_forkserver_preload(WORKER_MODULES)
+    multiprocessing.set_forkserver_preload(list(WORKER_MODULES))
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """A Kerberized Hadoop cluster (scripts/secure_cluster: an MIT KDC, secure HDFS and YARN), end to end.
 
-alice's ticket gets her in, through every client: upload (hdfs-native, libhdfs and pydoop), pack on Spark (local, and on
-YARN with delegation tokens), read (libhdfs and hdfs-native), torchrun training with checkpoints on HDFS. No ticket, an expired ticket,
-or mallory on alice's private folder: one line naming the user and the cause, exit 2, nothing
-written. A ticket that expires mid-read ends the read with a clear error, or the read is whole.
+alice's ticket gets her in, through every client: upload (hdfs-native, libhdfs and pydoop), pack on Spark
+(local, and on YARN with delegation tokens), read (hdfs-native and libhdfs), torchrun training with
+checkpoints on HDFS. No ticket, an expired ticket, or mallory on alice's private folder: one line naming
+the user and the cause, exit 2, nothing written. A ticket that expires mid-read ends the read with a clear error, or the read is whole.
 """
 
 from __future__ import annotations
@@ -159,7 +159,8 @@ def test_alice_with_a_ticket_uploads_packs_reads_and_trains_and_owns_every_file(
 
     listing = hdfs_listing(secure, env, private)
     paths = {row[-1].split(urlparse(private).path, 1)[-1] for row in listing}
-    assert {"/upload", "/upload-libhdfs", "/upload-pydoop", "/pack/dataset.json", "/run/checkpoint.pt", "/train"} <= paths, paths
+    assert {"/upload", "/upload-libhdfs", "/upload-pydoop", "/pack/dataset.json", "/run/checkpoint.pt",
+            "/train"} <= paths, paths
     assert {row[2] for row in listing} == {"alice"}, [row for row in listing if row[2] != "alice"]
     for name, (result, _) in runs.items():
         record(f"Kerberos: alice with a ticket ({name})", outcome=f"exit {result.returncode}", keys_read=None,

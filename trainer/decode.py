@@ -23,9 +23,15 @@ def greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor, vocabulary: li
     return out
 
 
+# What jiwer compares, set here rather than left to its defaults, which strip the ends: words as str.split()
+# gives them, and every character, a space at either end included.
+WORDS = jiwer.Compose([jiwer.SubstituteRegexes({r"\s+": " "}), jiwer.ReduceToListOfListOfWords()])
+CHARACTERS = jiwer.ReduceToListOfListOfChars()
+
+
 def error_totals(hypotheses: list[str], references: list[str]) -> list[int]:
     """Returns [word errors, reference words, char errors, reference chars, utterances] summed over a corpus:
-    substitutions, deletions and insertions, counted by jiwer (spaces are characters).
+    substitutions, deletions and insertions, counted by jiwer over WORDS and CHARACTERS.
 
     Totals of parts of a corpus add up to the corpus's: ranks that each decode a part sum them.
     """
@@ -33,8 +39,9 @@ def error_totals(hypotheses: list[str], references: list[str]) -> list[int]:
         raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
     if not references:
         return [0, 0, 0, 0, 0]
-    words = jiwer.process_words(references, hypotheses)
-    chars = jiwer.process_characters(references, hypotheses)
+    words = jiwer.process_words(references, hypotheses, reference_transform=WORDS, hypothesis_transform=WORDS)
+    chars = jiwer.process_characters(references, hypotheses, reference_transform=CHARACTERS,
+                                     hypothesis_transform=CHARACTERS)
     return [*errors_and_length(words), *errors_and_length(chars), len(references)]
 
 
