@@ -171,7 +171,7 @@ def native_hdfs(host: str = "default", port: int = 0) -> pafs.FileSystem:
     key = ("native", host, port, os.environ.get("HADOOP_USER_NAME"), os.getpid())
     if key not in _handles:
         try:
-            from hdfs_native.fsspec import HdfsFileSystem
+            literal_paths_fs = literal_paths_fsspec()
         except ImportError as e:
             raise FilesystemUnavailable(f"the HDFS client hdfs-native ({BACKEND_VARIABLE}=native, the default) is not "
                                         f"installed: {e}; install it, or set {BACKEND_VARIABLE}=libhdfs") from None
@@ -179,8 +179,8 @@ def native_hdfs(host: str = "default", port: int = 0) -> pafs.FileSystem:
         nodes = namenodes(host, port, conf)
         where = nodes.name if nodes else host
         try:
-            client = HdfsFileSystem(None if host == "default" else host, port or None, skip_instance_cache=True,
-                                    **native_retry_policy(nodes, conf))
+            client = literal_paths_fs(None if host == "default" else host, port or None, skip_instance_cache=True,
+                                      **native_retry_policy(nodes, conf))
         except Exception as e:  # hdfs-native raises plain exceptions for configuration errors
             raise FilesystemUnavailable(f"cannot open HDFS at {where}: {first_line(e)}") from e
         client.client = NativeCalls(client.client, native_call_seconds(), where)
@@ -188,6 +188,35 @@ def native_hdfs(host: str = "default", port: int = 0) -> pafs.FileSystem:
         _native_opened = True
         _handles[key] = pafs.PyFileSystem(StrictFSSpecHandler(client, client_replication()))
     return _handles[key]
+
+
+@functools.cache
+def literal_paths_fsspec() -> type:
+    """Returns hdfs-native's fsspec filesystem class, taking every path it is given literally.
+
+    Its own `_strip_protocol` (hdfs-native 0.14) parses each path as a URL, so a name is cut at
+    '#' or '?' and loses its tabs: a file written as `a#2.flac` became `a`, and a listed `a#2.flac`
+    was then looked up as `a`. HDFS allows those characters in names, and the client underneath
+    takes paths as they are.
+
+    Raises:
+        ImportError: hdfs-native is not installed.
+    """
+    from hdfs_native.fsspec import HdfsFileSystem
+
+    class LiteralPathsHdfsFileSystem(HdfsFileSystem):
+        @classmethod
+        def _strip_protocol(cls, path: str) -> str:
+            return literal_hdfs_path(path)
+
+    return LiteralPathsHdfsFileSystem
+
+
+def literal_hdfs_path(path: str) -> str:
+    """Returns the path of `hdfs://authority/path` (or of a bare path) with every character kept, "/" if none."""
+    if "://" in path:
+        path = "/" + path.split("://", 1)[1].partition("/")[2]
+    return path or "/"
 
 
 class StrictFSSpecHandler(pafs.FSSpecHandler):

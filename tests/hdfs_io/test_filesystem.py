@@ -84,6 +84,24 @@ def test_hdfs_file_is_read_back_listed_and_seen_by_the_hadoop_cli(cluster, hdfs_
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_names_with_a_hash_a_question_mark_a_tab_or_a_percent_are_taken_literally(hdfs_dir, backend):
+    # HDFS allows them in a name, and a URI parser reads '#' and '?' as its end and drops tabs
+    fs, path = open_filesystem(hdfs_dir, backend)
+    names = ["a#2.flac", "b?x.flac", "t\there.flac", "c%20d.flac", "sp ace.flac"]
+    for name in names:
+        with fs.open_output_stream(f"{path}/{name}") as f:
+            f.write(name.encode())
+
+    listed = fs.get_file_info(pafs.FileSelector(path))
+
+    assert sorted(info.base_name for info in listed) == sorted(names)
+    for info in listed:
+        assert fs.get_file_info(info.path).size == len(info.base_name.encode())
+        with fs.open_input_file(info.path) as f:
+            assert f.read() == info.base_name.encode()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_an_hdfs_refusal_without_a_python_name_is_an_oserror_on_both_backends(cluster, hdfs_dir, backend):
     # The reader retries OSError and takes anything else for damage: a NameNode in safe mode is an outage.
     fs, path = open_filesystem(hdfs_dir, backend)
