@@ -1,4 +1,4 @@
-"""Where a batch is formed: a Work's records -> verify -> decode -> resample -> features -> collate.
+"""Where a batch is formed: a Work's records -> verify -> decode -> perturb and resample -> features -> collate.
 
 Each stage is a plain function of what it needs. The error policy ("fail" raises
 CorruptRecord naming shard and row, "skip" drops the record and counts it) is
@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from hdfs_io.audio import BadAudio, decode, resample, to_mono
+from hdfs_io.augment import AugmentConfig, mask_features, perturbed_audio, spec_masks
 from hdfs_io.chunks import CorruptRecord, Record
-from hdfs_io.features import FeatureConfig, log_features
+from hdfs_io.features import FeatureConfig, log_features, num_frames
 from hdfs_io.work import Work
 
 
@@ -45,51 +46,68 @@ def verified_features(data: tuple[bytes, int], bins: int, where: str, key: str) 
     return np.frombuffer(feats, "<f2").reshape(-1, bins).astype(np.float32)
 
 
-def prepare(record: Record, where: str, *, feature: FeatureConfig, output: str,
-            stats: tuple[np.ndarray, np.ndarray] | None, cache_dir: str | None = None) -> np.ndarray:
-    """Returns one record's model input: normalized features (frames, bins), or its waveform at the model's rate.
+def prepare(record: Record, where: str, uid: int, *, feature: FeatureConfig, output: str,
+            stats: tuple[np.ndarray, np.ndarray] | None, cache_dir: str | None = None,
+            augment: AugmentConfig = AugmentConfig(), seed: int = 0, epoch: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Returns one record's model input and its SpecAugment masks (hdfs_io.augment.spec_masks; none when off).
 
-    `stats` is the per-bin (mean, std) features are normalized with (None for waveforms).
+    The input is normalized features (frames, bins), or the waveform at the model's rate, as
+    augmentation perturbs utterance `uid` in `epoch`. `stats` is the per-bin (mean, std) features
+    are normalized with (None for waveforms).
 
     Raises:
         CorruptRecord: the record fails its checksum or does not decode.
     """
-    if isinstance(record.data, tuple):  # from the feature cache
+    if isinstance(record.data, tuple):  # from the feature cache (not used when augmentation changes audio)
         feats = verified_features(record.data, feature.num_bins, f"{cache_dir}/ {where}", record.key)
     else:
         samples, rate = verified_decode(record.data, record.checksum, where, record.key)
-        signal = resample(to_mono(samples), rate, feature.sample_rate)
+        if augment.changes_audio:
+            signal = perturbed_audio(augment, seed, epoch, uid, to_mono(samples), rate, feature.sample_rate)
+        else:
+            signal = resample(to_mono(samples), rate, feature.sample_rate)
         if output == "waveform":
-            return signal
+            return signal, spec_masks(augment, seed, epoch, uid, num_frames(len(signal), feature), feature.num_bins)
         feats = log_features(signal, feature)
     mean, std = stats
-    return (feats - mean) / std
+    return (feats - mean) / std, spec_masks(augment, seed, epoch, uid, len(feats), feature.num_bins)
 
 
-def collate(position: int, epoch: int, items: list[tuple[str, str, float, np.ndarray]], repeated: bool,
+def collate(position: int, epoch: int, items: list[tuple[str, str, float, np.ndarray, np.ndarray]], repeated: bool,
             skipped: list[str], output: str) -> dict:
-    """Returns a padded batch: features (B, T, F) or waveforms (B, S), with lengths and transcripts."""
-    lengths = [len(x) for *_, x in items]
+    """Returns a padded batch: features (B, T, F) or waveforms (B, S), with lengths and transcripts.
+
+    Items are (key, transcript, duration, input, SpecAugment masks). Features leave with their
+    masks applied; waveforms take theirs along ("spec_masks", (B, M, 3)), for the features the
+    trainer computes on its device.
+    """
+    lengths = [len(x) for _, _, _, x, _ in items]
     longest = max(lengths, default=0)
     if output == "features":
         bins = items[0][3].shape[1] if items else 0
         padded = np.zeros((len(items), longest, bins), np.float32)
     else:
         padded = np.zeros((len(items), longest), np.float32)
-    for i, (*_, x) in enumerate(items):
+    for i, (_, _, _, x, _) in enumerate(items):
         padded[i, :len(x)] = x
-    return {"position": position, "epoch": epoch, "keys": [k for k, *_ in items],
-            "transcripts": [t for _, t, *_ in items], "durations": [d for _, _, d, _ in items],
-            output: torch.from_numpy(padded), "lengths": torch.tensor(lengths, dtype=torch.int64),
-            "repeated": repeated, "skipped": skipped}
+    masks = torch.from_numpy(np.stack([m for *_, m in items]) if items else np.zeros((0, 0, 3), np.int64))
+    batch = {"position": position, "epoch": epoch, "keys": [k for k, *_ in items],
+             "transcripts": [t for _, t, *_ in items], "durations": [d for _, _, d, _, _ in items],
+             output: torch.from_numpy(padded), "lengths": torch.tensor(lengths, dtype=torch.int64),
+             "repeated": repeated, "skipped": skipped}
+    if output == "features":
+        batch[output] = mask_features(batch[output], masks)
+    elif masks.shape[1]:
+        batch["spec_masks"] = masks
+    return batch
 
 
 def form_batches(work: Work, get: Callable[[int], Record | None], to_input: Callable[[Record, str], np.ndarray],
                  where: Callable[[int, int], str], on_error: str, output: str) -> Iterator[dict]:
     """Yields the Work's batches in order, applying the error policy to each record.
 
-    `get(item)` returns the item's record (None if its chunk lacks it); `to_input(record, where)`
-    returns its model input; `where(shard, row)` names it in errors.
+    `get(item)` returns the item's record (None if its chunk lacks it); `to_input(record, where, uid)`
+    returns its model input and masks (see `prepare`); `where(shard, row)` names it in errors.
     """
     for i in range(len(work)):
         items, skipped = [], []
@@ -99,8 +117,9 @@ def form_batches(work: Work, get: Callable[[int], Record | None], to_input: Call
                 record = get(j)
                 if record is None:
                     raise CorruptRecord(f"{here}: record missing from its chunk")
+                uid = int(work.ids[j]) if work.ids is not None else -1
                 items.append((record.key, record.transcript, float(work.durations[j]),
-                              to_input(record, here)))
+                              *to_input(record, here, uid)))
             except CorruptRecord as e:
                 if on_error == "fail":
                     raise

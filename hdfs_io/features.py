@@ -67,6 +67,11 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
     return np.maximum(0.0, np.minimum(rising, falling)).astype(np.float32)
 
 
+def num_frames(samples: int, cfg: FeatureConfig) -> int:
+    """Returns how many feature frames a signal of `samples` samples has (a short one is padded to one frame)."""
+    return 1 + (max(samples, cfg.n_fft) - cfg.n_fft) // cfg.hop_samples
+
+
 def log_features(signal: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     """Returns features of a mono signal at `cfg.sample_rate`, shaped (frames, cfg.num_bins).
 
@@ -75,9 +80,9 @@ def log_features(signal: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     window of `window_samples` zero-padded to n_fft in the middle.
     """
     win, hop, n_fft = cfg.window_samples, cfg.hop_samples, cfg.n_fft
+    frames = num_frames(len(signal), cfg)
     if len(signal) < n_fft:
         signal = np.pad(signal, (0, n_fft - len(signal)))
-    frames = 1 + (len(signal) - n_fft) // hop
     left = (n_fft - win) // 2
     window = np.zeros(n_fft, np.float32)
     window[left:left + win] = np.hanning(win + 1)[:-1]

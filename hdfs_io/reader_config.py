@@ -1,9 +1,10 @@
-"""What a reader is configured with: its plan, features, output, error policy and buffers."""
+"""What a reader is configured with: its plan, features, augmentation, output, error policy and buffers."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hdfs_io.augment import AugmentConfig
 from hdfs_io.features import FeatureConfig
 from hdfs_io.plan import PlanConfig
 
@@ -12,6 +13,7 @@ from hdfs_io.plan import PlanConfig
 class ReaderConfig:
     plan: PlanConfig = field(default_factory=PlanConfig)
     feature: FeatureConfig = field(default_factory=FeatureConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # off by default: evaluation never has it
     output: str = "features"  # "features": normalized features on the CPU; "waveform": for on-device features
     on_error: str = "fail"  # or "skip"
     prefetch_chunks: int = 4

@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from hdfs_io import client_log
 from hdfs_io import dataset_format as F
+from hdfs_io.augment import noise_dataset, planned_durations
 from hdfs_io.batches import form_batches, prepare, verified_decode
 from hdfs_io.chunks import ChunkFetcher, CorruptRecord, Record, Shards, StorageUnavailable, parquet_rows
 from hdfs_io.dataset import open_dataset
@@ -97,7 +98,11 @@ class ShardDataset(IterableDataset):
         del index
         packed_config(self.manifest)  # checked now; the statistics themselves are read when first needed
         self._stats: tuple[np.ndarray, np.ndarray, str] | None = None
-        self.cache_dir = self._feature_cache(ds) if config.output == "features" and config.use_feature_cache else None
+        if config.augment.noise:
+            noise_dataset(config.augment.noise)  # checked now (dataset.json only); each worker decodes it once
+        # a feature cache holds the clean audio's features: it serves SpecAugment, not a perturbed waveform
+        self.cache_dir = (self._feature_cache(ds) if config.output == "features" and config.use_feature_cache
+                          and not config.augment.changes_audio else None)
         self.epoch, self.start_position = 0, 0
         self.history: list[tuple[int, list[int]]] = []  # earlier runs of the resumed epoch: (world size, positions)
         self._history_epoch: int | None = None
@@ -149,7 +154,8 @@ class ShardDataset(IterableDataset):
         key = (epoch, json.dumps(history))
         if key not in self._plans:
             self._plans = {k: v for k, v in self._plans.items() if k[0] in (epoch - 1, epoch)}
-            self._plans[key] = plan_rank_resumed(self.durations, self.shards, self.rows, epoch, self.config.plan,
+            durations = planned_durations(self.config.augment, self.config.plan.seed, epoch, self.durations)
+            self._plans[key] = plan_rank_resumed(durations, self.shards, self.rows, epoch, self.config.plan,
                                                  history, self.world_size, self.rank)
         return self._plans[key]
 
@@ -168,7 +174,7 @@ class ShardDataset(IterableDataset):
         """Returns what a saved position is only valid for: the rank, the plan config and the dataset."""
         shards = hashlib.sha256(" ".join(str(s["checksum"]) for s in self.manifest["shards"]).encode())
         return {"rank": self.rank, "world_size": self.world_size, **asdict(self.config.plan),
-                "planner": PLANNER_VERSION, "utterances": self.utterances, "shard_checksums": shards.hexdigest()[:16]}
+                "speeds": list(self.config.augment.speeds), "planner": PLANNER_VERSION, "utterances": self.utterances, "shard_checksums": shards.hexdigest()[:16]}
 
     def state_dict(self, next_position: int | None = None) -> dict:
         history = self.history if self._history_epoch == self.epoch else []
@@ -185,7 +191,7 @@ class ShardDataset(IterableDataset):
 
         Raises:
             ValueError: the state was saved by a reader with another rank, world size, plan
-                config (batch_seconds, batch_size, window, segments, seed) or dataset; the
+                config (batch_seconds, batch_size, window, segments, seed, speed factors) or dataset; the
                 message names what changed, since its position would pick other batches.
         """
         changed = self._changed(state)
@@ -229,12 +235,14 @@ class ShardDataset(IterableDataset):
     def work(self, epoch: int, start: int, worker: int, workers: int) -> Work:
         """Returns what DataLoader worker `worker` of `workers` reads of this rank's epoch from `start`."""
         plan = self.plan(epoch)
-        return work_for(epoch, plan, worker_positions(len(plan.batches), start, worker, workers), self._fields)
+        return work_for(epoch, plan, worker_positions(len(plan.batches), start, worker, workers),
+                        partial(self._fields, epoch))
 
-    def _fields(self, ids: np.ndarray) -> dict:
-        """Returns the per-item fields of a Work for index rows `ids` (see hdfs_io.work.Work)."""
+    def _fields(self, epoch: int, ids: np.ndarray) -> dict:
+        """Returns the per-item fields of a Work of `epoch` for index rows `ids` (see hdfs_io.work.Work)."""
+        durations = planned_durations(self.config.augment, self.config.plan.seed, epoch, self.durations[ids], ids)
         fields = {"shards": self.shards[ids], "chunks": self.chunks[ids], "rows": self.rows[ids],
-                  "durations": self.durations[ids]}
+                  "durations": durations, "ids": ids}
         if self.cache_dir:
             fields["cache_groups"], fields["cache_rows"] = self._cache_places(ids)
         return fields
@@ -299,7 +307,7 @@ class ShardDataset(IterableDataset):
             if record.key == key:
                 where = f"shard {self.manifest['shards'][self.shards[u]]['path']} row {self.rows[u]}"
                 samples, rate = verified_decode(record.data, record.checksum, where, key)
-                return {"key": key, "audio": record.data, "samples": samples, "sample_rate": rate,
+                return {"key": key, "id": u, "audio": record.data, "samples": samples, "sample_rate": rate,
                         "transcript": record.transcript, "duration_s": float(self.durations[u])}
         raise KeyError(key)
 
@@ -416,7 +424,8 @@ def read_work(shards: Shards, config: ReaderConfig, stats, work: Work) -> Iterat
     """
     fs, root = FilesystemRef(shards.uri, shards.backend).open()
     fetcher = ChunkFetcher(shards, config, fs, root, work)
-    to_input = partial(prepare, feature=config.feature, output=config.output, stats=stats, cache_dir=shards.cache_dir)
+    to_input = partial(prepare, feature=config.feature, output=config.output, stats=stats, cache_dir=shards.cache_dir,
+                       augment=config.augment, seed=config.plan.seed, epoch=work.epoch)
     reads = rereads = 0
     try:
         for batch in form_batches(work, fetcher.get, to_input, shards.where, config.on_error, config.output):

@@ -27,6 +27,7 @@ class Work:
     chunks: np.ndarray  # and its duration (what the planner used); key, transcript and checksum
     rows: np.ndarray  # come with the chunk
     durations: np.ndarray
+    ids: np.ndarray | None = None  # per item: its index row, which augmentation's draws follow
     cache_groups: np.ndarray | None = None  # with a feature cache: the chunk's row group in the cache file,
     cache_rows: np.ndarray | None = None  # and the row's place inside it
 

@@ -4,10 +4,12 @@
 
 1. espeak-ng speaks a LibriSpeech-layout training corpus with several voices, and
    two held-out sets of new sentences: one by a training voice, one by a voice
-   never used in training (en-029).
-2. `spark-submit spark_jobs/pack.py` packs all three (Spark local mode and the
+   never used in training (en-029). sox makes a noise corpus: coloured noise and
+   babble of training voices.
+2. `spark-submit spark_jobs/pack.py` packs all four (Spark local mode and the
    local disk, or with --storage hdfs the local HDFS and the standalone master).
-3. torchrun trains conf/ds2_tiny.yaml on 2 processes for a fixed time budget.
+3. torchrun trains conf/ds2_tiny.yaml on 2 processes for a fixed time budget,
+   with its augmentation (speed, volume, SpecAugment) and the packed noise.
 4. It evaluates before and after, prints a report, and writes demo-out/curves.png.
 """
 
@@ -31,7 +33,7 @@ from hdfs_io.dataset import open_dataset
 from hdfs_io.features import FeatureConfig, features_from_bytes
 from hdfs_io.shard_reader import ReaderConfig, ShardDataset
 from scripts.devcluster import free_port, local_spark_env, read_env_file
-from scripts.synth_corpus import librispeech_tree
+from scripts.synth_corpus import librispeech_tree, noise_tree
 from trainer.config import load_config
 from trainer.train import build_model, evaluate
 
@@ -39,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf" / "ds2_tiny.yaml"
 TRAIN_VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-us+f3", "en-gb-x-rp+m3", "en+f2")
 SPLITS = {"train": (TRAIN_VOICES, 1), "heldout-seen": (("en-us",), 2), "heldout-unseen": (("en-029",), 3)}
+NOISE = "noise"  # packed like the others, added to training utterances at a drawn SNR (hdfs_io.augment)
 
 
 def pack(input_uri: str, output_uri: str, master: str, env: dict[str, str]) -> float:
@@ -101,12 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     corpus = args.out / "corpus"
-    if not (corpus / ".complete").exists():
+    if not ((corpus / ".complete").exists() and (corpus / NOISE).exists()):  # a corpus from before had no noise
         print(f"demo: synthesizing {args.utterances} training utterances with espeak-ng")
         shutil.rmtree(corpus, ignore_errors=True)
         for split, (voices, seed) in SPLITS.items():
             count = args.utterances if split == "train" else max(20, args.utterances // 12)
             librispeech_tree(corpus / split, count, voices, seed=seed)
+        noise_tree(corpus / NOISE, TRAIN_VOICES)
         (corpus / ".complete").write_text("done\n")
 
     env = local_spark_env()
@@ -118,22 +122,23 @@ def main(argv: list[str] | None = None) -> int:
 
         base, master = f"{env['HDFS_URI']}/demo", env["SPARK_MASTER"]
         inputs = {}
-        for split in SPLITS:
+        for split in [*SPLITS, NOISE]:
             s = upload(str(corpus / split), f"{base}/corpus/{split}", progress=False)
             print(f"demo: uploaded {split}: {s.files} copied, {s.skipped} already there, {len(s.failed)} failed")
             inputs[split] = f"{base}/corpus/{split}"
     else:
         base, master = f"file://{args.out.resolve()}", "local[2]"
-        inputs = {split: f"file://{(corpus / split).resolve()}" for split in SPLITS}
+        inputs = {split: f"file://{(corpus / split).resolve()}" for split in [*SPLITS, NOISE]}
 
     datasets, packing = {}, {}
-    for split in SPLITS:
+    for split in [*SPLITS, NOISE]:
         datasets[split] = f"{base}/datasets/{split}"
         print(f"demo: packing {split} -> {datasets[split]}")
         pack_s = pack(inputs[split], datasets[split], master, env)
         packing[split] = (open_dataset(datasets[split]).manifest, pack_s, *read_back(datasets[split]))
 
-    cfg = load_config(CONF)
+    augment = [f"--augment.noise={datasets[NOISE]}"]
+    cfg = load_config(CONF, augment)
     torch.manual_seed(cfg.train.seed)
     reader = ShardDataset(datasets["train"], 0, 1, ReaderConfig(feature=cfg.features, output="waveform"))
     untrained = build_model(cfg, reader.manifest["vocabulary"], reader)
@@ -149,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                             "-m", "trainer.train", "--conf", str(CONF), "--dataset", datasets["train"], "--out", run,
                             "--eval-dataset", datasets["heldout-seen"], "--log-dir", str(log_dir),
                             "--epochs", "1000", f"--train.max_minutes={args.train_minutes}",
-                            "--train.eval_every_steps=40"], cwd=ROOT, env=env)
+                            "--train.eval_every_steps=40", *augment], cwd=ROOT, env=env)
     if train.returncode != 0:
         sys.exit("demo: training failed")
     after = {}
@@ -183,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {split:15s} CER {100 * before[split]['cer']:5.1f}% -> {100 * after[split]['cer']:5.1f}%, "
               f"WER {100 * before[split]['wer']:5.1f}% -> {100 * after[split]['wer']:5.1f}% "
               f"({after[split]['utterances']} utterances)")
+    print(f"  augmentation    {cfg.augment.describe()}")
     print(f"  curves          {args.out / 'curves.png'}")
     return 0
 

@@ -110,6 +110,44 @@ def librispeech_tree(root: Path, count: int, voices: tuple[str, ...] = DEFAULT_V
     return utterances
 
 
+def noise_tree(root: Path, voices: tuple[str, ...], seed: int = 0, babbles: int = 4) -> Path:
+    """Writes a LibriSpeech-layout noise corpus under `root` (a transcript "NOISE" each) and returns `root`.
+
+    Speaker 900 holds sox's white, pink and brown noise, 6 s each, twice at other volumes; speaker
+    901 holds babble: four sentences by four of `voices` spoken at once.
+    """
+    check_tools()
+    rng = random.Random(seed)
+    keys = []
+    colours = root / "900" / "1"
+    colours.mkdir(parents=True, exist_ok=True)
+    for n, (colour, volume) in enumerate((c, v) for v in (0.3, 0.1) for c in ("whitenoise", "pinknoise",
+                                                                             "brownnoise")):
+        key = f"900-1-{n:04d}"
+        subprocess.run(["sox", "-q", "-n", "-r", "16000", "-c", "1", "-b", "16", str(colours / f"{key}.flac"),
+                        "synth", "6", colour, "vol", str(volume)], check=True, capture_output=True)
+        keys.append((colours, key))
+    babble = root / "901" / "1"
+    babble.mkdir(parents=True, exist_ok=True)
+    texts = sentences(4 * babbles, seed + 1000)
+    for n in range(babbles):
+        parts = []
+        for j in range(4):
+            part = babble / f"part-{n}-{j}.wav"
+            speak(texts[4 * n + j], voices[rng.randrange(len(voices))], part, speed_wpm=rng.randint(140, 190))
+            parts.append(str(part))
+        key = f"901-1-{n:04d}"
+        subprocess.run(["sox", "-q", "-m", *parts, str(babble / f"{key}.flac")], check=True, capture_output=True)
+        for part in parts:
+            Path(part).unlink()
+        keys.append((babble, key))
+    for folder in (colours, babble):
+        speaker, chapter = folder.parent.name, folder.name
+        (folder / f"{speaker}-{chapter}.trans.txt").write_text(
+            "".join(f"{key} NOISE\n" for where, key in keys if where == folder))
+    return root
+
+
 def tones(folder: Path, count: int, min_s: float, max_s: float, seed: int = 0, rate: int = 16000) -> list[Path]:
     """Writes `count` FLACs of sine tones lasting min_s..max_s seconds; returns their paths."""
     import numpy as np

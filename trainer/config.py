@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from hdfs_io.augment import AugmentConfig
 from hdfs_io.features import FeatureConfig
 from trainer.model import ModelConfig
 
@@ -52,6 +53,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # training only: evaluation is never augmented
 
 
 class ConfigError(ValueError):
@@ -79,6 +81,10 @@ def _build(cls, values: dict, where: str):
 
 
 def _coerce(value: Any, kind: type, where: str):
+    if kind is tuple:  # a list of numbers (the only tuples configs hold)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: {value!r} is not a list")
+        return tuple(_coerce(v, float, where) for v in value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is bool and isinstance(value, str):

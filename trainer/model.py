@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hdfs_io.augment import mask_features
 from hdfs_io.features import FeatureConfig, mel_filterbank
 
 
@@ -114,9 +115,16 @@ class DeepSpeech2(nn.Module):
         self.rnns = nn.ModuleList(BatchNormRNN(i, cfg.rnn_hidden, cfg.rnn_type) for i in sizes[:-1])
         self.head = nn.Sequential(nn.BatchNorm1d(cfg.rnn_hidden), nn.Linear(cfg.rnn_hidden, len(vocabulary) + 1))
 
-    def forward(self, wave: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns log-probabilities (T, B, symbols) for CTC and the output lengths (B,)."""
+    def forward(self, wave: torch.Tensor, lengths: torch.Tensor,
+                spec_masks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns log-probabilities (T, B, symbols) for CTC and the output lengths (B,).
+
+        `spec_masks` (B, M, 3), from the reader's batch, are SpecAugment's masks of each
+        utterance (hdfs_io.augment.spec_masks), applied to the features in training mode only.
+        """
         feats, frames = self.features(wave, lengths)
+        if spec_masks is not None and self.training:
+            feats = mask_features(feats, spec_masks)
         x, out_lengths = self.conv(feats, frames)
         mask = (torch.arange(x.shape[1], device=x.device)[None, :] < out_lengths[:, None]).unsqueeze(-1).to(x.dtype)
         for rnn in self.rnns:

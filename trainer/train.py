@@ -49,6 +49,7 @@ from torch import nn
 from tqdm import tqdm
 
 from hdfs_io import dataset_format as F
+from hdfs_io.augment import noise_dataset
 from hdfs_io.dataset import open_dataset
 from hdfs_io.filesystem import probe_uri, uri_base
 from hdfs_io.plan import PlanConfig
@@ -112,8 +113,7 @@ def evaluate(model: DeepSpeech2, dataset_uri: str, cfg: Config, device: torch.de
         # so after a training step each rank's hold its own batch's update
         for buffer in model.buffers():
             dist.broadcast(buffer, 0)
-    reader = ShardDataset(dataset_uri, rank, world, ReaderConfig(
-        plan=PlanConfig(batch_seconds=cfg.train.batch_seconds), feature=cfg.features, output="waveform"))
+    reader = ShardDataset(dataset_uri, rank, world, eval_reader_config(cfg))
     was_training = model.training
     model.eval()
     hyps, refs = [], []
@@ -132,6 +132,20 @@ def evaluate(model: DeepSpeech2, dataset_uri: str, cfg: Config, device: torch.de
     return rates([int(x) for x in totals.tolist()])
 
 
+def train_reader_config(cfg: Config) -> ReaderConfig:
+    """Returns the reader config training reads with: its plan, features, augmentation and error policy."""
+    t = cfg.train
+    return ReaderConfig(plan=PlanConfig(batch_seconds=t.batch_seconds, window_utterances=t.window_utterances,
+                                        seed=t.seed),
+                        feature=cfg.features, augment=cfg.augment, output="waveform", on_error=t.on_error)
+
+
+def eval_reader_config(cfg: Config) -> ReaderConfig:
+    """Returns the reader config evaluation reads with: the training features, never augmented."""
+    return ReaderConfig(plan=PlanConfig(batch_seconds=cfg.train.batch_seconds), feature=cfg.features,
+                        output="waveform")
+
+
 def dataset_identity(manifest: dict, uri: str) -> dict:
     return {"uri": uri, "utterances": manifest["utterances"],
             "shards": [s["checksum"] for s in manifest["shards"]]}
@@ -140,7 +154,8 @@ def dataset_identity(manifest: dict, uri: str) -> dict:
 # What a checkpoint cannot go on with under another value. train: the reader's batches (another value would
 # deal other batches to the ranks) and the optimizer (its saved state is another optimizer's). model and
 # features, whole: the saved weights have their shapes and learned from those inputs.
-RESUME_MUST_MATCH = ("train.batch_seconds", "train.window_utterances", "train.seed", "train.optimizer")
+RESUME_MUST_MATCH = ("train.batch_seconds", "train.window_utterances", "train.seed", "train.optimizer",
+                     "augment.speeds")
 RESUME_MUST_MATCH_SECTIONS = ("model", "features")
 
 
@@ -162,7 +177,7 @@ def resume_mismatch(ckpt: dict, cfg: Config, identity: dict) -> str | None:
     if (saved["utterances"], saved["shards"]) != (identity["utterances"], identity["shards"]):
         return (f"the checkpoint was trained on another dataset ({saved['uri']}, {saved['utterances']} "
                 f"utterances) than {identity['uri']} ({identity['utterances']} utterances)")
-    changed = [said for key, said in changed_settings(ckpt["config"], to_dict(cfg))
+    changed = [said for key, said in changed_settings(saved_config(ckpt), to_dict(cfg))
                if key in RESUME_MUST_MATCH or key.split(".")[0] in RESUME_MUST_MATCH_SECTIONS]
     return f"the checkpoint was made with other settings: {', '.join(changed)}" if changed else None
 
@@ -172,7 +187,13 @@ def resume_changes(ckpt: dict, cfg: Config) -> list[str]:
 
     Called once `resume_mismatch` found none that it must refuse.
     """
-    return [said for key, said in changed_settings(ckpt["config"], to_dict(cfg)) if key.startswith("train.")]
+    return [said for key, said in changed_settings(saved_config(ckpt), to_dict(cfg))
+            if key.startswith(("train.", "augment."))]
+
+
+def saved_config(ckpt: dict) -> dict:
+    """Returns a checkpoint's config dict; one saved before augmentation existed had none: its section is off."""
+    return {"augment": to_dict(Config())["augment"], **ckpt["config"]}
 
 
 def run_progress(t: TrainConfig, step: int, epochs_read: float, agreed_s: float) -> float:
@@ -280,7 +301,9 @@ def run(argv: list[str] | None) -> int:
     args, overrides = parse_args(argv)
     try:
         cfg = load_config(args.conf, overrides)
-        check_datasets(args.dataset, args.eval_dataset)  # both, before any training
+        check_datasets(args.dataset, args.eval_dataset, cfg.augment.noise)  # all, before any training
+        if cfg.augment.noise:
+            noise_dataset(cfg.augment.noise)
     except (ConfigError, OSError, F.DatasetError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2
@@ -289,10 +312,7 @@ def run(argv: list[str] | None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     t = cfg.train
-    reader_config = ReaderConfig(
-        plan=PlanConfig(batch_seconds=t.batch_seconds, window_utterances=t.window_utterances, seed=t.seed),
-        feature=cfg.features, output="waveform", on_error=t.on_error)
-    reader = ShardDataset(args.dataset, rank, world, reader_config)
+    reader = ShardDataset(args.dataset, rank, world, train_reader_config(cfg))
     if rank == 0:  # computes feature statistics the dataset lacks, once, before the other ranks look for them
         reader.normalization()
     if world > 1:
@@ -372,9 +392,10 @@ def run(argv: list[str] | None) -> int:
             writer = SummaryWriter(str(log_dir))
         except ImportError:
             print("train: tensorboard is not installed; scalars go to metrics.jsonl only", file=sys.stderr)
-        print(f"train: {parameter_count(model) / 1e6:.2f}M parameters, {world} rank(s) on {device}, "
-              f"{len(reader)} batches/rank/epoch, {manifest['utterances']} utterances; features normalized "
-              f"with statistics from {reader.normalization()[2]}; logs in {log_dir}", file=sys.stderr)
+        print(f"train: augmentation: {cfg.augment.describe()}; {parameter_count(model) / 1e6:.2f}M parameters, "
+              f"{world} rank(s) on {device}, {len(reader)} batches/rank/epoch, {manifest['utterances']} "
+              f"utterances; features normalized with statistics from {reader.normalization()[2]}; "
+              f"logs in {log_dir}", file=sys.stderr)
 
     def log_metrics(record: dict) -> None:
         line = json.dumps(record) + "\n"
@@ -439,7 +460,7 @@ def run(argv: list[str] | None) -> int:
             else:
                 wave, lengths = batch["waveform"].to(device), batch["lengths"].to(device)
             with autocast:
-                log_probs, out_lengths = ddp(wave, lengths)
+                log_probs, out_lengths = ddp(wave, lengths, None if empty else batch.get("spec_masks"))
             if empty:
                 model.train()
                 loss = log_probs.float().sum() * 0.0

@@ -50,8 +50,8 @@ def test_a_damaged_or_missing_record_fails_or_is_skipped_and_named(on_error):
     records = {0: Record("a", "x", audio[0], zlib.crc32(audio[0])),
                1: Record("b", "y", audio[1][:-9] + b"\0" * 9, zlib.crc32(audio[1]))}  # 2 is missing
 
-    def to_input(record, where):
-        return prepare(record, where, feature=FEATURE, output="waveform", stats=None)
+    def to_input(record, where, uid):
+        return prepare(record, where, uid, feature=FEATURE, output="waveform", stats=None)
 
     batches = form_batches(work, records.get, to_input, lambda s, r: f"shard {s} row {r}", on_error, "waveform")
 
@@ -70,8 +70,9 @@ def test_features_are_normalized_with_the_given_statistics():
     record = Record("a", "x", audio, zlib.crc32(audio))
     mean, std = np.full(FEATURE.num_bins, 2.0, np.float32), np.full(FEATURE.num_bins, 4.0, np.float32)
 
-    raw = prepare(record, "here", feature=FEATURE, output="features",
-                  stats=(np.zeros_like(mean), np.ones_like(std)))
-    normalized = prepare(record, "here", feature=FEATURE, output="features", stats=(mean, std))
+    raw, _ = prepare(record, "here", 0, feature=FEATURE, output="features",
+                     stats=(np.zeros_like(mean), np.ones_like(std)))
+    normalized, masks = prepare(record, "here", 0, feature=FEATURE, output="features", stats=(mean, std))
 
     assert raw.shape[1] == FEATURE.num_bins and np.allclose(normalized, (raw - 2.0) / 4.0)
+    assert masks.shape == (0, 3)  # augmentation is off unless configured

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -20,6 +21,7 @@ import pytest
 import soundfile
 
 from hdfs_io import dataset_format as F
+from hdfs_io.augment import AugmentConfig, main as augment_main
 from hdfs_io.dataset import open_dataset
 from hdfs_io.features import FeatureConfig
 from hdfs_io.plan import PlanConfig
@@ -457,7 +459,8 @@ def test_a_worker_receives_only_its_own_batches_and_their_index_fields(packed):
         assert work.rows.tolist() == ds.rows[ids].tolist() and work.chunks.tolist() == ds.chunks[ids].tolist()
         # keys, transcripts and checksums are not the rank's to hand out: the worker reads them with the chunk
         assert {f for f, v in vars(work).items() if v is not None} == {
-            "epoch", "positions", "repeated", "bounds", "shards", "chunks", "rows", "durations"}
+            "epoch", "positions", "repeated", "bounds", "shards", "chunks", "rows", "durations", "ids"}
+        assert work.ids.tolist() == ids.tolist()  # what augmentation draws by
 
 
 def test_a_reader_position_saved_by_another_planner_is_refused(packed):
@@ -585,3 +588,78 @@ def test_by_default_neither_a_reader_nor_its_workers_start_a_jvm(packed):
     assert run.returncode == 0, run.stderr[-3000:]
     processes = dict(line.split() for line in run.stdout.splitlines())
     assert len(processes) == 3 and set(processes.values()) == {"False"}, run.stdout
+
+
+def augmented_batches(batches: list[dict]) -> dict[str, tuple[bytes, bytes, float]]:
+    """Returns, per key, the waveform as read (unpadded), its SpecAugment masks and its planned duration."""
+    out = {}
+    for batch in batches:
+        if batch["repeated"]:
+            continue
+        for i, key in enumerate(batch["keys"]):
+            wave = batch["waveform"][i, :batch["lengths"][i]].numpy()
+            assert key not in out, f"{key} read twice"
+            out[key] = (wave.tobytes(), batch["spec_masks"][i].numpy().tobytes(), batch["durations"][i])
+    return out
+
+
+def test_augmentation_perturbs_each_utterance_the_same_on_any_world_size_and_after_an_elastic_resume(packed):
+    _, uris = packed
+    uri = uris["local-parquet"]
+    augment = AugmentConfig(speeds=(0.9, 1.0, 1.1), gain_db=6.0, noise=uris["local-seq"], noise_probability=0.5,
+                            frequency_masks=2, time_masks=2)
+    config = dataclasses.replace(CONFIG, output="waveform", augment=augment)
+    plain = augmented_batches([b for rank in read_all(uri, 1, 1, 0, dataclasses.replace(config, augment=AugmentConfig(
+        frequency_masks=1))) for b in rank])
+
+    whole = [b for rank in read_all(uri, 1, 1, 2, config) for b in rank]  # in two workers
+    old = [ShardLoader(ShardDataset(uri, r, 3, config), num_workers=0) for r in range(3)]
+    seen = []
+    for r, loader in enumerate(old):  # stopped at different places
+        loader.set_epoch(1)
+        seen += [batch for _, batch in zip(range(r + 1), loader)]
+    new = [ShardLoader(ShardDataset(uri, r, 2, config), num_workers=w) for r, w in ((0, 0), (1, 1))]
+    for loader in new:
+        loader.load_state_dicts([json.loads(json.dumps(o.state_dict())) for o in old])
+    resumed = seen + [b for loader in new for b in loader]
+    epoch2 = augmented_batches(read_all(uri, 1, 2, 0, config)[0])
+
+    reference = augmented_batches(whole)
+    assert augmented_batches(resumed) == reference
+    assert set(reference) == set(plain)
+    changed = [k for k in reference if reference[k][0] != plain[k][0]]
+    assert len(changed) == len(reference), "an utterance was read unperturbed"
+    assert sum(reference[k][0] != epoch2[k][0] for k in reference) == len(reference), "epoch 2 drew the same"
+    speeds = {round(plain[k][2] / reference[k][2], 2) for k in reference}
+    assert speeds == {0.9, 1.0, 1.1}
+    for batch in whole:
+        assert len(batch["keys"]) == 1 or len(batch["keys"]) * max(batch["durations"]) <= CONFIG.plan.batch_seconds
+        assert batch["waveform"].shape[1] <= max(batch["durations"]) * 16000, "longer than planned"
+
+
+def test_a_reader_position_saved_with_other_speed_factors_is_refused(packed):
+    _, uris = packed
+    saved = ShardDataset(uris["local-parquet"], 0, 1, CONFIG).state_dict()
+    augmented = ShardDataset(uris["local-parquet"], 0, 1,
+                             dataclasses.replace(CONFIG, augment=AugmentConfig(speeds=(0.9, 1.1))))
+
+    with pytest.raises(ValueError, match=r"speeds \[\] -> \[0.9, 1.1\]"):
+        augmented.load_state_dict(saved)
+
+
+def test_the_augment_command_writes_what_training_reads_to_listen_to_and_look_at(packed, tmp_path, capsys):
+    expected, uris = packed
+    key = sorted(expected.packed)[0]
+    conf = tmp_path / "aug.yaml"
+    conf.write_text("augment:\n  speeds: [1.1]\n  frequency_masks: 1\n  time_masks: 1\n")
+
+    code = augment_main([uris["local-parquet"], "--key", key, "--epoch", "3", "--conf", str(conf),
+                         "--out", str(tmp_path / "out")])
+    missing = augment_main([uris["local-parquet"], "--key", "no-such-key", "--out", str(tmp_path / "out")])
+
+    assert code == 0 and missing == 2
+    wav = tmp_path / "out" / f"{key}.e3.wav"
+    got = ShardDataset(uris["local-parquet"], 0, 1, CONFIG).get(key)
+    assert soundfile.info(wav).frames == int(len(got["samples"]) * 16000 / (got["sample_rate"] * 1.1))
+    assert (tmp_path / "out" / f"{key}.e3.png").read_bytes()[:4] == b"\x89PNG"
+    assert "has no utterance 'no-such-key'" in capsys.readouterr().err

@@ -25,6 +25,24 @@ def test_torch_features_match_the_numpy_features_used_for_statistics():
     np.testing.assert_allclose(ours[0].numpy(), reference, atol=2e-3, rtol=1e-3)
 
 
+def test_spec_masks_change_the_features_in_training_only():
+    model = DeepSpeech2(ModelConfig(conv_channels=4, rnn_layers=2, rnn_hidden=16), FeatureConfig(), list(" AB"))
+    wave, lengths = torch.randn(2, 16000), torch.tensor([16000, 12000])
+    masks = torch.tensor([[[0, 10, 20], [1, 5, 30]], [[0, 0, 0], [1, 0, 0]]])  # the second masks nothing
+    seen = []
+    model.conv.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0].clone()))
+
+    model.train()
+    model(wave, lengths, masks)
+    model(wave, lengths)
+    model.eval()
+    model(wave, lengths, masks)
+
+    masked, clean, evaluated = seen
+    assert (masked[0, :, 10:30] == 0).all() and (masked[0, 5:35] == 0).all()
+    assert torch.equal(masked[1], clean[1]) and torch.equal(evaluated, clean)
+
+
 def test_model_outputs_ctc_log_probs_with_lengths_within_the_output():
     model = DeepSpeech2(ModelConfig(conv_channels=4, rnn_layers=2, rnn_hidden=16), FeatureConfig(), list(" AB"))
     wave = torch.randn(3, 24000)

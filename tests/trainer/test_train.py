@@ -20,14 +20,15 @@ import pytest
 from hdfs_io import dataset_format as F
 from hdfs_io.dataset import open_dataset
 from hdfs_io.filesystem import open_filesystem
-from hdfs_io.plan import PlanConfig
-from hdfs_io.shard_reader import ReaderConfig, ShardDataset
+from hdfs_io.augment import AugmentConfig
+from hdfs_io.shard_reader import ShardDataset
 from pyarrow import fs as pafs
 from scripts.devcluster import free_port
 from tests.corpora import good_librispeech
 from trainer.config import Config, TrainConfig, load_config, to_dict
 from trainer.model import cosine_with_warmup
-from trainer.train import epoch_read, resume_changes, resume_mismatch, run_progress
+from trainer.train import (epoch_read, eval_reader_config, resume_changes, resume_mismatch, run_progress,
+                           train_reader_config)
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--conf", str(ROOT / "conf" / "ds2_tiny.yaml"), "--train.batch_seconds=12", "--train.checkpoint_every_steps=3",
@@ -43,6 +44,11 @@ def hdfs_dataset(cluster, tmp_path_factory):
     yield uri
     fs, path = open_filesystem(uri.rsplit("/", 1)[0])
     fs.delete_dir(path)
+
+
+def tiny_reader(uri: str, rank: int, world: int, *overrides: str) -> ShardDataset:
+    """Returns the reader a TINY training run's rank makes (its plan, augmentation included)."""
+    return ShardDataset(uri, rank, world, train_reader_config(load_config(TINY[1], [*TINY[2:], *overrides])))
 
 
 def train(cluster, *args: str, procs: int = 1, check: bool = True, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -113,13 +119,15 @@ def test_resume_after_a_crash_continues_with_the_same_batches_and_losses(cluster
     assert [m["step"] for m in history] == list(range(1, 9))
 
 
-def test_a_dataset_or_eval_dataset_that_is_not_there_is_one_line_before_any_training(cluster, hdfs_dataset,
-                                                                                      tmp_path):
+def test_a_dataset_eval_dataset_or_noise_that_is_not_there_is_one_line_before_any_training(cluster, hdfs_dataset,
+                                                                                          tmp_path):
     no_dataset = train(cluster, "--dataset", "file:///no/such/dataset", "--out", str(tmp_path / "a"), check=False)
     no_eval = train(cluster, "--dataset", hdfs_dataset, "--eval-dataset", f"{hdfs_dataset}-missing",
                     "--out", str(tmp_path / "b"), "--max-steps", "2", check=False)
+    no_noise = train(cluster, "--dataset", hdfs_dataset, "--augment.noise=file:///no/such/noise",
+                     "--out", str(tmp_path / "c"), "--max-steps", "2", check=False)
 
-    for result in (no_dataset, no_eval):
+    for result in (no_dataset, no_eval, no_noise):
         assert result.returncode == 2, result.stderr[-2000:]
         assert len(error_lines(result)) == 1 and "Traceback" not in result.stderr
         assert "dataset.json" in error_lines(result)[0]
@@ -169,7 +177,7 @@ def test_torchrun_restarts_a_dead_rank_and_the_epoch_is_read_exactly_once(cluste
     fault = ["--train.batch_seconds=6", "--train.checkpoint_every_steps=2", "--train.audit_keys=true",
              "--train.dist_timeout_minutes=1",
              "--train.crash_after_step=3", "--train.crash_on_rank=1", "--epochs", "1"]
-    ds = ShardDataset(hdfs_dataset, 0, 2, ReaderConfig(plan=PlanConfig(batch_seconds=6)))
+    ds = tiny_reader(hdfs_dataset, 0, 2, "--train.batch_seconds=6")
     assert len(ds) >= 5, "the epoch must outlast the crash"
 
     result = subprocess.run(
@@ -234,7 +242,7 @@ def test_two_nodes_launched_per_node_train_from_hdfs_and_a_killed_node_resumes_t
     common = ["--dataset", hdfs_dataset, "--out", f"{hdfs_dir}/run", "--log-dir", str(tmp_path / "log"),
               "--train.batch_seconds=6", "--train.checkpoint_every_steps=2", "--train.audit_keys=true",
               "--train.dist_timeout_minutes=1", "--epochs", "1"]
-    steps = len(ShardDataset(hdfs_dataset, 0, 2, ReaderConfig(plan=PlanConfig(batch_seconds=6))))
+    steps = len(tiny_reader(hdfs_dataset, 0, 2, "--train.batch_seconds=6"))
     assert steps >= 5, "the epoch must outlast the kill"
 
     nodes = launch_nodes(cluster, *common)
@@ -270,7 +278,9 @@ def test_a_finished_run_resumed_with_more_epochs_trains_the_next_epoch_whole(clu
 
     records = audit(tmp_path / "log", 1)[0]
     by_epoch = Counter(r["epoch"] for r in records)
-    assert by_epoch[0] == by_epoch[1] > 0, by_epoch  # epoch 1 in full, not skipped
+    reader = tiny_reader(hdfs_dataset, 0, 1, "--train.batch_seconds=6")
+    # epoch 1 in full, not skipped (speed perturbation gives each epoch its own number of batches)
+    assert [by_epoch[0], by_epoch[1]] == [len(reader.plan(0).batches), len(reader.plan(1).batches)], by_epoch
     assert json.loads(more.stdout.strip().splitlines()[-1])["epoch"] == 2
 
 
@@ -281,7 +291,7 @@ ELASTIC = ["--train.batch_seconds=6", "--train.checkpoint_every_steps=3", "--tra
 def stopped_on_two_ranks(cluster, hdfs_dataset, tmp_path_factory) -> Path:
     """A 2-rank run of one epoch that died after step 4, its checkpoint at step 3; returns its folder."""
     root = tmp_path_factory.mktemp("elastic")
-    ds = ShardDataset(hdfs_dataset, 0, 2, ReaderConfig(plan=PlanConfig(batch_seconds=6)))
+    ds = tiny_reader(hdfs_dataset, 0, 2, "--train.batch_seconds=6")
     assert len(ds) >= 5, "the epoch must outlast the crash"
     stopped = train(cluster, "--dataset", hdfs_dataset, *ELASTIC, "--out", str(root / "out"),
                     "--log-dir", str(root / "log"), "--train.crash_after_step=4", "--train.dist_timeout_minutes=1",
@@ -352,15 +362,43 @@ def test_a_resume_refuses_another_optimizer_or_model_in_one_line_and_names_the_s
     assert resume_changes(ckpt, lower) == ["train.lr 0.0015 -> 0.0003"]
 
 
+def test_a_resume_refuses_other_speed_factors_and_applies_other_noise_and_masks():
+    identity = {"uri": "d", "utterances": 3, "shards": [1]}
+    before_augmentation = {"dataset": identity, "config": {k: v for k, v in to_dict(Config()).items() if k != "augment"}}
+    ckpt = {"dataset": identity, "config": to_dict(load_config(None, ["--augment.speeds=[0.9, 1.1]"]))}
+
+    faster, masked = (load_config(None, ["--augment.speeds=[0.9, 1.1]", o]) for o in ("--augment.speeds=[1.1]",
+                                                                                       "--augment.time_masks=2"))
+
+    assert resume_mismatch(ckpt, faster, identity).endswith("augment.speeds (0.9, 1.1) -> (1.1,)")
+    assert resume_mismatch(ckpt, masked, identity) is None
+    assert resume_changes(ckpt, masked) == ["augment.time_masks 0 -> 2"]
+    assert resume_mismatch(before_augmentation, Config(), identity) is None, "a checkpoint from before was refused"
+    assert resume_mismatch(before_augmentation, load_config(None, ["--augment.speeds=[0.9, 1.1]"]),
+                           identity).endswith("augment.speeds () -> (0.9, 1.1)")
+
+
+def test_training_reads_with_its_augmentation_and_evaluation_never_does():
+    cfg = load_config(ROOT / "conf" / "ds2_tiny.yaml")
+
+    train_config, eval_config = train_reader_config(cfg), eval_reader_config(cfg)
+
+    assert cfg.augment.speeds == (0.9, 1.0, 1.1) and cfg.augment.masks > 0
+    assert train_config.augment == cfg.augment
+    assert eval_config.augment == AugmentConfig() and eval_config.feature == cfg.features
+
+
 def test_a_resume_after_the_final_checkpoint_keeps_the_history_in_out(cluster, hdfs_dataset, tmp_path):
     common = ["--dataset", hdfs_dataset, "--out", str(tmp_path / "out"), "--log-dir", str(tmp_path / "log")]
     first = train(cluster, *common, "--epochs", "1")
     steps = json.loads(first.stdout.strip().splitlines()[-1])["step"]
 
-    train(cluster, *common, "--epochs", "2", "--resume")  # the final checkpoint says epoch 1, its readers epoch 0
+    more = train(cluster, *common, "--epochs", "2", "--resume")  # the final checkpoint says epoch 1, its readers 0
 
     history = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in history] == list(range(1, 2 * steps + 1))
+    total = json.loads(more.stdout.strip().splitlines()[-1])["step"]
+    assert total == steps + len(tiny_reader(hdfs_dataset, 0, 1).plan(1).batches)  # speed gives epochs their own
+    assert [m["step"] for m in history] == list(range(1, total + 1))
 
 
 def test_a_resume_applies_a_new_lr_and_the_fp16_loss_scale_and_refuses_another_optimizer(
@@ -396,8 +434,7 @@ def damage_records(dataset: Path, keys: list[str]) -> None:
 def test_a_batch_whose_records_were_all_skipped_takes_a_step_on_every_rank(cluster, hdfs_dataset, tmp_path):
     fs, path = open_filesystem(hdfs_dataset)
     pafs.copy_files(path, str(tmp_path / "ds"), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    plan = PlanConfig(batch_seconds=12, window_utterances=TrainConfig().window_utterances)  # as TINY trains
-    ids = ShardDataset(str(tmp_path / "ds"), 1, 2, ReaderConfig(plan=plan)).plan(0).batches[1]
+    ids = tiny_reader(str(tmp_path / "ds"), 1, 2).plan(0).batches[1]
     keys = open_dataset(str(tmp_path / "ds")).index([F.KEY]).column(F.KEY).take(ids).to_pylist()
     damage_records(tmp_path / "ds", keys)  # rank 1's second batch, whole
 
