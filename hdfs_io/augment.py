@@ -6,7 +6,9 @@ Every draw comes from a hash of (seed, epoch, utterance id, what is drawn), neve
 random state, so an utterance gets the same perturbation in the rank, in a forked or spawned
 worker, on any world size or number of workers, and after a resume or an elastic resume. Speed
 changes a duration, so the planner plans epoch e with `planned_durations`: batches keep to
-`batch_seconds` with the lengths the reader will produce.
+`batch_seconds` with the lengths the reader will produce. Speed is drawn from epoch 1 on: epoch
+0 is SortaGrad's shortest-first pass over the durations as packed, which a duration-layout index
+already holds in order (at 30M utterances a re-sort would cost a rank 600 MB and seconds at start).
 
     python -m hdfs_io.augment DATASET --key KEY --epoch E [--conf conf/ds2_tiny.yaml] --out DIR
 
@@ -17,6 +19,7 @@ DIR/KEY.e<E>.png, its normalized features with SpecAugment's masks, to look at.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
@@ -29,7 +32,7 @@ from hdfs_io.plan import plan_durations
 
 # What is drawn, each from its own stream of the hash.
 SPEED, GAIN, NOISE_ON, NOISE_CLIP, NOISE_OFFSET, NOISE_SNR, MASKS = range(7)
-NOISE_MAX_BYTES = 256 * 2**20  # every worker holds the decoded noise: a noise dataset is a few minutes of audio
+NOISE_MAX_SECONDS = 1800.0  # every worker decodes the noise and holds it: 30 min is 115 MB of 16 kHz float32
 FREQUENCY, TIME = 0, 1  # a mask's axis
 
 
@@ -46,6 +49,9 @@ class AugmentConfig:
     time_mask_fraction: float = 0.05  # ... each at most this fraction of the utterance's frames (SpecAugment's p)
 
     def __post_init__(self):
+        numbers = [*self.speeds, self.gain_db, self.noise_probability, *self.noise_snr_db, self.time_mask_fraction]
+        if not all(math.isfinite(x) for x in numbers):
+            raise ValueError("augment settings must be finite numbers")
         if any(not 0.5 <= s <= 2.0 for s in self.speeds):
             raise ValueError(f"speeds must lie in [0.5, 2], not {list(self.speeds)}")
         low, high = self.noise_snr_db if len(self.noise_snr_db) == 2 else (1, 0)
@@ -106,9 +112,9 @@ def uniforms(seed: int, epoch: int, ids, draw: int) -> np.ndarray:
 
 
 def speed_factors(cfg: AugmentConfig, seed: int, epoch: int, ids) -> np.ndarray:
-    """Returns each utterance's speed factor in this epoch (1.0 when speed perturbation is off)."""
+    """Returns each utterance's speed factor in this epoch (1.0 when speed perturbation is off, and in epoch 0)."""
     ids = np.atleast_1d(np.asarray(ids))
-    if not cfg.speeds:
+    if not cfg.speeds or epoch == 0:
         return np.ones(len(ids))
     speeds = np.asarray(cfg.speeds, np.float64)
     return speeds[(uniforms(seed, epoch, ids, SPEED) * len(speeds)).astype(np.int64)]
@@ -125,7 +131,7 @@ def planned_durations(cfg: AugmentConfig, seed: int, epoch: int, durations: np.n
     an utterance of d seconds last d / f; the reader's resampling produces at most that many
     samples (see `perturbed_audio`).
     """
-    if not cfg.speeds:
+    if not cfg.speeds or epoch == 0:
         return durations
     out = np.empty(len(durations), np.float32)
     for a in range(0, len(durations), BLOCK):
@@ -151,41 +157,45 @@ def noise_bank(uri: str, sample_rate: int) -> NoiseBank:
     """Returns the noise dataset at `uri`, decoded and resampled to `sample_rate`, read once per process.
 
     Raises:
-        hdfs_io.dataset_format.DatasetError: it is not a dataset, is larger than NOISE_MAX_BYTES,
-            has no utterance, or a record does not decode.
+        hdfs_io.chunks.CorruptRecord: a noise record does not decode (pack probed it: its bytes changed since).
+        hdfs_io.chunks.StorageUnavailable: the filesystem did not serve it (not retried: it is read once).
+        hdfs_io.dataset_format.DatasetError: see `noise_dataset`.
     """
-    from hdfs_io import dataset_format as F
+    from hdfs_io.chunks import CorruptRecord, StorageUnavailable
 
     ds = noise_dataset(uri)
     clips = []
-    for shard in range(len(ds.manifest["shards"])):
-        for key, data in ds.shard_records(shard):
-            try:
-                samples, rate = decode(data)
-            except BadAudio as e:
-                raise F.DatasetError(f"noise dataset {uri}: {key}: {e}") from None
-            clips.append(resample(to_mono(samples), rate, sample_rate))
-    clips = [c for c in clips if len(c)]
-    if not clips:
-        raise F.DatasetError(f"noise dataset {uri} holds no audio")
+    try:
+        for shard in range(len(ds.manifest["shards"])):
+            for key, data in ds.shard_records(shard):
+                try:
+                    samples, rate = decode(data)
+                except BadAudio as e:
+                    raise CorruptRecord(f"noise dataset {uri}: {key}: {e}") from None
+                clips.append(resample(to_mono(samples), rate, sample_rate))
+    except OSError as e:
+        raise StorageUnavailable(f"noise dataset {uri}: {e}") from None
     starts = np.r_[0, np.cumsum([len(c) for c in clips])]
     return NoiseBank(np.concatenate(clips).astype(np.float32), starts)
 
 
 def noise_dataset(uri: str):
-    """Returns the noise dataset opened, once its size is checked (dataset.json only).
+    """Returns the noise dataset opened, once dataset.json says it holds some audio and not too much.
 
     Raises:
-        hdfs_io.dataset_format.DatasetError: it is not a complete dataset, or is larger than NOISE_MAX_BYTES.
+        hdfs_io.dataset_format.DatasetError: it is not a complete dataset, holds no audio, or holds more
+            than NOISE_MAX_SECONDS.
     """
     from hdfs_io import dataset_format as F
     from hdfs_io.dataset import open_dataset
 
     ds = open_dataset(uri)
-    size = sum(s.get("bytes", 0) for s in ds.manifest["shards"])
-    if size > NOISE_MAX_BYTES:
-        raise F.DatasetError(f"noise dataset {uri} holds {size / 2**20:.0f} MB; every reader worker decodes all of "
-                             f"it, so at most {NOISE_MAX_BYTES // 2**20} MB")
+    seconds = ds.manifest["hours"] * 3600
+    if not ds.manifest["utterances"] or seconds <= 0:
+        raise F.DatasetError(f"noise dataset {uri} holds no audio")
+    if seconds > NOISE_MAX_SECONDS:
+        raise F.DatasetError(f"noise dataset {uri} holds {seconds / 60:.0f} min of audio; every reader worker "
+                             f"decodes and holds all of it, so at most {NOISE_MAX_SECONDS / 60:.0f} min")
     return ds
 
 
@@ -263,50 +273,65 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hdfs_io.augment", description=__doc__.split("\n")[0])
     p.add_argument("dataset", help="packed dataset URI")
     p.add_argument("--key", required=True, help="the utterance's key")
-    p.add_argument("--epoch", type=int, default=1)
-    p.add_argument("--conf", help="training config whose augment: and features: sections apply (default: "
-                                  "conf/ds2_tiny.yaml's)")
+    p.add_argument("--epoch", type=int, default=1, help="speed is drawn from epoch 1 on (default 1)")
+    p.add_argument("--conf", help="training config whose augment:, features: and train.seed apply (default: "
+                                  "conf/ds2_tiny.yaml); overrides such as --augment.gain_db=3 follow it")
     p.add_argument("--out", required=True, help="local folder for KEY.eE.wav and KEY.eE.png")
     args, overrides = p.parse_known_args(argv)
+    if args.epoch < 0:
+        p.error("--epoch must be >= 0")
     from pathlib import Path
 
-    import soundfile
-
     from hdfs_io import dataset_format as F
-    from hdfs_io.features import log_features
-    from hdfs_io.filesystem import FilesystemUnavailable, probe_uri
-    from hdfs_io.reader_config import ReaderConfig
-    from hdfs_io.plan import PlanConfig
-    from hdfs_io.shard_reader import CorruptRecord, ShardDataset
+    from hdfs_io.chunks import CorruptRecord, StorageUnavailable
+    from hdfs_io.filesystem import FilesystemUnavailable
     from trainer.config import ConfigError, load_config
 
     try:
         cfg = load_config(args.conf or Path(__file__).resolve().parents[1] / "conf" / "ds2_tiny.yaml", overrides)
-        probe_uri(args.dataset)
-        reader = ShardDataset(args.dataset, 0, 1, ReaderConfig(plan=PlanConfig(seed=cfg.train.seed),
-                                                                feature=cfg.features, augment=cfg.augment))
-        got = reader.get(args.key)
-    except KeyError:
-        print(f"augment: error: {args.dataset} has no utterance {args.key!r}", file=sys.stderr)
-        return 2
-    except (ConfigError, F.DatasetError, FilesystemUnavailable, PermissionError, CorruptRecord) as e:
+        print(f"augment: {write_perturbed(args.dataset, args.key, args.epoch, cfg, Path(args.out))}")
+    except (ConfigError, F.DatasetError, FilesystemUnavailable, PermissionError, CorruptRecord,
+            StorageUnavailable) as e:
         print(f"augment: error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def write_perturbed(uri: str, key: str, epoch: int, cfg, out) -> str:
+    """Writes utterance `key` as training config `cfg` reads it in `epoch`: OUT/KEY.eE.wav and .png; says what.
+
+    Raises:
+        hdfs_io.dataset_format.DatasetError: the dataset has no such key, or is not a dataset; and the
+            errors of ShardDataset and of reading the noise.
+    """
+    import soundfile
+
+    from hdfs_io import dataset_format as F
+    from hdfs_io.features import log_features
+    from hdfs_io.filesystem import probe_uri
+    from hdfs_io.plan import PlanConfig
+    from hdfs_io.reader_config import ReaderConfig
+    from hdfs_io.shard_reader import ShardDataset
+
+    probe_uri(uri)
     aug, rate, seed = cfg.augment, cfg.features.sample_rate, cfg.train.seed
-    signal = perturbed_audio(aug, seed, args.epoch, got["id"], to_mono(got["samples"]), got["sample_rate"], rate)
+    reader = ShardDataset(uri, 0, 1, ReaderConfig(plan=PlanConfig(seed=seed), feature=cfg.features, augment=aug))
+    try:
+        got = reader.get(key)
+    except KeyError:
+        raise F.DatasetError(f"{uri} has no utterance {key!r}") from None
+    signal = perturbed_audio(aug, seed, epoch, got["id"], to_mono(got["samples"]), got["sample_rate"], rate)
     mean, std, _ = reader.normalization()
     feats = (log_features(signal, cfg.features) - mean) / std
-    masks = spec_masks(aug, seed, args.epoch, got["id"], len(feats), feats.shape[1])
+    masks = spec_masks(aug, seed, epoch, got["id"], len(feats), feats.shape[1])
     feats = mask_features(torch.from_numpy(feats[None]), torch.from_numpy(masks[None]))[0].numpy()
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{args.key.replace('/', '_')}.e{args.epoch}"
+    stem = out / f"{key.replace('/', '_')}.e{epoch}"
     soundfile.write(f"{stem}.wav", np.clip(signal, -1, 1), rate, subtype="PCM_16")
-    speed = float(speed_factors(aug, seed, args.epoch, [got["id"]])[0])
-    write_image(f"{stem}.png", feats, f"{args.key}, epoch {args.epoch}, speed {speed:g}: {aug.describe()}")
-    print(f"augment: {args.key} in epoch {args.epoch} (augmentation: {aug.describe()}): speed {speed:g}, "
-          f"{len(signal) / rate:.2f} s, {len(masks)} mask(s); wrote {stem}.wav and {stem}.png")
-    return 0
+    speed = float(speed_factors(aug, seed, epoch, [got["id"]])[0])
+    write_image(f"{stem}.png", feats, f"{key}, epoch {epoch}, speed {speed:g}: {aug.describe()}")
+    return (f"{key} in epoch {epoch} (augmentation: {aug.describe()}): speed {speed:g}, {len(signal) / rate:.2f} s, "
+            f"{len(masks)} mask(s); wrote {stem}.wav and {stem}.png")
 
 
 def write_image(path: str, feats: np.ndarray, title: str) -> None:

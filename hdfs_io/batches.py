@@ -46,7 +46,7 @@ def verified_features(data: tuple[bytes, int], bins: int, where: str, key: str) 
     return np.frombuffer(feats, "<f2").reshape(-1, bins).astype(np.float32)
 
 
-def prepare(record: Record, where: str, uid: int, *, feature: FeatureConfig, output: str,
+def prepare(record: Record, where: str, uid: int | None, *, feature: FeatureConfig, output: str,
             stats: tuple[np.ndarray, np.ndarray] | None, cache_dir: str | None = None,
             augment: AugmentConfig = AugmentConfig(), seed: int = 0, epoch: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Returns one record's model input and its SpecAugment masks (hdfs_io.augment.spec_masks; none when off).
@@ -57,7 +57,10 @@ def prepare(record: Record, where: str, uid: int, *, feature: FeatureConfig, out
 
     Raises:
         CorruptRecord: the record fails its checksum or does not decode.
+        ValueError: augmentation is on and the Work did not say which utterance this is (`uid` None).
     """
+    if uid is None and (augment.changes_audio or augment.masks):
+        raise ValueError("augmentation draws by utterance id, and this Work has no ids")
     if isinstance(record.data, tuple):  # from the feature cache (not used when augmentation changes audio)
         feats = verified_features(record.data, feature.num_bins, f"{cache_dir}/ {where}", record.key)
     else:
@@ -117,7 +120,7 @@ def form_batches(work: Work, get: Callable[[int], Record | None], to_input: Call
                 record = get(j)
                 if record is None:
                     raise CorruptRecord(f"{here}: record missing from its chunk")
-                uid = int(work.ids[j]) if work.ids is not None else -1
+                uid = int(work.ids[j]) if work.ids is not None else None
                 items.append((record.key, record.transcript, float(work.durations[j]),
                               *to_input(record, here, uid)))
             except CorruptRecord as e:

@@ -58,7 +58,7 @@ from hdfs_io.dataset import open_dataset
 from hdfs_io.feature_stats import feature_stats, packed_config
 from hdfs_io.filesystem import FilesystemRef, hdfs_backend, worker_start_method
 from hdfs_io.reader_config import ReaderConfig
-from hdfs_io.plan import PLANNER_VERSION, RankPlan, plan_rank_resumed
+from hdfs_io.plan import PLANNER_VERSION, RankPlan, id_dtype, plan_rank_resumed
 from hdfs_io.rank_index import read_rank_index
 from hdfs_io.work import Work, work_for, worker_positions
 
@@ -174,7 +174,8 @@ class ShardDataset(IterableDataset):
         """Returns what a saved position is only valid for: the rank, the plan config and the dataset."""
         shards = hashlib.sha256(" ".join(str(s["checksum"]) for s in self.manifest["shards"]).encode())
         return {"rank": self.rank, "world_size": self.world_size, **asdict(self.config.plan),
-                "speeds": list(self.config.augment.speeds), "planner": PLANNER_VERSION, "utterances": self.utterances, "shard_checksums": shards.hexdigest()[:16]}
+                "speeds": list(self.config.augment.speeds), "planner": PLANNER_VERSION,
+                "utterances": self.utterances, "shard_checksums": shards.hexdigest()[:16]}
 
     def state_dict(self, next_position: int | None = None) -> dict:
         history = self.history if self._history_epoch == self.epoch else []
@@ -242,7 +243,7 @@ class ShardDataset(IterableDataset):
         """Returns the per-item fields of a Work of `epoch` for index rows `ids` (see hdfs_io.work.Work)."""
         durations = planned_durations(self.config.augment, self.config.plan.seed, epoch, self.durations[ids], ids)
         fields = {"shards": self.shards[ids], "chunks": self.chunks[ids], "rows": self.rows[ids],
-                  "durations": durations, "ids": ids}
+                  "durations": durations, "ids": ids.astype(id_dtype(self.utterances))}
         if self.cache_dir:
             fields["cache_groups"], fields["cache_rows"] = self._cache_places(ids)
         return fields

@@ -81,6 +81,8 @@ def _build(cls, values: dict, where: str):
 
 
 def _coerce(value: Any, kind: type, where: str):
+    if kind is str and value is None:  # `--augment.noise=`: YAML reads nothing as null
+        return ""
     if kind is tuple:  # a list of numbers (the only tuples configs hold)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: {value!r} is not a list")

@@ -133,3 +133,18 @@ def test_a_bad_augment_config_is_refused_and_a_good_one_described():
     assert AugmentConfig().describe() == "off" and not AugmentConfig().changes_audio
     assert AUG.describe() == ("speed 0.9/1/1.1, volume +-6 dB, 2 frequency mask(s) <= 10 bins, "
                               "2 time mask(s) <= 10% of frames")
+
+
+def test_speed_is_drawn_from_epoch_one_on_so_that_sortagrad_keeps_the_packed_order():
+    durations = np.linspace(1.0, 9.0, 1000).astype(np.float32)
+
+    assert (speed_factors(AUG, 0, 0, np.arange(1000)) == 1.0).all()
+    assert planned_durations(AUG, 0, 0, durations) is durations  # a duration-layout index stays in order
+    assert not np.array_equal(planned_durations(AUG, 0, 1, durations), durations)
+
+
+@pytest.mark.parametrize("bad", [{"gain_db": float("inf")}, {"noise_snr_db": (float("nan"), 3.0)},
+                                 {"speeds": (float("nan"),)}])
+def test_settings_that_are_not_finite_are_refused(bad):
+    with pytest.raises(ValueError, match="finite"):
+        AugmentConfig(**bad)

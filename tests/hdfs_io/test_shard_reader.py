@@ -21,6 +21,7 @@ import pytest
 import soundfile
 
 from hdfs_io import dataset_format as F
+from hdfs_io import augment
 from hdfs_io.augment import AugmentConfig, main as augment_main
 from hdfs_io.dataset import open_dataset
 from hdfs_io.features import FeatureConfig
@@ -504,9 +505,9 @@ def test_an_epoch_stopped_on_three_ranks_is_finished_by_two_reading_each_utteran
 
 def test_a_process_that_stops_reading_mid_epoch_exits(cluster, tmp_path):
     # Once an epoch's first batch is taken, the loader hands each worker the next epoch's Work through a
-    # multiprocessing queue: 33 bytes an utterance, 130 KB here, twice a pipe's 64 KB. A process that stops
+    # multiprocessing queue: 37 bytes an utterance, 146 KB here, twice a pipe's 64 KB. A process that stops
     # before its worker took that Work (a trainer at --max-steps) must still exit; at 30M utterances on
-    # 512 ranks x 4 workers a worker's Work is about 480 KB.
+    # 512 ranks x 4 workers a worker's Work is about 540 KB.
     corpus = linked_corpus(tmp_path / "corpus", 4000, "manifest", tones(tmp_path / "tones", 20, 0.1, 0.3))
     cluster.pack("--input", str(corpus), "--output", str(tmp_path / "ds"), "--shard-size-mb", "4")
     code = ("import sys\n"
@@ -663,3 +664,13 @@ def test_the_augment_command_writes_what_training_reads_to_listen_to_and_look_at
     assert soundfile.info(wav).frames == int(len(got["samples"]) * 16000 / (got["sample_rate"] * 1.1))
     assert (tmp_path / "out" / f"{key}.e3.png").read_bytes()[:4] == b"\x89PNG"
     assert "has no utterance 'no-such-key'" in capsys.readouterr().err
+
+
+def test_a_noise_dataset_longer_than_a_worker_should_hold_is_refused_in_one_line(packed, monkeypatch):
+    _, uris = packed
+    monkeypatch.setattr(augment, "NOISE_MAX_SECONDS", 1.0)
+    config = dataclasses.replace(CONFIG, augment=AugmentConfig(noise=uris["local-seq"]))
+
+    with pytest.raises(F.DatasetError, match=r"holds \d+ min of audio; every reader worker decodes and holds all "
+                                             r"of it, so at most 0 min"):
+        ShardDataset(uris["local-parquet"], 0, 1, config)
