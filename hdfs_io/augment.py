@@ -329,7 +329,7 @@ def write_perturbed(uri: str, key: str, epoch: int, cfg, out) -> str:
     stem = out / f"{key.replace('/', '_')}.e{epoch}"
     soundfile.write(f"{stem}.wav", np.clip(signal, -1, 1), rate, subtype="PCM_16")
     speed = float(speed_factors(aug, seed, epoch, [got["id"]])[0])
-    write_image(f"{stem}.png", feats, f"{key}, epoch {epoch}, speed {speed:g}: {aug.describe()}")
+    write_image(f"{stem}.png", feats, f"{key}, epoch {epoch}: speed {speed:g}, {len(masks)} mask(s)")
     return (f"{key} in epoch {epoch} (augmentation: {aug.describe()}): speed {speed:g}, {len(signal) / rate:.2f} s, "
             f"{len(masks)} mask(s); wrote {stem}.wav and {stem}.png")
 
@@ -341,7 +341,7 @@ def write_image(path: str, feats: np.ndarray, title: str) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(4.0, len(feats) / 60), 3.5))
+    fig, ax = plt.subplots(figsize=(max(6.0, len(feats) / 60), 3.5))
     shown = ax.imshow(feats.T, origin="lower", aspect="auto", interpolation="nearest", cmap="magma")
     ax.set(xlabel="frame", ylabel="bin", title=title)
     fig.colorbar(shown, ax=ax, label="normalized log power")
