@@ -103,11 +103,13 @@ def _mix(z):
     return z ^ (z >> np.uint64(31))
 
 
-def uniforms(seed: int, epoch: int, ids, draw: int) -> np.ndarray:
-    """Returns one uniform number in [0, 1) per utterance id: a pure function of (seed, epoch, id, draw)."""
-    key = _mix((_mix((_mix((seed * GOLDEN + 1) & MASK64) + epoch) & MASK64) + draw * GOLDEN) & MASK64)
+def uniforms(seed: int, epoch: int, ids, draw) -> np.ndarray:
+    """Returns one uniform number in [0, 1) per utterance id and draw (broadcast): a pure function of
+    (seed, epoch, id, draw). One utterance's draws come in one call as `uniforms(seed, epoch, uid, range(n))`."""
+    base = _mix((_mix((seed * GOLDEN + 1) & MASK64) + epoch) & MASK64)
+    keys = _mix(np.uint64(base) + np.atleast_1d(np.asarray(draw)).astype(np.uint64) * np.uint64(GOLDEN))
     ids = np.atleast_1d(np.asarray(ids)).astype(np.uint64)
-    z = _mix((ids + np.uint64(1)) * np.uint64(GOLDEN) + np.uint64(key))
+    z = _mix((ids + np.uint64(1)) * np.uint64(GOLDEN) + keys)
     return (z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
 
 
@@ -116,8 +118,13 @@ def speed_factors(cfg: AugmentConfig, seed: int, epoch: int, ids) -> np.ndarray:
     ids = np.atleast_1d(np.asarray(ids))
     if not cfg.speeds or epoch == 0:
         return np.ones(len(ids))
+    return speed_of(cfg, uniforms(seed, epoch, ids, SPEED))
+
+
+def speed_of(cfg: AugmentConfig, u: np.ndarray) -> np.ndarray:
+    """Returns the speed factors that uniform draws `u` pick among `cfg.speeds`."""
     speeds = np.asarray(cfg.speeds, np.float64)
-    return speeds[(uniforms(seed, epoch, ids, SPEED) * len(speeds)).astype(np.int64)]
+    return speeds[(u * len(speeds)).astype(np.int64)]
 
 
 BLOCK = 1 << 20  # utterances hashed at a time: bounds the temporaries at 30M utterances
@@ -222,9 +229,8 @@ def perturbed_audio(cfg: AugmentConfig, seed: int, epoch: int, uid: int, signal:
                     target_rate: int) -> np.ndarray:
     """Returns a mono signal at `rate` as the reader trains on it in `epoch`: at its drawn speed, resampled
     to `target_rate`, at its drawn volume, with its drawn noise; a pure function of (seed, epoch, uid)."""
-    u = {draw: float(uniforms(seed, epoch, [uid], draw)[0]) for draw in (GAIN, NOISE_ON, NOISE_CLIP, NOISE_OFFSET,
-                                                                          NOISE_SNR)}
-    speed = float(speed_factors(cfg, seed, epoch, [uid])[0])
+    u = uniforms(seed, epoch, uid, np.arange(MASKS))  # every draw but the masks', in one call
+    speed = float(speed_of(cfg, u[SPEED:SPEED + 1])[0]) if cfg.speeds and epoch else 1.0
     # played `speed` times faster: the samples taken as recorded at rate * speed, then resampled
     out = resample(signal, rate * speed if speed != 1.0 else rate, target_rate)
     out = out[:int(len(signal) * target_rate / (rate * speed))]  # soxr rounds; the planner counted duration / speed
@@ -243,12 +249,13 @@ def spec_masks(cfg: AugmentConfig, seed: int, epoch: int, uid: int, frames: int,
     Widths are drawn in [0, most], positions so that each mask lies inside the features.
     """
     masks = np.zeros((cfg.masks, 3), np.int64)
+    u = uniforms(seed, epoch, uid, MASKS + np.arange(2 * cfg.masks))  # a width and a place per mask
     for m in range(cfg.masks):
         axis = FREQUENCY if m < cfg.frequency_masks else TIME
         size = bins if axis == FREQUENCY else frames
         most = cfg.frequency_mask_bins if axis == FREQUENCY else int(cfg.time_mask_fraction * frames)
         most = min(most, size)
-        width_u, first_u = (float(uniforms(seed, epoch, [uid], MASKS + 2 * m + i)[0]) for i in (0, 1))  # its own
+        width_u, first_u = float(u[2 * m]), float(u[2 * m + 1])
         width = min(int(width_u * (most + 1)), most)
         masks[m] = (axis, int(first_u * (size - width + 1)), width)
     return masks
