@@ -249,6 +249,8 @@ def spec_masks(cfg: AugmentConfig, seed: int, epoch: int, uid: int, frames: int,
     Widths are drawn in [0, most], positions so that each mask lies inside the features.
     """
     masks = np.zeros((cfg.masks, 3), np.int64)
+    if not cfg.masks:
+        return masks
     u = uniforms(seed, epoch, uid, MASKS + np.arange(2 * cfg.masks))  # a width and a place per mask
     for m in range(cfg.masks):
         axis = FREQUENCY if m < cfg.frequency_masks else TIME
