@@ -113,10 +113,15 @@ def uniforms(seed: int, epoch: int, ids, draw) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
 
 
+def speed_drawn(cfg: AugmentConfig, epoch: int) -> bool:
+    """Whether utterances get a drawn speed in `epoch`: from epoch 1 on, when speeds are configured."""
+    return bool(cfg.speeds) and epoch > 0
+
+
 def speed_factors(cfg: AugmentConfig, seed: int, epoch: int, ids) -> np.ndarray:
     """Returns each utterance's speed factor in this epoch (1.0 when speed perturbation is off, and in epoch 0)."""
     ids = np.atleast_1d(np.asarray(ids))
-    if not cfg.speeds or epoch == 0:
+    if not speed_drawn(cfg, epoch):
         return np.ones(len(ids))
     return speed_of(cfg, uniforms(seed, epoch, ids, SPEED))
 
@@ -138,7 +143,7 @@ def planned_durations(cfg: AugmentConfig, seed: int, epoch: int, durations: np.n
     an utterance of d seconds last d / f; the reader's resampling produces at most that many
     samples (see `perturbed_audio`).
     """
-    if not cfg.speeds or epoch == 0:
+    if not speed_drawn(cfg, epoch):
         return durations
     out = np.empty(len(durations), np.float32)
     for a in range(0, len(durations), BLOCK):
@@ -230,7 +235,7 @@ def perturbed_audio(cfg: AugmentConfig, seed: int, epoch: int, uid: int, signal:
     """Returns a mono signal at `rate` as the reader trains on it in `epoch`: at its drawn speed, resampled
     to `target_rate`, at its drawn volume, with its drawn noise; a pure function of (seed, epoch, uid)."""
     u = uniforms(seed, epoch, uid, np.arange(MASKS))  # every draw but the masks', in one call
-    speed = float(speed_of(cfg, u[SPEED:SPEED + 1])[0]) if cfg.speeds and epoch else 1.0
+    speed = float(speed_of(cfg, u[SPEED:SPEED + 1])[0]) if speed_drawn(cfg, epoch) else 1.0
     # played `speed` times faster: the samples taken as recorded at rate * speed, then resampled
     out = resample(signal, rate * speed if speed != 1.0 else rate, target_rate)
     out = out[:int(len(signal) * target_rate / (rate * speed))]  # soxr rounds; the planner counted duration / speed
