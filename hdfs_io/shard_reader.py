@@ -36,6 +36,7 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 import queue
+import sys
 import threading
 import time
 import zlib
@@ -156,7 +157,7 @@ class ShardDataset(IterableDataset):
             self._plans = {k: v for k, v in self._plans.items() if k[0] in (epoch - 1, epoch)}
             durations = planned_durations(self.config.augment, self.config.plan.seed, epoch, self.durations)
             self._plans[key] = plan_rank_resumed(durations, self.shards, self.rows, epoch, self.config.plan,
-                                                 history, self.world_size, self.rank)
+                                                 history, self.world_size, self.rank, self.chunks)
         return self._plans[key]
 
     def position(self) -> tuple[int, int, str]:
@@ -523,6 +524,10 @@ class ShardLoader:
         self._first = 0  # the worker that reads the iteration's first position
         self._ahead: tuple[tuple, int, int] | None = None  # handed out early: (its start position, tag, first worker)
         self._planner: threading.Thread | None = None
+        lanes = dataset.config.plan.lanes
+        if num_workers > 1 and lanes % num_workers:
+            print(f"reader: warning: {num_workers} workers do not divide plan.lanes={lanes}, so workers share "
+                  f"chunks and read them again (set lanes to a multiple of num_workers)", file=sys.stderr)
         if num_workers:
             worker_context()  # on HDFS, its forkserver starts now, to import while this process goes on
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from hdfs_io.plan import PlanConfig, cut, deal, deal_cycles, plan_epoch, plan_rank, plan_rank_resumed
@@ -194,3 +195,75 @@ def test_a_resume_with_nothing_read_is_the_epochs_own_plan(durations, world, epo
     for history in ([], [(world, [0] * world)]):
         resumed = [plan_rank_resumed(d, shards, rows, epoch, cfg, history, world, r) for r in range(world)]
         assert [[b.tolist() for b in r.batches] for r in resumed] == [[b.tolist() for b in r.batches] for r in whole]
+
+
+def chunked_layout(n: int, shard_rows: int, chunk_rows: int, by_duration: bool, seed: int = 0,
+                   chunk_seconds: float | None = None):
+    """Returns (durations, shards, rows, chunks) of a packed index: shards of chunks, laid out by duration or not.
+
+    Chunks hold `chunk_rows` rows, or, with `chunk_seconds`, as many as that much audio: pack cuts row
+    groups by bytes, so a chunk of long utterances holds fewer of them.
+    """
+    d = np.random.default_rng(seed).gamma(4.0, 3.0, n).clip(1.0, 35.0)
+    d = np.sort(d) if by_duration else d
+    ids = np.arange(n)
+    shards, rows = ids // shard_rows, ids % shard_rows
+    if chunk_seconds is None:
+        return d, shards, rows, rows // chunk_rows
+    start = np.r_[0.0, np.cumsum(d)][:-1]
+    return d, shards, rows, ((start - start[shards * shard_rows]) // chunk_seconds).astype(np.int64)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 24), st.sampled_from([(1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (4, 4)]), st.integers(1, 3),
+       st.booleans(), st.integers(2000, 12000), st.sampled_from([20, 60]), st.integers(0, 3))
+def test_each_worker_reads_the_chunks_of_its_own_batches_plus_a_few_boundary_chunks(
+        world, lanes_workers, epoch, by_duration, n, chunk_rows, seed):
+    lanes, workers = lanes_workers
+    d, shards, rows, chunks = chunked_layout(n, 10 * chunk_rows, chunk_rows, by_duration, seed)
+    cfg = PlanConfig(batch_seconds=60.0, window_utterances=6 * chunk_rows, lanes=lanes, seed=seed)
+
+    plan = plan_epoch(d, shards, rows, world, epoch, cfg, chunks)
+
+    code = shards.astype(np.int64) << 32 | chunks
+    read = [set(code[np.concatenate(r.batches[w::workers])].tolist()) for r in plan.ranks for w in range(workers)
+            if r.batches[w::workers]]
+    readers = Counter(c for chunks_read in read for c in chunks_read)
+    # a worker's lanes are one run each, the last lane a second one-batch run: 2 ends a run; a run end shares
+    # at most the chunks of the window it cuts: about 2 in the duration layout, all of the window's otherwise
+    runs = lanes // workers + 1
+    per_end = 2 if by_duration else 6 + 2
+    for chunks_read in read:
+        assert sum(readers[c] > 1 for c in chunks_read) <= 2 * runs * per_end
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 24), min_size=2, max_size=3), st.integers(1, 2), st.booleans(),
+       st.integers(1, 3000), st.sampled_from([1, 2, 4]), st.data())
+def test_resumes_of_chunked_epochs_on_other_world_sizes_read_every_key_once(worlds, epoch, by_duration, n, lanes,
+                                                                            data):
+    d, shards, rows, chunks = chunked_layout(n, 200, 20, by_duration)
+    cfg = PlanConfig(batch_seconds=60.0, window_utterances=100, lanes=lanes)
+    history, read = [], []
+    for i, world in enumerate(worlds):
+        ranks = [plan_rank_resumed(d, shards, rows, epoch, cfg, history, world, r, chunks) for r in range(world)]
+        assert len({len(r.batches) for r in ranks}) == 1
+        assert sum(rep for r in ranks for rep in r.repeated) <= world - 1
+        stops = [len(r.batches) if i == len(worlds) - 1 else data.draw(st.integers(0, len(r.batches)))
+                 for r in ranks]
+        read += [(b, rep) for r, p in zip(ranks, stops) for b, rep in zip(r.batches[:p], r.repeated[:p])]
+        history.append((world, stops))
+
+    assert Counter(int(u) for b, rep in read if not rep for u in b) == Counter(range(n))
+
+
+@pytest.mark.parametrize("by_duration", [True, False])
+def test_later_epochs_balance_ranks_within_one_percent_with_real_chunks(by_duration):
+    d, shards, rows, chunks = chunked_layout(300_000, 1090, 0, by_duration, chunk_seconds=800.0)  # 16 MB of FLAC
+
+    for world in (16, 64):
+        for epoch in (1, 2):
+            plan = plan_epoch(d, shards, rows, world, epoch, PlanConfig(batch_seconds=60.0), chunks)
+
+            per_rank = np.array([sum(d[b].sum() for b in r.batches) for r in plan.ranks])
+            assert (per_rank.max() - per_rank.min()) / per_rank.mean() <= 0.01, (world, epoch)
