@@ -68,6 +68,8 @@ class PlanConfig:
 class RankPlan:
     batches: list[np.ndarray]  # each an array of utterance ids (rows of the index)
     repeated: list[bool]  # whether the batch at that position is a repeat
+    lanes: np.ndarray | None = None  # each position's lane (int8); a worker dividing `num_lanes` reads whole lanes
+    num_lanes: int = 1
 
 
 @dataclass
@@ -108,6 +110,9 @@ class BatchSequence:
 PLANNER_VERSION = 3  # a saved position means other batches under another version: resumes check it
 MIN_CYCLES = 64  # a balanced deal has at least this many cycles, so segments shrink in short epochs
 BALANCE_FRACTION = 0.01  # later epochs: a window's estimated excess audio stays below this share of a lane's
+EPOCH0_WINDOW_BATCHES = 8  # epoch 0 cuts batches inside runs of whole chunks of at least this many batches
+MAX_RUN_BATCHES = 32  # epoch 0: a worker reads at most this many positions in a row (the loader's reorder buffer)
+EPOCH0_CYCLES = 32  # epoch 0 deals segments of 1/32 of a rank's batches: a chunk shared where one ends
 MIN_WINDOW_BATCHES = 2  # ... unless that would make windows of fewer than about this many batches
 BLOCK_UTTERANCES = 1 << 20  # utterances cut per vectorized step: bounds the planner's temporary arrays
 
@@ -261,10 +266,14 @@ def balanced_order(excess: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(order, np.int64)
 
 
-def sorted_batches(durations: np.ndarray, cfg: PlanConfig) -> BatchSequence:
-    """Returns epoch 0's batches (SortaGrad): all utterances by duration, cut in windows of `window_utterances`.
+def sorted_batches(durations: np.ndarray, cfg: PlanConfig, shards: np.ndarray | None = None,
+                   chunks: np.ndarray | None = None) -> BatchSequence:
+    """Returns epoch 0's batches (SortaGrad): all utterances by duration, cut inside windows.
 
-    Ties keep index order; a duration-layout index is already in (duration, key) order.
+    Ties keep index order; a duration-layout index is already in (duration, key) order,
+    and then, given its chunks, windows are runs of whole chunks of at least
+    EPOCH0_WINDOW_BATCHES batches of audio, so that no batch needs two of them and a
+    worker reads a window's chunks alone. Otherwise windows are `window_utterances` long.
     Windows let the cut run vectorized; each costs at most one short batch.
     """
     n = len(durations)
@@ -272,7 +281,14 @@ def sorted_batches(durations: np.ndarray, cfg: PlanConfig) -> BatchSequence:
     ordered = all(np.all(durations[a + 1:b] >= durations[a:b - 1]) for a, b in blocks_of_pairs(n))
     order = None if ordered else np.argsort(durations, kind="stable").astype(id_dtype(n))
     d = durations if order is None else durations[order]
-    starts = cut(d, w, cfg)
+    if ordered and chunks is not None and n:
+        _, unit_starts, _ = units(shards, np.arange(n), chunks)  # the index order is (shard, row) order too
+        least = EPOCH0_WINDOW_BATCHES * (cfg.batch_size * float(d.max()) if cfg.batch_size > 0 else cfg.batch_seconds)
+        audio = np.add.reduceat(d.astype(np.float64), unit_starts[:-1])
+        bucket = before(audio) // least
+        starts = cut_windows(d, unit_starts[:-1][np.r_[True, bucket[1:] != bucket[:-1]]], cfg)
+    else:
+        starts = cut(d, w, cfg)
     seconds = np.add.reduceat(d, starts[:-1]) if n else np.empty(0, np.float32)
     return BatchSequence(order, starts, np.arange(len(starts) - 1, dtype=id_dtype(n)), seconds)
 
@@ -363,7 +379,7 @@ def epoch_batches(durations: np.ndarray, shards: np.ndarray, rows: np.ndarray, e
     """
     durations = plan_durations(durations)
     if epoch == 0:
-        return sorted_batches(durations, cfg)
+        return sorted_batches(durations, cfg, shards, chunks)
     return shuffled_batches(durations, shards, rows, chunks, epoch, cfg, world_size)
 
 
@@ -414,8 +430,8 @@ def swap_to_balance(runs: np.ndarray, weights: np.ndarray, total: np.ndarray) ->
         total[light] += moved[c]
 
 
-def deal_cycles(num_batches: int, world_size: int, segment: int,
-                seconds: np.ndarray | None = None) -> tuple[np.ndarray, list[int]]:
+def deal_cycles(num_batches: int, world_size: int, segment: int, seconds: np.ndarray | None = None,
+                min_cycles: int = MIN_CYCLES) -> tuple[np.ndarray, list[int]]:
     """Returns where each rank's segment starts in each dealing cycle, shaped (cycles, ranks), and their lengths.
 
     Positions are dealt in cycles of `world_size` segments of `segment` consecutive
@@ -423,15 +439,17 @@ def deal_cycles(num_batches: int, world_size: int, segment: int,
     every cycle, so all get k = ceil(batches / world) positions. With `seconds` (each
     batch's audio seconds), a cycle's segments go heaviest first to the rank that has
     read least so far, which keeps every rank within about one segment's spread of the
-    others, and segments shrink so that there are at least MIN_CYCLES cycles; without,
-    rank r takes segment r. Positions >= num_batches are padding
-    slots; there are fewer than `world_size`.
+    others, and segments shrink so that there are at least `min_cycles` cycles; without,
+    rank r takes segment r. Positions >= num_batches are padding slots; there are fewer
+    than `world_size`, at most one a rank.
     """
     k = -(-num_batches // world_size) if num_batches else 0
     if seconds is not None:  # enough cycles to balance in: short epochs get shorter segments
-        segment = max(1, min(segment, k // MIN_CYCLES))
+        segment = max(1, min(segment, k // min_cycles))
     full_cycles, rest = divmod(k, segment)
-    lengths = [segment] * full_cycles + [1] * rest  # the tail one batch a cycle: the finest balance
+    # the rest in one cycle (a cycle of single batches would cost each rank a chunk read a batch), but its
+    # last batch a cycle of its own, so that the padding slots at the end go to different ranks
+    lengths = [segment] * full_cycles + [n for n in (rest - 1, 1) if rest and n]
     return deal_greedy(num_batches, world_size, lengths, seconds), lengths
 
 
@@ -467,8 +485,10 @@ def epoch_deal(epoch: int, num_batches: int, world_size: int, cfg: PlanConfig,
     stay in duration order. Later epochs (`deal_runs`): a rank's positions interleave
     `cfg.lanes` lanes.
     """
-    if epoch == 0:
-        return (*deal_cycles(num_batches, world_size, max(1, cfg.segment_batches), seconds), None)
+    if epoch == 0:  # long segments: a worker's chunks are shared only where a segment starts or ends
+        k = -(-num_batches // world_size) if num_batches else 0
+        segment = max(1, cfg.segment_batches, -(-k // EPOCH0_CYCLES))
+        return (*deal_cycles(num_batches, world_size, segment, seconds, EPOCH0_CYCLES), None)
     return deal_runs(num_batches, world_size, max(1, cfg.lanes), seconds)
 
 
@@ -513,6 +533,48 @@ def rank_plan(sequence: BatchSequence, positions: list[int]) -> tuple[RankPlan, 
     return RankPlan(mine, flags), repeated
 
 
+def with_lanes(plan: RankPlan, epoch: int, cfg: PlanConfig, shards: np.ndarray, chunks: np.ndarray | None) -> RankPlan:
+    """Returns `plan` with each position's lane, for workers to read whole chunks (see hdfs_io.work.worker_positions).
+
+    Later epochs: position p is lane p mod `cfg.lanes`, as `deal_runs` dealt it. Epoch 0:
+    the rank's positions fall into runs of batches that share chunks (a window's, see
+    `sorted_batches`), of at most MAX_RUN_BATCHES; each run
+    goes to the lane with the fewest positions so far, so that a worker reads whole
+    chunks and, in any prefix of positions, lanes differ by at most one run (what the
+    loader holds to put batches back in order). Without chunks there are no lanes.
+    """
+    lanes = max(1, cfg.lanes)
+    if epoch > 0:
+        return RankPlan(plan.batches, plan.repeated, (np.arange(len(plan.batches)) % lanes).astype(np.int8), lanes)
+    if chunks is None or not plan.batches:
+        return plan
+    def code(ids: np.ndarray) -> np.ndarray:
+        return shards[ids].astype(np.int64) << 32 | chunks[ids]
+
+    first = code(np.array([b[0] for b in plan.batches], np.int64))
+    last = code(np.array([b[-1] for b in plan.batches], np.int64))
+    return RankPlan(plan.batches, plan.repeated, run_lanes(first, last, lanes), lanes)
+
+
+def run_lanes(first: np.ndarray, last: np.ndarray, lanes: int) -> np.ndarray:
+    """Returns the lane of each position, given the chunk (shard << 32 | chunk) of each batch's first and last utterance.
+
+    A run is positions whose batches share chunks one after another, of at most
+    MAX_RUN_BATCHES; each run goes to the lane with the fewest positions so far.
+    """
+    opens = np.r_[True, first[1:] != last[:-1]]
+    run_first = np.flatnonzero(opens)[np.cumsum(opens) - 1]
+    opens |= (np.arange(len(opens)) - run_first) % MAX_RUN_BATCHES == 0  # short enough to keep workers busy together
+    starts = np.r_[np.flatnonzero(opens), len(opens)]
+    of_position = np.empty(len(first), np.int8)
+    counts = [0] * lanes
+    for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()):
+        lane = counts.index(min(counts))
+        of_position[a:b] = lane
+        counts[lane] += b - a
+    return of_position
+
+
 def plan_rank(durations: np.ndarray, shards: np.ndarray, rows: np.ndarray, world_size: int, rank: int,
               epoch: int, cfg: PlanConfig, chunks: np.ndarray | None = None) -> RankPlan:
     """Returns one rank's batches for one epoch, materializing no other rank's."""
@@ -529,6 +591,7 @@ def plan_epoch(durations: np.ndarray, shards: np.ndarray, rows: np.ndarray,
     ranks, repeated_batches, repeated_utterances = [], 0, 0
     for r in range(world_size):
         plan, repeated = rank_plan(sequence, positions_of(firsts, lengths, r, of_lane))
+        plan = with_lanes(plan, epoch, cfg, shards, chunks)
         ranks.append(plan)
         repeated_batches += sum(plan.repeated)
         repeated_utterances += repeated
@@ -594,12 +657,14 @@ def plan_rank_resumed(durations: np.ndarray, shards: np.ndarray, rows: np.ndarra
     seconds = sequence.seconds()
     if not history:  # the whole epoch: no copies of the per-batch arrays (30M utterances: 6M batches)
         firsts, lengths, of_lane = epoch_deal(epoch, len(sequence), world_size, cfg, seconds)
-        return rank_plan(sequence, positions_of(firsts, lengths, rank, of_lane))[0]
+        return with_lanes(rank_plan(sequence, positions_of(firsts, lengths, rank, of_lane))[0], epoch, cfg, shards,
+                          chunks)
     left = left_after(epoch, seconds, cfg, history)
     firsts, lengths, of_lane = epoch_deal(epoch, len(left), world_size, cfg, seconds[left])
     mine = positions_of(firsts, lengths, rank, of_lane)
     # a slot past the remaining batches stays past the sequence, so rank_plan makes it a repeat
-    return rank_plan(sequence, [int(left[p]) if p < len(left) else len(sequence) + p - len(left) for p in mine])[0]
+    plan = rank_plan(sequence, [int(left[p]) if p < len(left) else len(sequence) + p - len(left) for p in mine])[0]
+    return with_lanes(plan, epoch, cfg, shards, chunks)
 
 
 def index_columns(index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

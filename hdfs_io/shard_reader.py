@@ -237,8 +237,18 @@ class ShardDataset(IterableDataset):
     def work(self, epoch: int, start: int, worker: int, workers: int) -> Work:
         """Returns what DataLoader worker `worker` of `workers` reads of this rank's epoch from `start`."""
         plan = self.plan(epoch)
-        return work_for(epoch, plan, worker_positions(len(plan.batches), start, worker, workers),
+        return work_for(epoch, plan, worker_positions(len(plan.batches), start, worker, workers, plan.lanes,
+                                                      plan.num_lanes),
                         partial(self._fields, epoch))
+
+    def worker_of_last(self, workers: int) -> int:
+        """Returns which of `workers` reads this epoch's last position from the start position (0 reads the start)."""
+        plan = self.plan(self.epoch)
+        last = len(plan.batches) - 1
+        if last < self.start_position:
+            return workers - 1
+        return next(w for w in range(workers) if last in worker_positions(
+            len(plan.batches), self.start_position, w, workers, plan.lanes, plan.num_lanes)[-1:])
 
     def _fields(self, epoch: int, ids: np.ndarray) -> dict:
         """Returns the per-item fields of a Work of `epoch` for index rows `ids` (see hdfs_io.work.Work)."""
@@ -633,7 +643,7 @@ class ShardLoader:
         """
         ds = self.dataset
         following = ds.epoch + 1
-        first = (self._first + len(ds) - ds.start_position) % self.num_workers
+        first = (self._first + ds.worker_of_last(self.num_workers) + 1) % self.num_workers
 
         def run() -> None:
             self._ahead = ((following, 0, json.dumps([])), self._send(following, 0, first), first)

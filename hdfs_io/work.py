@@ -1,8 +1,9 @@
 """A DataLoader worker's work for one epoch: where rank and worker enter the reader.
 
-The rank's batches come from hdfs_io.plan. Worker w of k takes every k-th of the
-rank's positions from the start position, so the output order does not depend on
-k. A Work holds only those batches' utterances, each with the index fields that
+The rank's batches come from hdfs_io.plan. Worker w of k takes whole lanes of the
+rank's positions (every k-th position where the plan has no lanes or k does not
+divide them); the loader puts batches back in position order, so the output does not
+depend on k. A Work holds only those batches' utterances, each with the index fields that
 reading, checking and labelling it need. A worker holds nothing per utterance beyond
 its own share: it never sees the index or the plan of the whole dataset.
 """
@@ -42,9 +43,18 @@ class Work:
         return self.shards.astype(np.int64) << 32 | self.chunks.astype(np.int64)
 
 
-def worker_positions(batches: int, start: int, worker: int, workers: int) -> np.ndarray:
-    """Returns the positions worker `worker` of `workers` reads: every k-th from `start`."""
-    return np.arange(start + worker, batches, workers, dtype=np.int64)
+def worker_positions(batches: int, start: int, worker: int, workers: int, lanes: np.ndarray | None = None,
+                     num_lanes: int = 1) -> np.ndarray:
+    """Returns the positions worker `worker` of `workers` reads from `start`, worker 0 reading `start`.
+
+    With the plan's lanes (hdfs_io.plan.with_lanes) and `workers` dividing `num_lanes`,
+    a worker reads whole lanes, so whole chunks: the positions whose lane is `worker`
+    lanes (mod `workers`) after the lane of `start`. Otherwise every k-th from `start`.
+    """
+    if lanes is None or num_lanes % workers or start >= batches:
+        return np.arange(start + worker, batches, workers, dtype=np.int64)
+    after = (lanes[start:].astype(np.int64) - int(lanes[start])) % workers
+    return start + np.flatnonzero(after == worker).astype(np.int64)
 
 
 def work_for(epoch: int, plan: RankPlan, positions: np.ndarray, fields) -> Work:

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from hdfs_io.plan import PlanConfig, cut, deal, deal_cycles, plan_epoch, plan_rank, plan_rank_resumed
+from hdfs_io.work import worker_positions
 
 corpora = st.lists(st.floats(0.2, 20.0, allow_nan=False), min_size=1, max_size=400)
 
@@ -226,8 +227,10 @@ def test_each_worker_reads_the_chunks_of_its_own_batches_plus_a_few_boundary_chu
     plan = plan_epoch(d, shards, rows, world, epoch, cfg, chunks)
 
     code = shards.astype(np.int64) << 32 | chunks
-    read = [set(code[np.concatenate(r.batches[w::workers])].tolist()) for r in plan.ranks for w in range(workers)
-            if r.batches[w::workers]]
+    mine = [worker_positions(len(r.batches), 0, w, workers, r.lanes, r.num_lanes) for r in plan.ranks
+            for w in range(workers)]
+    read = [set(code[np.concatenate([r.batches[p] for p in ps])].tolist())
+            for r, ps in zip([r for r in plan.ranks for _ in range(workers)], mine) if len(ps)]
     readers = Counter(c for chunks_read in read for c in chunks_read)
     # a worker's lanes are one run each, the last lane a second one-batch run: 2 ends a run; a run end shares
     # at most the chunks of the window it cuts: about 2 in the duration layout, all of the window's otherwise
