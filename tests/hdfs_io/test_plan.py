@@ -270,3 +270,20 @@ def test_later_epochs_balance_ranks_within_one_percent_with_real_chunks(by_durat
 
             per_rank = np.array([sum(d[b].sum() for b in r.batches) for r in plan.ranks])
             assert (per_rank.max() - per_rank.min()) / per_rank.mean() <= 0.01, (world, epoch)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_every_worker_reads_at_most_15_percent_more_than_it_trains_on_in_sortagrad_and_shuffled_epochs(workers):
+    d, shards, rows, chunks = chunked_layout(200_000, 1090, 0, True, chunk_seconds=800.0)
+    code = shards.astype(np.int64) << 32 | chunks
+    chunk_of = np.unique(code, return_inverse=True)[1]
+    chunk_seconds = np.bincount(chunk_of, d)
+
+    for epoch in (0, 1):
+        plan = plan_epoch(d, shards, rows, 4, epoch, PlanConfig(batch_seconds=60.0), chunks)
+
+        for r in plan.ranks:
+            for w in range(workers):
+                ids = np.concatenate([r.batches[p] for p in worker_positions(len(r.batches), 0, w, workers, r.lanes,
+                                                                              r.num_lanes)])
+                assert chunk_seconds[np.unique(chunk_of[ids])].sum() <= 1.15 * d[ids].sum(), (epoch, w)
