@@ -91,8 +91,8 @@ class SequenceRows:
     transcripts: list[str]
     checksums: np.ndarray  # the CRC32 of its audio
 
-    def records(self, fs, path: str, rows: list[int]) -> dict[int, Record]:
-        """Returns {row: its Record} for `rows` of the shard at `path`, read in one byte range.
+    def records(self, fs, path: str, rows: list[int]) -> tuple[dict[int, Record], int]:
+        """Returns ({row: its Record} for `rows` of the shard at `path`, the bytes read), read in one byte range.
 
         Raises:
             ShardDisagrees: a row is past the shard's index rows.
@@ -112,7 +112,7 @@ class SequenceRows:
                                           self.transcripts[by_offset[offset]],
                                           writable_bytes(reader.value_class, value),
                                           int(self.checksums[by_offset[offset]]))
-                for key, value, offset in reader.iter_range(start, last) if offset in by_offset}
+                for key, value, offset in reader.iter_range(start, last) if offset in by_offset}, len(blob)
 
 
 def proves_damage(error: BaseException) -> bool:
@@ -151,6 +151,13 @@ def parquet_rows(parquet: pq.ParquetFile, group: int, rows: list[int], columns: 
     return parquet.read_row_group(group, columns=columns).take(offsets).to_pydict()
 
 
+def group_bytes(parquet: pq.ParquetFile, group: int, columns: list[str]) -> int:
+    """Returns the stored bytes of `columns` in row group `group`: what reading them reads, the footer aside."""
+    meta = parquet.metadata.row_group(group)
+    return sum(meta.column(i).total_compressed_size for i in range(meta.num_columns)
+               if meta.column(i).path_in_schema in columns)
+
+
 class ChunkFetcher:
     """Reads the chunks a Work needs, in order of first use, on a background thread.
 
@@ -180,6 +187,8 @@ class ChunkFetcher:
         self.dropped: set[tuple[int, int]] = set()
         self.rereads = 0
         self.reads = 0  # chunks handed over by the prefetch thread or read again, so far
+        self.bytes_read = 0  # the stored bytes of those chunks' reads: column chunks, or a SequenceFile's byte range
+        self.counting = threading.Lock()  # reads run on the prefetch thread and on re-reads' threads
         self.local = threading.local()  # open files, per thread: the prefetch thread's and re-reads'
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, config.prefetch_chunks))
         self.stop = threading.Event()
@@ -309,15 +318,24 @@ class ChunkFetcher:
         rows = {int(w.rows[j]): int(j) for j in self.items_of[chunk]}  # an item for each row needed
         if cache_path:  # the cache's row group holds the chunk's rows in row order; the audio is not read
             columns = [F.KEY, F.TRANSCRIPT, F.FEATURES, F.CHECKSUM]
-            table = self._parquet(cache_path).read_row_group(self._cache_group(chunk), columns=columns)
+            cache = self._parquet(cache_path)
+            table = cache.read_row_group(self._cache_group(chunk), columns=columns)
+            self._count(group_bytes(cache, self._cache_group(chunk), columns))
             got = table.take(np.array([w.cache_rows[j] for j in rows.values()], np.int64)).to_pydict()
             return {row: Record(key, text, (feats, crc)) for row, key, text, feats, crc
                     in zip(rows, *(got[c] for c in columns))}
         if not self.shards.sequencefile:
             columns = [F.KEY, F.TRANSCRIPT, F.AUDIO, F.CHECKSUM]
             got = parquet_rows(self._parquet(path), chunk_id, list(rows), columns)
+            self._count(group_bytes(self._parquet(path), chunk_id, columns))
             return {row: Record(*fields) for row, *fields in zip(rows, *(got[c] for c in columns))}
-        return self._sequence_rows(shard).records(self.fs, path, list(rows))
+        records, read = self._sequence_rows(shard).records(self.fs, path, list(rows))
+        self._count(read)
+        return records
+
+    def _count(self, read: int) -> None:
+        with self.counting:
+            self.bytes_read += read
 
     def _sequence_rows(self, shard: int) -> SequenceRows:
         """Returns a SequenceFile shard's index rows, read once per fetcher and thread, like its files."""

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     planned_at = time.perf_counter()
     batches = len(ds)  # plans this rank's share of the epoch
     plan_s = time.perf_counter() - planned_at
-    utterances = skipped = repeated = rereads = reads = 0
+    utterances = skipped = repeated = rereads = reads = read_bytes = 0
     audio_s = 0.0
     first_batch_s = None
     worker_pids: set[int] = set()
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 first_batch_s = time.perf_counter() - started
             utterances += len(batch["keys"])
             reads += batch["chunk_reads"]
+            read_bytes += batch["chunk_bytes"]
             worker_pids.add(batch["worker_pid"])
             if args.keys_out:
                 args.keys_out.writelines(json.dumps(k) + "\n" for k in batch["keys"])
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"rank": args.rank, "world_size": args.world_size, "epoch": args.epoch, "batches": batches,
               "hdfs_backend": ds.ref.backend,
               "utterances": utterances, "repeated": repeated, "skipped": skipped, "chunk_reads": reads,
-              "chunk_rereads": rereads, "plan_seconds": plan_s, "first_batch_seconds": first_batch_s,
+              "chunk_rereads": rereads, "chunk_bytes": read_bytes, "plan_seconds": plan_s,
+              "first_batch_seconds": first_batch_s,
               "peak_rss_mb": peak_rss_mb(worker_pids), "audio_seconds": audio_s,
               "wall_seconds": wall, "utterances_per_s": utterances / wall, "audio_seconds_per_s": audio_s / wall}
     if args.json:

@@ -357,7 +357,7 @@ class ShardDataset(IterableDataset):
             if self.sequencefile:
                 if shard not in index_rows:
                     index_rows[shard] = spec.index_rows(fs, root, shard)
-                records = index_rows[shard].records(fs, path, rows)
+                records, _ = index_rows[shard].records(fs, path, rows)
                 yield from ((u, records[r]) for u, r in zip(members.tolist(), rows) if r in records)
                 continue
             columns = [F.KEY, F.TRANSCRIPT, F.AUDIO, F.CHECKSUM]
@@ -432,16 +432,17 @@ def worker_context() -> multiprocessing.context.BaseContext:
 def read_work(shards: Shards, config: ReaderConfig, stats, work: Work) -> Iterator[dict]:
     """Yields a Work's batches: its chunks read (hdfs_io.chunks), then formed (hdfs_io.batches).
 
-    Each batch also says how many chunks it waited for and how many of those were re-reads.
+    Each batch also says how many chunks it waited for, how many of those were re-reads, and their stored bytes.
     """
     fs, root = FilesystemRef(shards.uri, shards.backend).open()
     fetcher = ChunkFetcher(shards, config, fs, root, work)
     to_input = partial(prepare, feature=config.feature, output=config.output, stats=stats, cache_dir=shards.cache_dir,
                        augment=config.augment, seed=config.plan.seed, epoch=work.epoch)
-    reads = rereads = 0
+    reads = rereads = read_bytes = 0
     try:
         for batch in form_batches(work, fetcher.get, to_input, shards.where, config.on_error, config.output):
             batch["chunk_reads"], reads = fetcher.reads - reads, fetcher.reads  # re-reads included
+            batch["chunk_bytes"], read_bytes = fetcher.bytes_read - read_bytes, fetcher.bytes_read  # stored bytes
             batch["chunk_rereads"], rereads = fetcher.rereads - rereads, fetcher.rereads  # read again to bound memory
             batch["worker_pid"], batch["formed_at"] = os.getpid(), time.time()  # wall clock: comparable across processes
             yield batch

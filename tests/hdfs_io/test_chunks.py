@@ -200,6 +200,35 @@ def test_chunks_read_again_to_bound_memory_serve_the_same_records(tmp_path):
     assert fetcher.rereads == 1 and fetcher.reads == 3
 
 
+def test_the_fetcher_counts_the_stored_bytes_of_every_read_re_reads_included(tmp_path):
+    shards = parquet_dataset(tmp_path)
+    meta = pq.ParquetFile(tmp_path / shards.paths[0]).metadata
+    read = {F.KEY, F.TRANSCRIPT, F.AUDIO, F.CHECKSUM}
+    group = [sum(meta.row_group(g).column(c).total_compressed_size for c in range(meta.num_columns)
+                 if meta.row_group(g).column(c).path_in_schema in read) for g in range(meta.num_row_groups)]
+    fetcher = ChunkFetcher(shards, ReaderConfig(prefetch_chunks=1, max_held_chunks=1),
+                           pafs.PyFileSystem(FaultyLocal()), str(tmp_path), work_of(AGAIN))
+    try:
+        batches = read_batches(fetcher, "fail")
+    finally:
+        fetcher.close()
+
+    assert fetcher.bytes_read == 2 * group[0] + group[1]  # row group 0 read again after 1 dropped it
+    assert group[0] > len(b"".join(audio_of(r) for r in range(4)))  # the audio and the rest of the rows
+    assert len(batches) == 3
+
+
+def test_the_fetcher_counts_a_sequencefile_range_from_the_first_record_to_the_end_of_the_last(tmp_path):
+    shards, work, offsets = sequencefile_dataset(tmp_path)
+    fetcher = ChunkFetcher(shards, ReaderConfig(), pafs.PyFileSystem(FaultyLocal()), str(tmp_path), work)
+    try:
+        read_batches(fetcher, "fail")
+    finally:
+        fetcher.close()
+
+    assert fetcher.bytes_read == (tmp_path / shards.paths[0]).stat().st_size - offsets[0]
+
+
 @pytest.mark.parametrize("error", [NotImplementedError("erasure coding policy RS-10-4-1024k is not supported"),
                                    MemoryError("cannot allocate a read buffer"),
                                    KeyError("a reader bug")], ids=lambda e: type(e).__name__)
