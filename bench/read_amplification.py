@@ -28,15 +28,12 @@ import pyarrow.parquet as pq
 from bench.common import WORK, spark_pack, write_result
 from bench.locality import replay
 from hdfs_io import dataset_format as F
-from hdfs_io.chunks import group_bytes
+from hdfs_io.chunks import RECORD_COLUMNS, group_bytes
 from hdfs_io.dataset import open_dataset
 from hdfs_io.plan import PlanConfig
 from hdfs_io.reader_config import ReaderConfig
 from hdfs_io.shard_reader import ShardDataset, ShardLoader
 from scripts.synth_corpus import DEFAULT_VOICES, librispeech_tree
-
-READ = [F.KEY, F.TRANSCRIPT, F.AUDIO, F.CHECKSUM]  # the columns ChunkFetcher reads
-
 
 def stored_bytes(root: str, manifest: dict) -> tuple[dict[str, int], dict[tuple[int, int], int]]:
     """Returns ({key: its audio's stored bytes}, {(shard, row group): its read columns' stored bytes})."""
@@ -45,7 +42,8 @@ def stored_bytes(root: str, manifest: dict) -> tuple[dict[str, int], dict[tuple[
         parquet = pq.ParquetFile(f"{root}/{entry['path']}")
         table = parquet.read(columns=[F.KEY, F.AUDIO])
         audio.update(zip(table.column(F.KEY).to_pylist(), (len(a) for a in table.column(F.AUDIO).to_pylist())))
-        groups.update({(shard, g): group_bytes(parquet, g, READ) for g in range(parquet.metadata.num_row_groups)})
+        groups.update({(shard, g): group_bytes(parquet, g, RECORD_COLUMNS)
+                       for g in range(parquet.metadata.num_row_groups)})
     return audio, groups
 
 
@@ -62,7 +60,7 @@ def measured(ds: ShardDataset, workers: int, epoch: int, audio: dict[str, int]) 
 
 
 def predicted(ds: ShardDataset, workers: int, epoch: int, groups: dict, cap: int) -> list[dict]:
-    """Returns each worker's first key and the bytes its fetcher reads, from the plan replayed."""
+    """Returns each worker's utterances (ids, in order), re-reads and bytes read, from its Work replayed."""
     rows = []
     for w in range(workers):
         work = ds.work(epoch, 0, w, workers)

@@ -133,6 +133,9 @@ class ShardDisagrees(ValueError):
     """A shard's footer parses but lacks the rows the index places in it: damage to the dataset."""
 
 
+RECORD_COLUMNS = [F.KEY, F.TRANSCRIPT, F.AUDIO, F.CHECKSUM]  # what reading a Parquet shard's records reads
+
+
 def parquet_rows(parquet: pq.ParquetFile, group: int, rows: list[int], columns: list[str]) -> dict[str, list]:
     """Returns `columns` of the given shard rows, all in row group `group`, as lists in `rows` order.
 
@@ -318,17 +321,17 @@ class ChunkFetcher:
         rows = {int(w.rows[j]): int(j) for j in self.items_of[chunk]}  # an item for each row needed
         if cache_path:  # the cache's row group holds the chunk's rows in row order; the audio is not read
             columns = [F.KEY, F.TRANSCRIPT, F.FEATURES, F.CHECKSUM]
-            cache = self._parquet(cache_path)
-            table = cache.read_row_group(self._cache_group(chunk), columns=columns)
-            self._count(group_bytes(cache, self._cache_group(chunk), columns))
+            cache, group = self._parquet(cache_path), self._cache_group(chunk)
+            table = cache.read_row_group(group, columns=columns)
+            self._count(group_bytes(cache, group, columns))
             got = table.take(np.array([w.cache_rows[j] for j in rows.values()], np.int64)).to_pydict()
             return {row: Record(key, text, (feats, crc)) for row, key, text, feats, crc
                     in zip(rows, *(got[c] for c in columns))}
         if not self.shards.sequencefile:
-            columns = [F.KEY, F.TRANSCRIPT, F.AUDIO, F.CHECKSUM]
-            got = parquet_rows(self._parquet(path), chunk_id, list(rows), columns)
-            self._count(group_bytes(self._parquet(path), chunk_id, columns))
-            return {row: Record(*fields) for row, *fields in zip(rows, *(got[c] for c in columns))}
+            shard_file = self._parquet(path)
+            got = parquet_rows(shard_file, chunk_id, list(rows), RECORD_COLUMNS)
+            self._count(group_bytes(shard_file, chunk_id, RECORD_COLUMNS))
+            return {row: Record(*fields) for row, *fields in zip(rows, *(got[c] for c in RECORD_COLUMNS))}
         records, read = self._sequence_rows(shard).records(self.fs, path, list(rows))
         self._count(read)
         return records

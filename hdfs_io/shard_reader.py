@@ -54,7 +54,8 @@ from hdfs_io import client_log
 from hdfs_io import dataset_format as F
 from hdfs_io.augment import noise_dataset, planned_durations
 from hdfs_io.batches import form_batches, prepare, verified_decode
-from hdfs_io.chunks import ChunkFetcher, CorruptRecord, Record, Shards, StorageUnavailable, parquet_rows
+from hdfs_io.chunks import (RECORD_COLUMNS, ChunkFetcher, CorruptRecord, Record, Shards, StorageUnavailable,
+                            parquet_rows)
 from hdfs_io.dataset import open_dataset
 from hdfs_io.feature_stats import feature_stats, packed_config
 from hdfs_io.filesystem import FilesystemRef, hdfs_backend, worker_start_method
@@ -360,9 +361,8 @@ class ShardDataset(IterableDataset):
                 records, _ = index_rows[shard].records(fs, path, rows)
                 yield from ((u, records[r]) for u, r in zip(members.tolist(), rows) if r in records)
                 continue
-            columns = [F.KEY, F.TRANSCRIPT, F.AUDIO, F.CHECKSUM]
-            got = parquet_rows(pq.ParquetFile(fs.open_input_file(path)), group, rows, columns)
-            yield from zip(members.tolist(), (Record(*fields) for fields in zip(*(got[c] for c in columns))))
+            got = parquet_rows(pq.ParquetFile(fs.open_input_file(path)), group, rows, RECORD_COLUMNS)
+            yield from zip(members.tolist(), (Record(*fields) for fields in zip(*(got[c] for c in RECORD_COLUMNS))))
 
 
 def key_hash(key: str) -> int:
