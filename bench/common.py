@@ -53,7 +53,7 @@ def tree_bytes(root: Path) -> tuple[int, int]:
 
 def spark_pack(master: str, input_uri: str, output_uri: str, *extra: str, env: dict | None = None) -> dict:
     """Runs the pack job with spark-submit and returns its dataset.json."""
-    from hdfs_io.dataset import open_dataset
+    from hdfs_io.format.dataset import open_dataset
 
     subprocess.run([str(SPARK_SUBMIT), "--master", master, "--conf", "spark.ui.enabled=false",
                     str(ROOT / "spark_jobs" / "pack.py"), "--input", input_uri, "--output", output_uri,

@@ -41,7 +41,7 @@ def step(seconds: float, busy_threads: int) -> None:
 
 def one_run(dataset: str, epochs: int, step_seconds: float, workers: int, busy_threads: int) -> dict:
     """Reads `epochs` epochs in this process; returns the waits (s) for first and other batches."""
-    from hdfs_io.shard_reader import ShardDataset, ShardLoader  # the checkout on PYTHONPATH: this one or --ref
+    from hdfs_io.reader.shard_reader import ShardDataset, ShardLoader  # the checkout on PYTHONPATH: this one or --ref
 
     loader = ShardLoader(ShardDataset(dataset, 0, 1), num_workers=workers, timeout=600)
     firsts, others, formed_before = [], [], []

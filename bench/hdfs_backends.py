@@ -24,7 +24,7 @@ import zlib
 from pathlib import Path
 
 from bench.common import ROOT, WORK, checkout, corpus, median, spark_pack, write_result
-from hdfs_io.filesystem import BACKEND_VARIABLE, BACKENDS
+from hdfs_io.fs.filesystem import BACKEND_VARIABLE, BACKENDS
 from scripts.devcluster import NAMENODE_PORT
 
 HDFS_COPY = f"hdfs://127.0.0.1:{NAMENODE_PORT}/bench/hdfs_backends"
@@ -34,7 +34,7 @@ def datasets(uri: str | None, utterances: int) -> dict[str, str]:
     """Returns {"hdfs": URI, "file": URI of a local copy}, packing and copying what is not there yet."""
     from pyarrow import fs as pafs
 
-    from hdfs_io.filesystem import open_filesystem
+    from hdfs_io.fs.filesystem import open_filesystem
 
     local = WORK / "hdfs_backends" / (f"copy-{zlib.crc32(uri.encode()):08x}" if uri else f"train-{utterances}")
     if not (local / "dataset.json").exists():

@@ -4,7 +4,7 @@
 
 A synthetic duration-layout index (bench.plan's durations) in 256 MB shards of 16 MB
 chunks of 20 KB/s audio (FLAC of 16 kHz speech), as pack lays one out. For every
-epoch the global batch sequence and the deal are made once (hdfs_io.plan), and every
+epoch the global batch sequence and the deal are made once (hdfs_io.reader.planner), and every
 worker of every rank is given its positions (every k-th, as ShardLoader does):
 - amplification: bytes of the chunks a worker reads / bytes of the utterances it
   trains on, for every worker (each chunk it needs read once) and, replaying
@@ -27,10 +27,10 @@ import numpy as np
 
 from bench.common import write_result
 from bench.plan import synthetic_index
-from hdfs_io import dataset_format as F
-from hdfs_io.plan import PlanConfig, epoch_batches, epoch_deal, positions_of, ranges, run_lanes
-from hdfs_io.work import worker_positions
-from hdfs_io.reader_config import ReaderConfig
+from hdfs_io.format import dataset_format as F
+from hdfs_io.reader.planner import PlanConfig, epoch_batches, epoch_deal, positions_of, ranges, run_lanes
+from hdfs_io.reader.reader_config import ReaderConfig
+from hdfs_io.reader.work import worker_positions
 
 
 def replay(uses: np.ndarray, cap: int) -> tuple[np.ndarray, int]:
@@ -90,7 +90,8 @@ def worker_ids(sequence, positions: np.ndarray) -> np.ndarray:
 
 
 def rank_lanes(sequence, positions: np.ndarray, code: np.ndarray, epoch: int, lanes: int) -> np.ndarray:
-    """Returns each of a rank's positions' lane, as hdfs_io.plan.with_lanes gives them (padding: the batch repeated)."""
+    """Returns each of a rank's positions' lane, as hdfs_io.reader.planner.with_lanes gives them (padding: the
+    batch repeated)."""
     if epoch > 0:
         return (np.arange(len(positions)) % lanes).astype(np.int8)
     real = np.minimum(positions, len(sequence) - 1)  # a padding slot's lane does not matter for what is read

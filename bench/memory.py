@@ -37,7 +37,7 @@ def read_epoch(uri: str, epoch: int, workers: int) -> dict:
     Returns the utterances read, chunk reads and re-reads, this process's peak RSS and its RSS once
     the imports were done, and each worker's peak RSS (VmHWM, read while the workers persist), in MB.
     """
-    from hdfs_io.shard_reader import ShardDataset, ShardLoader
+    from hdfs_io.reader.shard_reader import ShardDataset, ShardLoader
 
     base = rss_mb("self")
     loader = ShardLoader(ShardDataset(uri, 0, 1), num_workers=workers, timeout=600 if workers else 0)

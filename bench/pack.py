@@ -21,7 +21,7 @@ import zlib
 from pathlib import Path
 
 from bench.common import bench_args, WORK, corpus, median, spark_pack, tree_bytes, write_result
-from hdfs_io.audio import probe
+from hdfs_io.speech.audio import probe
 
 # 270 MB of corpus in 16 MB shards: 17 write tasks, enough to keep 2 cores busy to the end.
 # At production size (256 MB shards) a 10,000-hour corpus has thousands of shards.

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from bench.common import ROOT, SPARK_SUBMIT, WORK, write_result
-from hdfs_io.dataset import open_dataset
+from hdfs_io.format.dataset import open_dataset
 from scripts.devcluster import local_spark_env
 from scripts.synth_corpus import linked_corpus, tones
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hdfs_io import dataset_format as F
-from hdfs_io.audio import decode, probe, resample, to_mono
-from hdfs_io.dataset import open_dataset
-from hdfs_io.features import FeatureConfig, log_features
-from hdfs_io.filesystem import worker_start_method
+from hdfs_io.format import dataset_format as F
+from hdfs_io.format.dataset import open_dataset
+from hdfs_io.fs.filesystem import worker_start_method
+from hdfs_io.speech.audio import decode, probe, resample, to_mono
+from hdfs_io.speech.features import FeatureConfig, log_features
 
 # An utterance as the peers store it: the audio file's bytes and what a reader needs besides.
 FIELDS = {"key": "str", "flac": "bytes", "text": "str", "duration": "float64"}

@@ -12,7 +12,7 @@ and Python worker start, LitData's and Spark's planning):
 - ours: spark_jobs/pack.py on local[2] from a DS2 manifest, the job's own time inside
   Spark (JVM start excluded). It decodes every frame of every file and CRCs it;
 - litdata_checked: LitData's `optimize(num_workers=2)` with an `fn` that does that same
-  check (hdfs_io.audio.probe + CRC32): the equal-work peer;
+  check (hdfs_io.speech.audio.probe + CRC32): the equal-work peer;
 - the plain peers, which check nothing: litdata_plain (optimize, 2 workers, reads bytes),
   mosaic_plain (MDSWriter, one process), webdataset_plain (ShardWriter, one process),
   lhotse_shar (Recording.from_file probes headers; to_shar re-encodes FLAC, one process).
@@ -45,11 +45,11 @@ from pyarrow import fs as pafs
 
 from bench import peer_formats as P
 from bench.common import ROOT, SPARK_SUBMIT, WORK, bench_args, corpus, median, spark_pack, write_result
-from hdfs_io.dataset import open_dataset
-from hdfs_io.features import FeatureConfig
-from hdfs_io.filesystem import BACKEND_VARIABLE, DEFAULT_BACKEND, open_filesystem
-from hdfs_io.plan import PlanConfig
-from hdfs_io.shard_reader import ReaderConfig, ShardDataset, ShardLoader
+from hdfs_io.format.dataset import open_dataset
+from hdfs_io.fs.filesystem import BACKEND_VARIABLE, DEFAULT_BACKEND, open_filesystem
+from hdfs_io.reader.planner import PlanConfig
+from hdfs_io.reader.shard_reader import ReaderConfig, ShardDataset, ShardLoader
+from hdfs_io.speech.features import FeatureConfig
 from scripts.devcluster import local_spark_env
 
 BATCH_SECONDS = PlanConfig.batch_seconds

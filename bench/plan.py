@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from bench.common import median, write_result
-from hdfs_io.plan import PlanConfig, deal_cycles, epoch_batches, plan_rank
+from hdfs_io.reader.planner import PlanConfig, deal_cycles, epoch_batches, plan_rank
 
 CONFIG = PlanConfig(batch_seconds=60.0)
 

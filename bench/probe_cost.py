@@ -24,7 +24,7 @@ import numpy as np
 import soundfile as sf
 
 from bench.common import WORK, write_result
-from hdfs_io.audio import probe
+from hdfs_io.speech.audio import probe
 
 HEADER_BYTES = 64 * 1024
 

@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench.common import ROOT, WORK, checkout, median, write_result
-from hdfs_io import dataset_format as F
+from hdfs_io.format import dataset_format as F
 
 DATA = WORK / "rank_start"
 SEED = 28
@@ -62,8 +62,8 @@ GOAL = {"open_plan_s": 5.0, "added_mb": 1024.0, "bytes_per_utterance": 10.0}
 CHILD = r"""
 import json, os, sys, time
 import pandas  # pyarrow imports it on first use: an import, not the reader's own reading
-import hdfs_io, hdfs_io.dataset, hdfs_io.plan, hdfs_io.shard_reader
-from hdfs_io.shard_reader import ShardDataset
+import hdfs_io, hdfs_io.format.dataset, hdfs_io.reader.planner, hdfs_io.reader.shard_reader
+from hdfs_io.reader.shard_reader import ShardDataset
 
 def rss_mb():
     with open("/proc/self/statm") as f:
@@ -221,7 +221,7 @@ def row_groups(sizes: np.ndarray, rows: np.ndarray, shards: np.ndarray) -> np.nd
 def seq_offsets(sizes: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Returns each record's byte offset in its SequenceFile shard, and each record's end, as
     SequenceFileWriter places them: after the header, a sync mark once 100 KB are past the last."""
-    from hdfs_io.sequencefile import SYNC_INTERVAL, SequenceFileWriter
+    from hdfs_io.format.sequencefile import SYNC_INTERVAL, SequenceFileWriter
 
     header = SequenceFileWriter(io.BytesIO()).pos
     records = (8 + 1 + 16 + 4 + sizes).tolist()  # lengths, Text key (vint + 16 bytes), BytesWritable
@@ -276,7 +276,7 @@ def shard_summary(shard: int, fmt: str, table: pa.Table, shard_bytes: int, vocab
 
 def manifest(fmt: str, summaries: list[dict], output: str, seconds: float) -> dict:
     """Returns dataset.json as pack writes it for these shards, with pack's default arguments."""
-    from hdfs_io.features import FeatureConfig, FeatureMoments
+    from hdfs_io.speech.features import FeatureConfig, FeatureMoments
     from spark_jobs import pack, packing
 
     argv = ["--input", SOURCE_ROOT, "--output", output, "--format", fmt]

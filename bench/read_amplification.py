@@ -27,12 +27,12 @@ import pyarrow.parquet as pq
 
 from bench.common import WORK, spark_pack, write_result
 from bench.locality import replay
-from hdfs_io import dataset_format as F
-from hdfs_io.chunks import RECORD_COLUMNS, group_bytes
-from hdfs_io.dataset import open_dataset
-from hdfs_io.plan import PlanConfig
-from hdfs_io.reader_config import ReaderConfig
-from hdfs_io.shard_reader import ShardDataset, ShardLoader
+from hdfs_io.format import dataset_format as F
+from hdfs_io.format.dataset import open_dataset
+from hdfs_io.reader.chunks import RECORD_COLUMNS, group_bytes
+from hdfs_io.reader.planner import PlanConfig
+from hdfs_io.reader.reader_config import ReaderConfig
+from hdfs_io.reader.shard_reader import ShardDataset, ShardLoader
 from scripts.synth_corpus import DEFAULT_VOICES, librispeech_tree
 
 def stored_bytes(root: str, manifest: dict) -> tuple[dict[str, int], dict[tuple[int, int], int]]:

@@ -21,10 +21,10 @@ import time
 from bench.common import ROOT, WORK, bench_args, corpus, median, spark_pack, write_result
 from dataclasses import replace
 
-from hdfs_io.augment import AugmentConfig
-from hdfs_io.dataset import open_dataset
-from hdfs_io.features import FeatureConfig, features_from_bytes
-from hdfs_io.shard_reader import ReaderConfig, ShardDataset
+from hdfs_io.format.dataset import open_dataset
+from hdfs_io.reader.shard_reader import ReaderConfig, ShardDataset
+from hdfs_io.speech.augmentation import AugmentConfig
+from hdfs_io.speech.features import FeatureConfig, features_from_bytes
 from trainer.config import load_config
 
 

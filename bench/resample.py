@@ -1,4 +1,4 @@
-"""bench/resample: hdfs_io.audio.resample (soxr) against an older commit's (one whole-signal FFT), side by side.
+"""bench/resample: hdfs_io.speech.audio.resample (soxr) against an older commit's (one whole-signal FFT), side by side.
 
     python -m bench.resample --ref 1d67bce [--seconds 15] [--repeats 15]
 
@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import checkout, median, write_result
-from hdfs_io.audio import resample
+from hdfs_io.speech.audio import resample
 
 RATES = (8000, 22050, 44100, 48000)
 
 
 def resample_of(ref: str):
-    """Returns the `resample` function of hdfs_io/audio.py at commit `ref`."""
+    """Returns the `resample` function of hdfs_io/speech/audio.py at commit `ref`."""
     spec = importlib.util.spec_from_file_location(f"audio_{ref}", Path(checkout(ref)) / "hdfs_io" / "audio.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there

@@ -30,10 +30,10 @@ from urllib.parse import urlparse
 from pyarrow import fs as pafs
 
 from bench.common import bench_args, corpus, median, spark_pack, write_result
-from hdfs_io.audio import decode, resample, to_mono
-from hdfs_io.filesystem import BACKEND_VARIABLE, open_filesystem
-from hdfs_io.plan import PlanConfig
-from hdfs_io.shard_reader import ReaderConfig, ShardDataset, ShardLoader
+from hdfs_io.fs.filesystem import BACKEND_VARIABLE, open_filesystem
+from hdfs_io.reader.planner import PlanConfig
+from hdfs_io.reader.shard_reader import ReaderConfig, ShardDataset, ShardLoader
+from hdfs_io.speech.audio import decode, resample, to_mono
 from hdfs_io.upload import upload
 from scripts.devcluster import NAMENODE_HTTP_PORT, http_json
 

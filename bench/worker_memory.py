@@ -4,7 +4,7 @@
 
 A rank of `world-size` plans epoch 1 of a synthetic index (bench.plan's, with the other
 per-utterance columns a reader holds: CRC32s and chunk ids) and hands one of its
-`workers` workers its Work (hdfs_io.work), as ShardLoader does. A fresh spawned process
+`workers` workers its Work (hdfs_io.reader.work), as ShardLoader does. A fresh spawned process
 receives it through a multiprocessing queue; its RSS growth (VmHWM after minus RSS
 before) is the worker's share. Beside it, the same for what a worker received before:
 the dataset's per-utterance arrays, whole. Medians of --repeats.
@@ -20,13 +20,13 @@ import numpy as np
 
 from bench.common import median, write_result
 from bench.plan import CONFIG, peak_rss_mb, reset_peak_rss, rss_mb, synthetic_index
-from hdfs_io.plan import plan_rank
-from hdfs_io.work import work_for, worker_positions
+from hdfs_io.reader.planner import plan_rank
+from hdfs_io.reader.work import work_for, worker_positions
 
 
 def receive(inbox, outbox) -> None:
     """In a fresh process: reports the RSS growth from receiving one payload."""
-    import hdfs_io.work  # noqa: F401  (the imports a worker has before its work arrives)
+    import hdfs_io.reader.work  # noqa: F401  (the imports a worker has before its work arrives)
     before = rss_mb()
     reset_peak_rss()
     payload = inbox.get()

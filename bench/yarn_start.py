@@ -20,7 +20,7 @@ import time
 import uuid
 
 from bench.common import ROOT, SPARK_SUBMIT, bench_args, corpus, median, write_result
-from hdfs_io.dataset import open_dataset
+from hdfs_io.format.dataset import open_dataset
 from scripts.devcluster import local_spark_env
 from scripts.executor_env import build, spark_flags
 

@@ -11,9 +11,10 @@ import statistics
 import sys
 from collections import Counter
 
-from hdfs_io import dataset_format as F
-from hdfs_io.dataset import open_dataset
-from hdfs_io.filesystem import FilesystemUnavailable, hdfs_backend, probe_uri
+from hdfs_io import prog
+from hdfs_io.format import dataset_format as F
+from hdfs_io.format.dataset import open_dataset
+from hdfs_io.fs.filesystem import FilesystemUnavailable, hdfs_backend, probe_uri
 
 BAR_WIDTH = 40
 
@@ -27,7 +28,7 @@ def summarize(uri: str) -> dict:
     """Returns the summary `inspect` prints, as a dict.
 
     Raises:
-        hdfs_io.dataset_format.DatasetError, hdfs_io.filesystem.FilesystemUnavailable.
+        hdfs_io.format.dataset_format.DatasetError, hdfs_io.fs.filesystem.FilesystemUnavailable.
     """
     probe_uri(uri)
     ds = open_dataset(uri)
@@ -73,7 +74,7 @@ def render(s: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hdfs_io.inspect", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=prog("hdfs_io.inspect"), description=__doc__.split("\n")[0])
     p.add_argument("dataset", help="dataset folder URI")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = p.parse_args(argv)

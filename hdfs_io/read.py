@@ -14,12 +14,13 @@ import time
 
 from tqdm import tqdm
 
-from hdfs_io import dataset_format as F
-from hdfs_io import client_log
-from hdfs_io.filesystem import FilesystemUnavailable, probe_uri
-from hdfs_io.plan import PlanConfig
-from hdfs_io.shard_reader import (CorruptRecord, ReaderConfig, ShardDataset, ShardLoader, StorageUnavailable,
-                                  error_message)
+from hdfs_io import prog
+from hdfs_io.format import dataset_format as F
+from hdfs_io.fs import client_log
+from hdfs_io.fs.filesystem import FilesystemUnavailable, probe_uri
+from hdfs_io.reader.planner import PlanConfig
+from hdfs_io.reader.shard_reader import (CorruptRecord, ReaderConfig, ShardDataset, ShardLoader, StorageUnavailable,
+                                         error_message)
 
 
 def peak_rss_mb(worker_pids: set[int]) -> dict[str, float]:
@@ -36,7 +37,7 @@ def peak_rss_mb(worker_pids: set[int]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hdfs_io.read", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=prog("hdfs_io.read"), description=__doc__.split("\n")[0])
     p.add_argument("dataset")
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--world-size", type=int, default=1)

@@ -58,8 +58,9 @@ from urllib.parse import urlparse
 from pyarrow import fs as pafs
 from tqdm import tqdm
 
-from hdfs_io.filesystem import (FilesystemUnavailable, first_line, hdfs_address, hdfs_user, is_unicode, printable,
-                                probe_uri)
+from hdfs_io import prog
+from hdfs_io.fs.filesystem import (FilesystemUnavailable, first_line, hdfs_address, hdfs_user, is_unicode, printable,
+                                   probe_uri)
 
 CHUNK_BYTES = 8 * 2**20
 RECORD_CHUNK_BYTES = 2**16  # the record is read in small pieces: at 30M files it is about 3 GB
@@ -695,7 +696,7 @@ def upload(src: str, dest: str, workers: int = 8, client_name: str = "pyarrow", 
     Raises:
         ValueError: `src` is not a local folder, or pydoop was asked for a non-HDFS URI.
         PermissionError: `src` cannot be listed, or `dest` cannot be created.
-        hdfs_io.filesystem.FilesystemUnavailable: the destination cannot be reached.
+        hdfs_io.fs.filesystem.FilesystemUnavailable: the destination cannot be reached.
     """
     if not Path(src).is_dir():
         raise ValueError(f"source {src} is not a local folder")
@@ -758,7 +759,7 @@ def upload(src: str, dest: str, workers: int = 8, client_name: str = "pyarrow", 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hdfs_io.upload", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=prog("hdfs_io.upload"), description=__doc__.split("\n")[0])
     p.add_argument("src", help="local folder")
     p.add_argument("dest", help="destination URI: hdfs://host:port/path, file:///path or a path")
     p.add_argument("--workers", type=int, default=8, help="parallel copies (default 8)")

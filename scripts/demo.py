@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from hdfs_io import dataset_format as F
-from hdfs_io.dataset import open_dataset
-from hdfs_io.features import FeatureConfig, features_from_bytes
-from hdfs_io.shard_reader import ReaderConfig, ShardDataset
+from hdfs_io.format import dataset_format as F
+from hdfs_io.format.dataset import open_dataset
+from hdfs_io.reader.shard_reader import ReaderConfig, ShardDataset
+from hdfs_io.speech.features import FeatureConfig, features_from_bytes
 from scripts.devcluster import free_port, local_spark_env, read_env_file
 from scripts.synth_corpus import librispeech_tree, noise_tree
 from trainer.config import load_config
@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf" / "ds2_tiny.yaml"
 TRAIN_VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-us+f3", "en-gb-x-rp+m3", "en+f2")
 SPLITS = {"train": (TRAIN_VOICES, 1), "heldout-seen": (("en-us",), 2), "heldout-unseen": (("en-029",), 3)}
-NOISE = "noise"  # packed like the others, added to training utterances at a drawn SNR (hdfs_io.augment)
+NOISE = "noise"  # packed like the others, added to training utterances at a drawn SNR (hdfs_io.speech.augmentation)
 
 
 def pack(input_uri: str, output_uri: str, master: str, env: dict[str, str]) -> float:

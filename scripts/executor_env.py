@@ -36,7 +36,7 @@ DEFAULT_OUTPUT = ROOT / ".cache" / "executor-env" / "speechpack-env.tar.gz"
 PACKAGES = ("pyarrow", "numpy", "soundfile", "soxr", "pandas", "hdfs-native")
 # The import names checked inside the built environment before it is packed.
 IMPORTS = ("pyarrow", "pyarrow.parquet", "numpy", "soundfile", "soxr", "pandas", "hdfs_native",
-           "hdfs_io.filesystem", "spark_jobs.packing")
+           "hdfs_io.fs.filesystem", "spark_jobs.packing")
 ARCHIVE_ROOT_NAME = "environment"  # the name after '#' in --archives, and in spark.pyspark.python
 PROJECT = "speechpack"  # installed from this checkout, not pinned
 

@@ -156,7 +156,7 @@ def make_principals(env: dict[str, str]) -> None:
 
 def write_hadoop_conf() -> None:
     """Writes core-, hdfs- and yarn-site.xml: the dev cluster's settings on this cluster's ports, plus security."""
-    from hdfs_io.filesystem import hadoop_conf
+    from hdfs_io.fs.filesystem import hadoop_conf
 
     CONF_DIR.mkdir()
     for name in ("log4j.properties", "hadoop-metrics2.properties"):

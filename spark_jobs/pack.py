@@ -7,7 +7,7 @@
 URIs may be `hdfs://`, `file://` or plain paths. The input is a LibriSpeech-layout
 tree, a DS2 JSON-lines manifest or a Kaldi folder (wav.scp + text). The output
 folder is written under a temporary name and renamed into place; its
-`dataset.json` appears only when the dataset is complete. See hdfs_io.dataset_format.
+`dataset.json` appears only when the dataset is complete. See hdfs_io.format.dataset_format.
 
 Exit codes: 0 done, 2 a user error (one line on stderr, nothing written), 1 the storage failed to serve an
 input file (one line, nothing written) or a bug (a traceback).
@@ -37,9 +37,9 @@ from pyarrow import fs as pafs  # noqa: E402
 from pyspark import StorageLevel  # noqa: E402
 from pyspark.sql import functions as sf  # noqa: E402
 
-from hdfs_io import dataset_format as F  # noqa: E402
-from hdfs_io.features import FeatureConfig  # noqa: E402
-from hdfs_io.filesystem import BACKEND_VARIABLE, FilesystemUnavailable, hdfs_user, probe_uri, uri_base  # noqa: E402
+from hdfs_io.format import dataset_format as F  # noqa: E402
+from hdfs_io.fs.filesystem import BACKEND_VARIABLE, FilesystemUnavailable, hdfs_user, probe_uri, uri_base  # noqa: E402
+from hdfs_io.speech.features import FeatureConfig  # noqa: E402
 from spark_jobs import pack_stages as stages  # noqa: E402
 from spark_jobs import packing, sources  # noqa: E402
 
@@ -117,7 +117,7 @@ def check_paths(args: argparse.Namespace) -> None:
 
 def restore_replaced(fs: pafs.FileSystem, out_path: str) -> bool:
     """Puts back the dataset that an interrupted `--overwrite` left beside a missing output; returns True if
-    there was one (see hdfs_io.dataset_format.replaced_leftovers)."""
+    there was one (see hdfs_io.format.dataset_format.replaced_leftovers)."""
     leftovers = F.replaced_leftovers(fs, out_path)
     if not leftovers:
         return False

@@ -27,8 +27,8 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as sf
 from pyspark.sql.pandas.types import from_arrow_schema
 
-from hdfs_io import dataset_format as F
-from hdfs_io.filesystem import failure_cause, first_line, join_uri, open_filesystem, printable, probe_uri, uri_base
+from hdfs_io.format import dataset_format as F
+from hdfs_io.fs.filesystem import failure_cause, first_line, join_uri, open_filesystem, printable, probe_uri, uri_base
 from spark_jobs import packing, sources
 from spark_jobs.sources import KIND, ORDER, URI
 

@@ -21,11 +21,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
-from hdfs_io import dataset_format as F
-from hdfs_io.audio import BadAudio, probe
-from hdfs_io.features import FeatureConfig, FeatureMoments, features_from_bytes
-from hdfs_io.filesystem import failure_cause, first_line, hdfs_user, join_uri, open_filesystem, refuse_if_denied
-from hdfs_io.sequencefile import SequenceFileWriter
+from hdfs_io.format import dataset_format as F
+from hdfs_io.format.sequencefile import SequenceFileWriter
+from hdfs_io.fs.filesystem import failure_cause, first_line, hdfs_user, join_uri, open_filesystem, refuse_if_denied
+from hdfs_io.speech.audio import BadAudio, probe
+from hdfs_io.speech.features import FeatureConfig, FeatureMoments, features_from_bytes
 from spark_jobs.sources import URI
 
 HISTOGRAM_BIN_S = 1.0

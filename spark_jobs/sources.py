@@ -28,8 +28,8 @@ from urllib.parse import urlparse, urlsplit
 
 from pyarrow import fs as pafs
 
-from hdfs_io import dataset_format as F
-from hdfs_io.filesystem import first_line, hdfs_user, is_unicode, printable, probe_uri, uri_base
+from hdfs_io.format import dataset_format as F
+from hdfs_io.fs.filesystem import first_line, hdfs_user, is_unicode, printable, probe_uri, uri_base
 
 AUDIO_EXTENSIONS = (".flac", ".wav", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au", ".sph")
 TRANS_SUFFIX = ".trans.txt"
@@ -40,7 +40,7 @@ KALDI_SPACES = " \t\r\f\v"
 _KALDI_SPACE_RUN = re.compile(f"[{KALDI_SPACES}]+")
 _SPACES = re.compile(r"\s+")
 BOM = "\ufeff".encode()  # a UTF-8 byte order mark, which some editors put before a text file's first line
-# What pack reads audio from (hdfs_io.filesystem.open_filesystem); a URI with another scheme is rejected.
+# What pack reads audio from (hdfs_io.fs.filesystem.open_filesystem); a URI with another scheme is rejected.
 URI_SCHEMES = ("hdfs", "file")
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):(//)?")
 _NOT_IN_URI_PATHS = "#?\t\r\n"
@@ -106,7 +106,7 @@ def reject(source: str, reason: str, order: str = "") -> dict:
 
 def audio_uri(value: str, folder: str, base: str) -> str:
     """Returns the URI of the audio a list names by `value`: a URI as it is, else a path relative to `folder`
-    on the filesystem of `base` (hdfs_io.filesystem.uri_base).
+    on the filesystem of `base` (hdfs_io.fs.filesystem.uri_base).
 
     A value is a URI where it starts with `scheme://`, `hdfs:` or `file:`; a relative file
     name may hold a colon (`u:1.flac`).
@@ -120,7 +120,7 @@ def audio_uri(value: str, folder: str, base: str) -> str:
 def unreadable(uri: str) -> str | None:
     """Returns why pack cannot read the audio at `uri`, as its name alone shows, or None if it may.
 
-    hdfs_io.filesystem.open_filesystem takes a plain local path whole, but splits a URI
+    hdfs_io.fs.filesystem.open_filesystem takes a plain local path whole, but splits a URI
     with a scheme by RFC 3986 (urllib.parse), which ends its path at the first `#` or `?`
     and drops tabs and line breaks: such a file would be looked for under another name.
     """
@@ -517,7 +517,7 @@ def discover(uri: str) -> Discovery:
 
     Raises:
         InputError: the input does not exist or has no recognizable layout.
-        hdfs_io.filesystem.FilesystemUnavailable: its filesystem cannot be reached.
+        hdfs_io.fs.filesystem.FilesystemUnavailable: its filesystem cannot be reached.
     """
     fs, path, info = probe_uri(uri)
     if info.type == pafs.FileType.NotFound:

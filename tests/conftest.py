@@ -32,7 +32,7 @@ def pytest_configure(config) -> None:
     # worker forks warm instead of importing torch and pyarrow again.
     import multiprocessing
 
-    from hdfs_io.shard_reader import WORKER_MODULES
+    from hdfs_io.reader.shard_reader import WORKER_MODULES
 
     multiprocessing.set_forkserver_preload(list(WORKER_MODULES))
 
@@ -81,7 +81,7 @@ def cluster() -> Cluster:
 @pytest.fixture
 def hdfs_dir(cluster: Cluster) -> str:
     """Returns a fresh `hdfs://` folder URI for one test, removed afterwards."""
-    from hdfs_io.filesystem import open_filesystem
+    from hdfs_io.fs.filesystem import open_filesystem
 
     uri = f"{cluster.hdfs_uri}/tests/{uuid.uuid4().hex[:12]}"
     fs, path = open_filesystem(uri)

@@ -27,9 +27,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pyarrow import fs as pafs
 
-from hdfs_io import dataset_format as F
 from hdfs_io import inspect, plan, read
-from hdfs_io.audio import decode
+from hdfs_io.format import dataset_format as F
+from hdfs_io.speech.audio import decode
 from spark_jobs import pack_stages, sources
 from spark_jobs.packing import probe_one
 from tests.corpora import good_librispeech
@@ -54,7 +54,7 @@ def fits_arrow(entries: list[dict]) -> bool:
 
 
 def opened_path(uri: str) -> str:
-    """Returns the path hdfs_io.filesystem.open_filesystem opens for `uri`."""
+    """Returns the path hdfs_io.fs.filesystem.open_filesystem opens for `uri`."""
     return urlsplit(uri).path if urlsplit(uri).scheme in ("hdfs", "file") else uri
 
 

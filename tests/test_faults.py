@@ -23,10 +23,10 @@ import pyarrow.parquet as pq
 import pytest
 from pyarrow.fs import FileSelector
 
-from hdfs_io import dataset_format as F
-from hdfs_io.filesystem import BACKEND_VARIABLE, BACKENDS, hdfs_backend, open_filesystem
-from hdfs_io.plan import PlanConfig
-from hdfs_io.shard_reader import ReaderConfig, ShardDataset, ShardLoader, StorageUnavailable, error_message
+from hdfs_io.format import dataset_format as F
+from hdfs_io.fs.filesystem import BACKEND_VARIABLE, BACKENDS, hdfs_backend, open_filesystem
+from hdfs_io.reader.planner import PlanConfig
+from hdfs_io.reader.shard_reader import ReaderConfig, ShardDataset, ShardLoader, StorageUnavailable, error_message
 from scripts import devcluster
 from tests.corpora import good_librispeech
 
@@ -113,7 +113,7 @@ def test_soak_namenode_kills(many_shards, run):
 # How a reader with a 3 s retry budget gives up on a dead NameNode: both clients' calls fail with
 # "connection refused", retried until the budget is spent. (Before 2026-12-03 hdfs-native's calls
 # blocked for minutes while it retried the NameNode, and the reader's stall watchdog ended the wait;
-# hdfs_io.filesystem.native_retry_policy now gives it the Java client's connect retries.)
+# hdfs_io.fs.filesystem.native_retry_policy now gives it the Java client's connect retries.)
 DEAD_NAMENODE_ERROR = {"libhdfs": "did not serve it", "native": "did not serve it"}
 
 

@@ -210,9 +210,10 @@ def test_mallory_with_a_ticket_is_refused_alices_private_folder_in_one_line(secu
 # hdfs_io.read with a pause after its first batch
 READ_ACROSS_EXPIRY = """
 import json, sys, time
-from hdfs_io.plan import PlanConfig
-from hdfs_io import client_log
-from hdfs_io.shard_reader import CorruptRecord, ReaderConfig, ShardDataset, ShardLoader, StorageUnavailable, error_message
+from hdfs_io.fs import client_log
+from hdfs_io.reader.planner import PlanConfig
+from hdfs_io.reader.shard_reader import (CorruptRecord, ReaderConfig, ShardDataset, ShardLoader, StorageUnavailable,
+                                         error_message)
 client_log.send_native_stderr()  # as `python -m hdfs_io.read` does
 uri, resume_at = sys.argv[1], float(sys.argv[2])
 config = ReaderConfig(plan=PlanConfig(batch_seconds=4.0), prefetch_chunks=1, retry_seconds=10, stall_seconds=60)

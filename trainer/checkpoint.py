@@ -19,7 +19,7 @@ import posixpath
 import torch
 from pyarrow import fs as pafs
 
-from hdfs_io.filesystem import open_filesystem
+from hdfs_io.fs.filesystem import open_filesystem
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"

@@ -9,8 +9,8 @@ from typing import Any
 
 import yaml
 
-from hdfs_io.augment import AugmentConfig
-from hdfs_io.features import FeatureConfig
+from hdfs_io.speech.augmentation import AugmentConfig
+from hdfs_io.speech.features import FeatureConfig
 from trainer.model import ModelConfig
 
 

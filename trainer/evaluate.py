@@ -13,14 +13,15 @@ import sys
 
 import torch
 
-from hdfs_io import dataset_format as F
-from hdfs_io.filesystem import FilesystemUnavailable, probe_uri
+from hdfs_io import prog
+from hdfs_io.format import dataset_format as F
+from hdfs_io.fs.filesystem import FilesystemUnavailable, probe_uri
 from trainer.checkpoint import CHECKPOINT
 from trainer.train import evaluate, restore
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=prog("trainer.evaluate"), description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt URI, or the --out folder holding it")
     p.add_argument("--dataset", required=True, help="packed dataset URI")
     args = p.parse_args(argv)

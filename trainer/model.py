@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hdfs_io.augment import mask_features
-from hdfs_io.features import FeatureConfig, mel_filterbank
+from hdfs_io.speech.augmentation import mask_features
+from hdfs_io.speech.features import FeatureConfig, mel_filterbank
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class ModelConfig:
 
 
 class LogMel(nn.Module):
-    """Waveforms (B, S) -> normalized features (B, T, F) with torch.stft, matching hdfs_io.features."""
+    """Waveforms (B, S) -> normalized features (B, T, F) with torch.stft, matching hdfs_io.speech.features."""
 
     def __init__(self, cfg: FeatureConfig, mean: list[float] | None = None, std: list[float] | None = None):
         super().__init__()
@@ -38,7 +38,7 @@ class LogMel(nn.Module):
                                                  dtype=torch.float32).clamp_min(1e-5))
 
     def frames(self, samples: torch.Tensor) -> torch.Tensor:
-        """Returns the frame count for signal lengths, as hdfs_io.features.log_features counts them."""
+        """Returns the frame count for signal lengths, as hdfs_io.speech.features.log_features counts them."""
         n_fft, hop = self.cfg.n_fft, self.cfg.hop_samples
         return 1 + (samples.clamp_min(n_fft) - n_fft) // hop
 
@@ -120,7 +120,7 @@ class DeepSpeech2(nn.Module):
         """Returns log-probabilities (T, B, symbols) for CTC and the output lengths (B,).
 
         `spec_masks` (B, M, 3), from the reader's batch, are SpecAugment's masks of each
-        utterance (hdfs_io.augment.spec_masks), applied to the features in training mode only.
+        utterance (hdfs_io.speech.augmentation.spec_masks), applied to the features in training mode only.
         """
         feats, frames = self.features(wave, lengths)
         if spec_masks is not None and self.training:

@@ -48,13 +48,13 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from hdfs_io import dataset_format as F
-from hdfs_io.augment import noise_dataset
-from hdfs_io.dataset import open_dataset
-from hdfs_io.filesystem import probe_uri, uri_base
-from hdfs_io.plan import PlanConfig
-from hdfs_io.shard_reader import (CorruptRecord, ReaderConfig, ShardDataset, ShardLoader, StorageUnavailable,
-                                  error_message)
+from hdfs_io.format import dataset_format as F
+from hdfs_io.format.dataset import open_dataset
+from hdfs_io.fs.filesystem import probe_uri, uri_base
+from hdfs_io.reader.planner import PlanConfig
+from hdfs_io.speech.augmentation import noise_dataset
+from hdfs_io.reader.shard_reader import (CorruptRecord, ReaderConfig, ShardDataset, ShardLoader, StorageUnavailable,
+                                         error_message)
 from trainer import checkpoint
 from trainer.config import Config, ConfigError, TrainConfig, from_dict, load_config, to_dict
 from trainer.decode import error_totals, greedy_decode, rates
@@ -258,7 +258,7 @@ def check_datasets(*uris: str | None) -> None:
     """Raises a one-line error if a dataset URI does not hold a complete dataset.
 
     Raises:
-        OSError (FilesystemUnavailable, PermissionError), hdfs_io.dataset_format.DatasetError.
+        OSError (FilesystemUnavailable, PermissionError), hdfs_io.format.dataset_format.DatasetError.
     """
     for uri in uris:
         if uri:

@@ -1,4 +1,4 @@
-"""hdfs_io.audio: probing real encoded audio and spotting the broken kinds."""
+"""hdfs_io.speech.audio: probing real encoded audio and spotting the broken kinds."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from hdfs_io.audio import BadAudio, probe, resample
+from hdfs_io.speech.audio import BadAudio, probe, resample
 
 
 def encoded(fmt: str, rate: int = 16000, channels: int = 1, seconds: float = 1.5) -> bytes:

@@ -1,4 +1,5 @@
-"""hdfs_io.augment on synthetic signals: draws that depend on (seed, epoch, id) only, and what each perturbation does."""
+"""hdfs_io.speech.augmentation on synthetic signals: draws that depend on (seed, epoch, id) only, and what each
+perturbation does."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from hdfs_io.augment import (AugmentConfig, NoiseBank, add_noise, mask_features, noise_for, perturbed_audio,
-                             planned_durations, spec_masks, speed_factors, uniforms)
-from hdfs_io.plan import PlanConfig, plan_epoch
+from hdfs_io.reader.planner import PlanConfig, plan_epoch, planned_durations
+from hdfs_io.speech.augmentation import (AugmentConfig, NoiseBank, add_noise, mask_features, noise_for, perturbed_audio,
+                                         spec_masks, speed_factors, uniforms)
 
 AUG = AugmentConfig(speeds=(0.9, 1.0, 1.1), gain_db=6.0, frequency_masks=2, frequency_mask_bins=10, time_masks=2,
                     time_mask_fraction=0.1)

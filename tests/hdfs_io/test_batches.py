@@ -1,4 +1,5 @@
-"""hdfs_io.work and hdfs_io.batches on plain lists: a worker's share, and batches formed under each error policy."""
+"""hdfs_io.reader.work and hdfs_io.reader.batches on plain lists: a worker's share, and batches formed under each
+error policy."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import numpy as np
 import pytest
 import soundfile
 
-from hdfs_io.batches import form_batches, prepare
-from hdfs_io.chunks import CorruptRecord, Record
-from hdfs_io.features import FeatureConfig
-from hdfs_io.plan import RankPlan
-from hdfs_io.work import work_for, worker_positions
+from hdfs_io.reader.batches import form_batches, prepare
+from hdfs_io.reader.chunks import CorruptRecord, Record
+from hdfs_io.reader.planner import RankPlan
+from hdfs_io.reader.work import work_for, worker_positions
+from hdfs_io.speech.features import FeatureConfig
 
 FEATURE = FeatureConfig()
 

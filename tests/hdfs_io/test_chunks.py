@@ -1,4 +1,4 @@
-"""hdfs_io.chunks on its own: a Work's chunks read from tiny shards on a local filesystem that can stall or fail.
+"""hdfs_io.reader.chunks on its own: a Work's chunks read from tiny shards on a local filesystem that can stall or fail.
 
 The filesystem is the local one behind pyarrow's PyFileSystem, with a hook on every
 read of a file: a real filesystem whose reads can be made to wait (as on a SIGSTOPped
@@ -21,12 +21,12 @@ import pyarrow.parquet as pq
 import pytest
 from pyarrow import fs as pafs
 
-from hdfs_io import dataset_format as F
-from hdfs_io.batches import form_batches
-from hdfs_io.chunks import ChunkFetcher, CorruptRecord, Record, Shards, StorageUnavailable
-from hdfs_io.reader_config import ReaderConfig
-from hdfs_io.sequencefile import SequenceFileWriter
-from hdfs_io.work import Work
+from hdfs_io.format import dataset_format as F
+from hdfs_io.format.sequencefile import SequenceFileWriter
+from hdfs_io.reader.batches import form_batches
+from hdfs_io.reader.chunks import ChunkFetcher, CorruptRecord, Record, Shards, StorageUnavailable
+from hdfs_io.reader.reader_config import ReaderConfig
+from hdfs_io.reader.work import Work
 
 ROWS_PER_GROUP = 4
 

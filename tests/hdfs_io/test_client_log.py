@@ -1,4 +1,4 @@
-"""hdfs_io.client_log: what is written below Python goes to the log, Python's own stderr stays, an empty log goes."""
+"""hdfs_io.fs.client_log: what is written below Python goes to the log, Python's own stderr stays, an empty log goes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PROCESS = """
 import os, subprocess, sys
-from hdfs_io import client_log
+from hdfs_io.fs import client_log
 client_log.send_native_stderr()
 os.write(2, b"java.io.IOException: a trace line from libhdfs\\n")
 print("read: error: one line for the user" + client_log.note(), file=sys.stderr)
@@ -38,7 +38,7 @@ def test_a_log_of_its_own_is_kept_when_written_and_removed_when_empty(tmp_path):
     env["TMPDIR"] = str(tmp_path)
 
     run("alone", env=env)
-    empty = subprocess.run([sys.executable, "-c", "from hdfs_io import client_log; client_log.path()"], cwd=ROOT,
+    empty = subprocess.run([sys.executable, "-c", "from hdfs_io.fs import client_log; client_log.path()"], cwd=ROOT,
                            env=env, check=True, timeout=60)
 
     logs = list(tmp_path.glob("speechpack-hdfs-*.log"))

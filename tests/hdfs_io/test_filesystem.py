@@ -1,4 +1,4 @@
-"""hdfs_io.filesystem on the local filesystem and on the real local HDFS."""
+"""hdfs_io.fs.filesystem on the local filesystem and on the real local HDFS."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 from pyarrow import fs as pafs
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from hdfs_io.filesystem import (BACKEND_VARIABLE, BACKENDS, FilesystemRef, ForkedJVMError, hdfs_address, join_uri,
-                                open_filesystem, worker_start_method)
+from hdfs_io.fs.filesystem import (BACKEND_VARIABLE, BACKENDS, FilesystemRef, ForkedJVMError, hdfs_address, join_uri,
+                                   open_filesystem, worker_start_method)
 from scripts.devcluster import ROOT
 
 
@@ -122,7 +122,7 @@ def test_an_hdfs_refusal_without_a_python_name_is_an_oserror_on_both_backends(cl
 LIST_AS_ANOTHER_USER = """
 import sys
 from pyarrow import fs as pafs
-from hdfs_io.filesystem import open_filesystem
+from hdfs_io.fs.filesystem import open_filesystem
 fs, path = open_filesystem(sys.argv[1])
 try:
     print(len(fs.get_file_info(pafs.FileSelector(path, recursive=True))))
@@ -180,7 +180,7 @@ def test_files_get_the_clients_replication_not_the_namenodes_default(cluster, hd
     # the NameNode's own dfs.replication is 2 (conf/hadoop); this client asks for 1
     env = client_conf(tmp_path / "conf", {"fs.defaultFS": cluster.hdfs_uri}, {"dfs.replication": "1"})
     env[BACKEND_VARIABLE] = backend
-    code = ("import sys\nfrom hdfs_io.filesystem import open_filesystem\n"
+    code = ("import sys\nfrom hdfs_io.fs.filesystem import open_filesystem\n"
             "fs, path = open_filesystem(sys.argv[1])\n"
             "with fs.open_output_stream(path) as f:\n"
             "    f.write(b'x' * 1000)\n")
@@ -244,7 +244,7 @@ def write_hello(hdfs_dir: str) -> str:
 
 def read_lengths(env: dict[str, str], *uris: str) -> subprocess.CompletedProcess:
     """Runs a fresh process with `env` that opens each URI and prints the length of what it reads."""
-    code = ("import sys\nfrom hdfs_io.filesystem import open_filesystem\n"
+    code = ("import sys\nfrom hdfs_io.fs.filesystem import open_filesystem\n"
             "for uri in sys.argv[1:]:\n"
             "    fs, path = open_filesystem(uri)\n"
             "    print(len(fs.open_input_stream(path).read()))\n")
@@ -281,7 +281,7 @@ def test_libhdfs_without_a_java_environment_says_in_one_line_what_to_set(cluster
 def test_workers_start_from_a_forkserver_once_the_parent_opened_hdfs_native(cluster):
     # in a fresh interpreter: this one may hold a JVM already. A forked child of a process whose hdfs-native
     # client runs read 7x slower than a forkserver's (bench/hdfs_backends, issue note)
-    code = ("import sys\nfrom hdfs_io.filesystem import open_filesystem, worker_start_method\n"
+    code = ("import sys\nfrom hdfs_io.fs.filesystem import open_filesystem, worker_start_method\n"
             "before = worker_start_method()\nopen_filesystem(sys.argv[1])\nprint(before, worker_start_method())")
     env = {**os.environ, BACKEND_VARIABLE: "native"}
 

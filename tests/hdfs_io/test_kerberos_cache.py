@@ -1,4 +1,4 @@
-"""hdfs_io.kerberos: reading MIT FILE ticket caches, and what it says of a missing, expired or damaged one.
+"""hdfs_io.fs.kerberos: reading MIT FILE ticket caches, and what it says of a missing, expired or damaged one.
 
 The caches are written here in the documented format; tests/test_kerberos.py reads real ones that kinit wrote.
 """
@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from hdfs_io import kerberos
+from hdfs_io.fs import kerberos
 
 NOW = 1_800_000_000
 

@@ -20,8 +20,8 @@ from urllib.parse import urlparse
 import pytest
 from pyarrow import fs as pafs
 
-from hdfs_io import filesystem
-from hdfs_io.filesystem import BACKEND_VARIABLE, open_filesystem
+from hdfs_io.fs import filesystem
+from hdfs_io.fs.filesystem import BACKEND_VARIABLE, open_filesystem
 from scripts.devcluster import ROOT
 from tests.hdfs_io.test_filesystem import ha_nameservice, unused_address
 
@@ -88,7 +88,7 @@ def test_inspect_of_a_namenode_port_that_refuses_connections_fails_in_one_line_w
 
 REFUSED_CALL = """
 import sys, time
-from hdfs_io.filesystem import open_filesystem
+from hdfs_io.fs.filesystem import open_filesystem
 fs, path = open_filesystem(sys.argv[1])
 started = time.monotonic()
 try:

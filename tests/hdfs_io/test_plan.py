@@ -1,4 +1,4 @@
-"""hdfs_io.plan: property tests of the epoch planner."""
+"""hdfs_io.reader.planner: property tests of the epoch planner."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from hdfs_io.plan import PlanConfig, cut, deal, deal_cycles, plan_epoch, plan_rank, plan_rank_resumed
-from hdfs_io.work import worker_positions
+from hdfs_io.reader.planner import PlanConfig, cut, deal, deal_cycles, plan_epoch, plan_rank, plan_rank_resumed
+from hdfs_io.reader.work import worker_positions
 
 corpora = st.lists(st.floats(0.2, 20.0, allow_nan=False), min_size=1, max_size=400)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hdfs_io.filesystem import open_filesystem
+from hdfs_io.fs.filesystem import open_filesystem
 
 
 def test_pydoop_lists_and_reads_a_file_written_through_pyarrow(cluster, hdfs_dir):

@@ -17,11 +17,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hdfs_io import dataset_format as F
-from hdfs_io.dataset import open_dataset
-from hdfs_io.features import FeatureConfig
-from hdfs_io.plan import plan_durations
-from hdfs_io.rank_index import read_rank_index
+from hdfs_io.format import dataset_format as F
+from hdfs_io.format.dataset import open_dataset
+from hdfs_io.reader.planner import plan_durations
+from hdfs_io.reader.rank_index import read_rank_index
+from hdfs_io.speech.features import FeatureConfig
 from scripts.devcluster import ROOT
 
 
@@ -75,7 +75,7 @@ def metadata_only_dataset(root: Path, fmt: str, utterances: int, shard_rows: int
 
 OPEN_AND_PLAN = """
 import sys
-from hdfs_io.shard_reader import ShardDataset
+from hdfs_io.reader.shard_reader import ShardDataset
 def rchar():
     with open("/proc/self/io") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))

@@ -1,4 +1,4 @@
-"""hdfs_io.sequencefile: the pure-Python writer and reader."""
+"""hdfs_io.format.sequencefile: the pure-Python writer and reader."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import zlib
 import pytest
 from hypothesis import given, strategies as st
 
-from hdfs_io.sequencefile import (BYTES_WRITABLE, TEXT, SequenceFileReader, SequenceFileWriter,
-                                  UnsupportedCodec, read_vint, text_bytes, write_vint)
+from hdfs_io.format.sequencefile import (BYTES_WRITABLE, TEXT, SequenceFileReader, SequenceFileWriter,
+                                         UnsupportedCodec, read_vint, text_bytes, write_vint)
 
 
 @given(st.integers(min_value=-(2**63), max_value=2**63 - 1))

@@ -1,4 +1,4 @@
-"""hdfs_io.shard_reader on packed datasets: file:// and the real HDFS, Parquet and SequenceFile shards."""
+"""hdfs_io.reader.shard_reader on packed datasets: file:// and the real HDFS, Parquet and SequenceFile shards."""
 
 from __future__ import annotations
 
@@ -20,15 +20,16 @@ from pyarrow import fs as pafs
 import pytest
 import soundfile
 
-from hdfs_io import dataset_format as F
-from hdfs_io import augment
-from hdfs_io.augment import AugmentConfig, main as augment_main
-from hdfs_io.dataset import open_dataset
-from hdfs_io.features import FeatureConfig
-from hdfs_io.plan import PlanConfig
-from hdfs_io.sequencefile import SequenceFileReader
-from hdfs_io.shard_reader import CorruptRecord, ReaderConfig, ShardDataset, ShardLoader, key_hash
-from hdfs_io.filesystem import BACKEND_VARIABLE, open_filesystem
+from hdfs_io.augment import main as augment_main
+from hdfs_io.format import dataset_format as F
+from hdfs_io.format.dataset import open_dataset
+from hdfs_io.format.sequencefile import SequenceFileReader
+from hdfs_io.fs.filesystem import BACKEND_VARIABLE, open_filesystem
+from hdfs_io.reader.planner import PlanConfig
+from hdfs_io.reader.shard_reader import CorruptRecord, ReaderConfig, ShardDataset, ShardLoader, key_hash
+from hdfs_io.speech import augmentation
+from hdfs_io.speech.augmentation import AugmentConfig
+from hdfs_io.speech.features import FeatureConfig
 from scripts.synth_corpus import linked_corpus, tones
 from tests.corpora import good_librispeech
 
@@ -511,7 +512,7 @@ def test_a_process_that_stops_reading_mid_epoch_exits(cluster, tmp_path):
     corpus = linked_corpus(tmp_path / "corpus", 4000, "manifest", tones(tmp_path / "tones", 20, 0.1, 0.3))
     cluster.pack("--input", str(corpus), "--output", str(tmp_path / "ds"), "--shard-size-mb", "4")
     code = ("import sys\n"
-            "from hdfs_io.shard_reader import ReaderConfig, ShardDataset, ShardLoader\n"
+            "from hdfs_io.reader.shard_reader import ReaderConfig, ShardDataset, ShardLoader\n"
             "loader = ShardLoader(ShardDataset(sys.argv[1], 0, 1, ReaderConfig(output='waveform')), num_workers=1)\n"
             "for i, batch in enumerate(loader):\n"
             "    if i == 3:\n"
@@ -531,7 +532,7 @@ def test_a_process_that_stops_reading_mid_epoch_exits(cluster, tmp_path):
 WORKER_PARENT = '''
 import os
 import sys
-from hdfs_io.shard_reader import ShardDataset, ShardLoader
+from hdfs_io.reader.shard_reader import ShardDataset, ShardLoader
 from tests.hdfs_io.test_shard_reader import CONFIG
 
 loader = ShardLoader(ShardDataset(sys.argv[1], 0, 1, CONFIG), num_workers=2, timeout=300)
@@ -562,7 +563,7 @@ def test_hdfs_workers_fork_from_a_forkserver_that_has_imported_the_reader(packed
 NO_JVM = '''
 import os
 import sys
-from hdfs_io.shard_reader import ShardDataset, ShardLoader
+from hdfs_io.reader.shard_reader import ShardDataset, ShardLoader
 from tests.hdfs_io.test_shard_reader import CONFIG
 
 def has_jvm(pid):
@@ -668,7 +669,7 @@ def test_the_augment_command_writes_what_training_reads_to_listen_to_and_look_at
 
 def test_a_noise_dataset_longer_than_a_worker_should_hold_is_refused_in_one_line(packed, monkeypatch):
     _, uris = packed
-    monkeypatch.setattr(augment, "NOISE_MAX_SECONDS", 1.0)
+    monkeypatch.setattr(augmentation, "NOISE_MAX_SECONDS", 1.0)
     config = dataclasses.replace(CONFIG, augment=AugmentConfig(noise=uris["local-seq"]))
 
     with pytest.raises(F.DatasetError, match=r"holds \d+ min of audio; every reader worker decodes and holds all "

@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pyarrow import fs as pafs
 
-from hdfs_io.filesystem import open_filesystem
+from hdfs_io.fs.filesystem import open_filesystem
 from hdfs_io.upload import (CHECKSUMS, TMP_SUFFIX, ArrowClient, Job, LocalFile, Record, RecordWriter, copy_list,
                             main, path_key, read_recorded, record_files, transfer, upload, walk_local)
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from hdfs_io import dataset_format as F
-from hdfs_io.dataset import open_dataset
+from hdfs_io.format import dataset_format as F
+from hdfs_io.format.dataset import open_dataset
 from hdfs_io.upload import upload
 from scripts.synth_corpus import linked_corpus, tones
 from spark_jobs.pack import executor_env

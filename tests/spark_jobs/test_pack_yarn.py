@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from hdfs_io import dataset_format as F
-from hdfs_io.dataset import open_dataset
-from hdfs_io.reader_config import ReaderConfig
-from hdfs_io.shard_reader import ShardDataset
+from hdfs_io.format import dataset_format as F
+from hdfs_io.format.dataset import open_dataset
+from hdfs_io.reader.reader_config import ReaderConfig
+from hdfs_io.reader.shard_reader import ShardDataset
 from scripts.devcluster import RESOURCEMANAGER_HTTP_PORT, STATE_DIR, http_json
 from scripts.executor_env import build, spark_flags
 from scripts.synth_corpus import linked_corpus, tones

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from hdfs_io import dataset_format as F
-from hdfs_io.features import FeatureMoments
+from hdfs_io.format import dataset_format as F
+from hdfs_io.speech.features import FeatureMoments
 from spark_jobs.packing import (cut_shards, duration_histogram, merge_moments, merge_summaries, moments_bytes)
 
 sizes = st.lists(st.integers(1, 5000), min_size=1, max_size=300)

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from pyarrow import fs as pafs
 
-from hdfs_io import dataset_format as F
-from hdfs_io.dataset import open_dataset
-from hdfs_io.features import FeatureConfig, FeatureMoments
+from hdfs_io.format import dataset_format as F
+from hdfs_io.format.dataset import open_dataset
+from hdfs_io.speech.features import FeatureConfig, FeatureMoments
 from spark_jobs import pack, packing
 
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from hdfs_io import dataset_format as F
-from hdfs_io.features import FeatureConfig
+from hdfs_io.format import dataset_format as F
+from hdfs_io.speech.features import FeatureConfig
 from spark_jobs import packing
 from spark_jobs.packing import IN_SAMPLE, MOMENTS, SourceUnreadable, probe_one, write_shard
 from spark_jobs.sources import URI

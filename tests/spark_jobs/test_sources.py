@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from pyarrow import fs as pafs
 
-from hdfs_io.filesystem import open_filesystem, uri_base
+from hdfs_io.fs.filesystem import open_filesystem, uri_base
 from spark_jobs.pack_stages import ENTRY, TREE_ITEM, tree_items, tree_task
 from spark_jobs.sources import (InputError, byte_ranges, count_lines, discover, lines_in_range, list_tree,
                                 manifest_entries, normalize_transcript, numbered, split_tree, tree_entries)

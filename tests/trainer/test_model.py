@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hdfs_io.features import FeatureConfig, log_features
+from hdfs_io.speech.features import FeatureConfig, log_features
 from trainer.config import ConfigError, load_config
 from trainer.model import DeepSpeech2, LogMel, ModelConfig
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from hdfs_io import dataset_format as F
-from hdfs_io.dataset import open_dataset
-from hdfs_io.filesystem import open_filesystem
-from hdfs_io.augment import AugmentConfig
-from hdfs_io.shard_reader import ShardDataset
+from hdfs_io.format import dataset_format as F
+from hdfs_io.format.dataset import open_dataset
+from hdfs_io.fs.filesystem import open_filesystem
+from hdfs_io.reader.shard_reader import ShardDataset
+from hdfs_io.speech.augmentation import AugmentConfig
 from pyarrow import fs as pafs
 from scripts.devcluster import free_port
 from tests.corpora import good_librispeech

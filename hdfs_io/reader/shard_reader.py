@@ -7,12 +7,12 @@
         for batch in loader: ...                 # batch["features"]: (B, T, F), batch["lengths"], ...
         state = loader.state_dict()              # exactly where this rank is; load_state_dict() resumes
 
-The pipeline, in files: hdfs_io.plan deals the epoch's batches to ranks, from the
-index alone -> hdfs_io.work gives each DataLoader worker every k-th of the rank's
+The pipeline, in files: hdfs_io.reader.planner deals the epoch's batches to ranks, from the
+index alone -> hdfs_io.reader.work gives each DataLoader worker every k-th of the rank's
 positions (so the output order does not depend on k) with just the index fields
-those need -> hdfs_io.chunks reads their chunks (Parquet row groups; byte ranges of
+those need -> hdfs_io.reader.chunks reads their chunks (Parquet row groups; byte ranges of
 about 16 MB in SequenceFiles) in order of first use, prefetched on a thread and
-bounded in number -> hdfs_io.batches verifies each record's CRC32, decodes,
+bounded in number -> hdfs_io.reader.batches verifies each record's CRC32, decodes,
 down-mixes and resamples, computes features and collates. Errors follow one
 policy: "fail" raises CorruptRecord naming shard and row, "skip" drops the
 record and counts it. This module holds the rank's side (index, plan, position)
@@ -50,19 +50,19 @@ from pyarrow.fs import FileType
 from torch._utils import ExceptionWrapper
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from hdfs_io import client_log
-from hdfs_io import dataset_format as F
-from hdfs_io.augment import noise_dataset, planned_durations
-from hdfs_io.batches import form_batches, prepare, verified_decode
-from hdfs_io.chunks import (RECORD_COLUMNS, ChunkFetcher, CorruptRecord, Record, Shards, StorageUnavailable,
-                            parquet_rows)
-from hdfs_io.dataset import open_dataset
-from hdfs_io.feature_stats import feature_stats, packed_config
-from hdfs_io.filesystem import FilesystemRef, hdfs_backend, worker_start_method
-from hdfs_io.reader_config import ReaderConfig
-from hdfs_io.plan import PLANNER_VERSION, RankPlan, id_dtype, plan_rank_resumed
-from hdfs_io.rank_index import read_rank_index
-from hdfs_io.work import Work, work_for, worker_positions
+from hdfs_io.format import dataset_format as F
+from hdfs_io.fs import client_log
+from hdfs_io.reader.batches import form_batches, prepare, verified_decode
+from hdfs_io.speech.augmentation import noise_dataset
+from hdfs_io.reader.chunks import (RECORD_COLUMNS, ChunkFetcher, CorruptRecord, Record, Shards, StorageUnavailable,
+                                   parquet_rows)
+from hdfs_io.format.dataset import open_dataset
+from hdfs_io.fs.filesystem import FilesystemRef, hdfs_backend, worker_start_method
+from hdfs_io.reader.planner import PLANNER_VERSION, RankPlan, id_dtype, plan_rank_resumed, planned_durations
+from hdfs_io.reader.rank_index import read_rank_index
+from hdfs_io.reader.reader_config import ReaderConfig
+from hdfs_io.reader.work import Work, work_for, worker_positions
+from hdfs_io.speech.feature_stats import feature_stats, packed_config
 
 
 def error_message(error: BaseException) -> str:
@@ -92,7 +92,7 @@ class ShardDataset(IterableDataset):
         self.manifest = ds.manifest
         self.sequencefile = ds.manifest["format"] != "parquet"
         # Held for the whole dataset: what the global plan and the chunk reads need, 16 bytes an utterance,
-        # read from three columns of the index (hdfs_io.rank_index). Keys, transcripts and checksums
+        # read from three columns of the index (hdfs_io.reader.rank_index). Keys, transcripts and checksums
         # come with the audio, chunk by chunk, in the worker that reads it.
         index = read_rank_index(ds)
         self.utterances = len(index)
@@ -131,7 +131,7 @@ class ShardDataset(IterableDataset):
         """Returns the per-bin feature (mean, std) for this reader's feature config, and where they came from.
 
         dataset.json's, or those stored beside the dataset for this config, or computed once
-        from a seeded sample and stored (hdfs_io.feature_stats). ShardLoader asks before it
+        from a seeded sample and stored (hdfs_io.speech.feature_stats). ShardLoader asks before it
         starts workers, so they receive them instead of each computing them.
         """
         if self._stats is None:
@@ -149,7 +149,7 @@ class ShardDataset(IterableDataset):
         """Returns this rank's batches for `epoch`; the other ranks' are not kept.
 
         For the epoch a resume on another world size began in, these are the batches the
-        earlier runs left (see hdfs_io.plan, step 5). The plans of the last two epochs asked
+        earlier runs left (see hdfs_io.reader.planner, step 5). The plans of the last two epochs asked
         for are kept, so ShardLoader can plan the next epoch while this one is read.
         """
         history = self._history_of(epoch)
@@ -252,7 +252,7 @@ class ShardDataset(IterableDataset):
             len(plan.batches), self.start_position, w, workers, plan.lanes, plan.num_lanes)[-1:])
 
     def _fields(self, epoch: int, ids: np.ndarray) -> dict:
-        """Returns the per-item fields of a Work of `epoch` for index rows `ids` (see hdfs_io.work.Work)."""
+        """Returns the per-item fields of a Work of `epoch` for index rows `ids` (see hdfs_io.reader.work.Work)."""
         durations = planned_durations(self.config.augment, self.config.plan.seed, epoch, self.durations[ids], ids)
         fields = {"shards": self.shards[ids], "chunks": self.chunks[ids], "rows": self.rows[ids],
                   "durations": durations, "ids": ids.astype(id_dtype(self.utterances))}
@@ -388,7 +388,7 @@ def process_alive(pid: int) -> bool:
 
 def start_worker(parent_pid: int, log: str, _worker_id: int = 0) -> None:
     """DataLoader worker_init_fn: keeps the HDFS client's Java traces off the terminal, in the training
-    process's `log` (`hdfs_io.client_log`), and exits this worker when that process is gone."""
+    process's `log` (`hdfs_io.fs.client_log`), and exits this worker when that process is gone."""
     client_log.send_native_stderr(log)
     exit_with_parent(parent_pid)
 
@@ -411,7 +411,7 @@ def exit_with_parent(parent_pid: int) -> None:
 # `to_numpy()`; the JVM-free HDFS client. Once HDFS is open here, workers cannot be forked from this process; they
 # fork from a forkserver that has imported these once, so each starts warm and shares its pages. What else a worker
 # imports (the main module again, as `__mp_main__`: `trainer.train` adds 0.1 s) it imports on its own.
-WORKER_MODULES = ("hdfs_io.shard_reader", "pandas", "hdfs_native.fsspec")
+WORKER_MODULES = ("hdfs_io.reader.shard_reader", "pandas", "hdfs_native.fsspec")
 
 
 def worker_context() -> multiprocessing.context.BaseContext:
@@ -430,7 +430,7 @@ def worker_context() -> multiprocessing.context.BaseContext:
 
 
 def read_work(shards: Shards, config: ReaderConfig, stats, work: Work) -> Iterator[dict]:
-    """Yields a Work's batches: its chunks read (hdfs_io.chunks), then formed (hdfs_io.batches).
+    """Yields a Work's batches: its chunks read (hdfs_io.reader.chunks), then formed (hdfs_io.reader.batches).
 
     Each batch also says how many chunks it waited for, how many of those were re-reads, and their stored bytes.
     """
@@ -517,7 +517,7 @@ class ShardLoader:
     Its worker processes start once, at the first iteration, and serve every epoch after
     it, so an epoch start costs no process start (and, on HDFS, no JVM start per
     worker). They never see the index or the plan: the loader plans this rank's epoch
-    and hands each worker its Work (hdfs_io.work), about 40 bytes per utterance of its
+    and hands each worker its Work (hdfs_io.reader.work), about 40 bytes per utterance of its
     share. Once an epoch's first batch has arrived, the loader plans the next epoch on a
     thread and hands it out too, so workers go on to it as they finish this one, and the
     next epoch's first batches are formed and handed over before it is asked for.

@@ -41,7 +41,7 @@ from urllib.parse import urlparse
 
 from pyarrow import fs as pafs
 
-from hdfs_io import kerberos
+from hdfs_io.fs import kerberos
 
 _handles: dict[tuple, pafs.FileSystem] = {}
 _jvm_pid: int | None = None  # the process that started libhdfs's JVM, if any
@@ -121,7 +121,7 @@ def hdfs(host: str = "default", port: int = 0) -> pafs.HadoopFileSystem:
         raise ForkedJVMError(
             f"HDFS was opened in process {_jvm_pid} before process {pid} was forked from it, "
             "and a JVM does not survive fork. Open HDFS only inside the workers, or start them "
-            "with multiprocessing_context=hdfs_io.filesystem.worker_start_method()")
+            "with multiprocessing_context=hdfs_io.fs.filesystem.worker_start_method()")
     key = (host, port, os.environ.get("HADOOP_USER_NAME"))
     if key not in _handles:
         try:
@@ -277,7 +277,7 @@ _LOCAL_CALLS = frozenset({"seek", "tell", "file_length"})  # a file's position a
 # An open file's bytes come from DataNodes: hdfs-native locates every block when it opens a file, and asks the
 # NameNode only for its server defaults, on a client's first read (hdfs-native 0.14.7's debug log). So a client's
 # first read runs with the deadline, and later ones on the caller's thread, where the reader's stall watchdog
-# bounds a DataNode that hangs (hdfs_io.chunks). On a pool thread a read's bytes come from that thread's malloc
+# bounds a DataNode that hangs (hdfs_io.reader.chunks). On a pool thread a read's bytes come from that thread's malloc
 # arena, and freeing them on this one made glibc give pages back and fault them in again: +60% on a 64 MiB read.
 _DATANODE_READS = frozenset({"read", "read_range", "read_range_stream"})
 
@@ -292,7 +292,7 @@ class NativeCalls:
     OSErrors for the same causes say (PermissionError for a denial), and the reader retries
     OSError. NotImplementedError (a file hdfs-native cannot read, such as one under an
     erasure-coding policy it lacks) stays as it is: not an outage, and not damage either
-    (hdfs_io.chunks.proves_damage). Files and listings that a call returns are wrapped the same way.
+    (hdfs_io.reader.chunks.proves_damage). Files and listings that a call returns are wrapped the same way.
 
     hdfs-native (0.14) waits without end on a NameNode that accepts a connection and never answers
     (one SIGSTOPped, or anything else on that port), whatever `dfs.client.socket-timeout` says. So each
@@ -503,7 +503,7 @@ def worker_start_method() -> str | None:
 
     None (the platform default, fork) while this process has opened no HDFS client; "forkserver" once
     it has (libhdfs's JVM or hdfs-native's runtime threads, which a fork does not copy), so workers fork
-    from a process that never opened one (`hdfs_io.shard_reader.worker_context` preloads it).
+    from a process that never opened one (`hdfs_io.reader.shard_reader.worker_context` preloads it).
     """
     return "forkserver" if jvm_started() or _native_opened else None
 

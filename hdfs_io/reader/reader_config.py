@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hdfs_io.augment import AugmentConfig
-from hdfs_io.features import FeatureConfig
-from hdfs_io.plan import PlanConfig
+from hdfs_io.reader.planner import PlanConfig
+from hdfs_io.speech.augmentation import AugmentConfig
+from hdfs_io.speech.features import FeatureConfig
 
 
 @dataclass(frozen=True)

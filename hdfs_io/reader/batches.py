@@ -13,11 +13,11 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from hdfs_io.audio import BadAudio, decode, resample, to_mono
-from hdfs_io.augment import AugmentConfig, mask_features, perturbed_audio, spec_masks
-from hdfs_io.chunks import CorruptRecord, Record
-from hdfs_io.features import FeatureConfig, log_features, num_frames
-from hdfs_io.work import Work
+from hdfs_io.reader.chunks import CorruptRecord, Record
+from hdfs_io.reader.work import Work
+from hdfs_io.speech.audio import BadAudio, decode, resample, to_mono
+from hdfs_io.speech.augmentation import AugmentConfig, mask_features, perturbed_audio, spec_masks
+from hdfs_io.speech.features import FeatureConfig, log_features, num_frames
 
 
 def verified_decode(data: bytes, crc: int, where: str, key: str) -> tuple[np.ndarray, int]:
@@ -49,7 +49,7 @@ def verified_features(data: tuple[bytes, int], bins: int, where: str, key: str) 
 def prepare(record: Record, where: str, uid: int | None, *, feature: FeatureConfig, output: str,
             stats: tuple[np.ndarray, np.ndarray] | None, cache_dir: str | None = None,
             augment: AugmentConfig = AugmentConfig(), seed: int = 0, epoch: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Returns one record's model input and its SpecAugment masks (hdfs_io.augment.spec_masks; none when off).
+    """Returns one record's model input and its SpecAugment masks (speech.augmentation.spec_masks; none when off).
 
     The input is normalized features (frames, bins), or the waveform at the model's rate, as
     augmentation perturbs utterance `uid` in `epoch`. `stats` is the per-bin (mean, std) features

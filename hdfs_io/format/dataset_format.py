@@ -124,6 +124,14 @@ class DatasetError(ValueError):
     """A dataset folder is missing, incomplete or malformed; the message says which part."""
 
 
+class CorruptRecord(RuntimeError):
+    """A record failed its checksum or could not be decoded; the message names shard and row."""
+
+
+class StorageUnavailable(RuntimeError):
+    """A shard could not be read within the retry budget; the message names the filesystem and shard."""
+
+
 def staging_name(name: str, token: str) -> str:
     """Returns the hidden name beside `name` under which pack writes a dataset before renaming it into place."""
     return f".{name}.pack-{token}"

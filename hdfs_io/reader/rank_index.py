@@ -6,7 +6,7 @@ row group at a time: duration_s, shard, and the column that names the utterance'
 (row_group in Parquet shards, offset in SequenceFiles), 3 to 13 bytes an utterance. It holds 16
 bytes an utterance (the row in its shard follows from the manifest's row counts, since the index is
 in (shard, row) order). Keys, transcripts and checksums stay out: a worker reads them with the
-chunk (hdfs_io.chunks).
+chunk (hdfs_io.reader.chunks).
 """
 
 from __future__ import annotations
@@ -16,18 +16,18 @@ from functools import partial
 
 import numpy as np
 
-from hdfs_io import dataset_format as F
-from hdfs_io.dataset import Dataset, parsed
-from hdfs_io.plan import plan_durations
+from hdfs_io.format import dataset_format as F
+from hdfs_io.format.dataset import Dataset, parsed
+from hdfs_io.reader.planner import plan_durations
 
 
 @dataclass(frozen=True)
 class RankIndex:
     """Per utterance (an index row): what the planner and the chunk reads need."""
-    durations: np.ndarray  # float32, each rounded up (hdfs_io.plan.plan_durations)
+    durations: np.ndarray  # float32, each rounded up (hdfs_io.reader.planner.plan_durations)
     shards: np.ndarray  # int32
     rows: np.ndarray  # int32: its row in its shard
-    chunks: np.ndarray  # int32: its read unit in its shard (hdfs_io.dataset_format.chunk_ids)
+    chunks: np.ndarray  # int32: its read unit in its shard (hdfs_io.format.dataset_format.chunk_ids)
 
     def __len__(self) -> int:
         return len(self.durations)
@@ -40,7 +40,7 @@ def read_rank_index(ds: Dataset) -> RankIndex:
     fourth column, `row`.
 
     Raises:
-        hdfs_io.dataset_format.DatasetError: index.parquet is missing or unreadable, or disagrees
+        hdfs_io.format.dataset_format.DatasetError: index.parquet is missing or unreadable, or disagrees
             with dataset.json (row count, a column's type, a value out of range).
         OSError: the filesystem did not serve it.
     """

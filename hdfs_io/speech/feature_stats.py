@@ -20,11 +20,11 @@ from typing import Callable, Iterable
 import numpy as np
 from pyarrow import fs as pafs
 
-from hdfs_io import dataset_format as F
-from hdfs_io.audio import BadAudio
-from hdfs_io.dataset import Dataset
-from hdfs_io.features import FeatureConfig, FeatureMoments, features_from_bytes
-from hdfs_io.filesystem import captured_stderr
+from hdfs_io.format import dataset_format as F
+from hdfs_io.format.dataset import Dataset
+from hdfs_io.fs.filesystem import captured_stderr
+from hdfs_io.speech.audio import BadAudio
+from hdfs_io.speech.features import FeatureConfig, FeatureMoments, features_from_bytes
 
 SAMPLE_UTTERANCES = 200
 UTTERANCES_PER_CHUNK = 25
@@ -64,7 +64,7 @@ def packed_config(manifest: dict) -> FeatureConfig:
     """Returns the feature config dataset.json holds statistics for.
 
     Raises:
-        hdfs_io.dataset_format.DatasetError: that config is malformed.
+        hdfs_io.format.dataset_format.DatasetError: that config is malformed.
     """
     try:
         return FeatureConfig(**manifest["stats"]["features"]["config"])
@@ -79,7 +79,7 @@ def feature_stats(ds: Dataset, cfg: FeatureConfig, chunk_codes: np.ndarray,
     `read_audio(ids)` yields the verified audio bytes of those utterances.
 
     Raises:
-        hdfs_io.dataset_format.DatasetError: dataset.json's statistics are malformed.
+        hdfs_io.format.dataset_format.DatasetError: dataset.json's statistics are malformed.
     """
     stats = ds.manifest["stats"]["features"]
     if packed_config(ds.manifest) == cfg:

@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from hdfs_io.audio import decode, resample, to_mono
+from hdfs_io.speech.audio import decode, resample, to_mono
 
 LOG_FLOOR = 1e-6
 

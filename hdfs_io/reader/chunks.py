@@ -23,21 +23,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow.fs import FileType
 
-from hdfs_io import dataset_format as F
-from hdfs_io import client_log
-from hdfs_io.dataset import read_index_part
-from hdfs_io.filesystem import failure_cause, first_line
-from hdfs_io.sequencefile import OffsetBytes, SequenceFileError, SequenceFileReader, UnsupportedCodec, writable_bytes
-from hdfs_io.reader_config import ReaderConfig
-from hdfs_io.work import Work
-
-
-class CorruptRecord(RuntimeError):
-    """A record failed its checksum or could not be decoded; the message names shard and row."""
-
-
-class StorageUnavailable(RuntimeError):
-    """A shard could not be read within the retry budget; the message names the filesystem and shard."""
+from hdfs_io.format import dataset_format as F
+from hdfs_io.format.dataset import read_index_part
+from hdfs_io.format.dataset_format import CorruptRecord, StorageUnavailable  # what a chunk read raises
+from hdfs_io.format.sequencefile import (OffsetBytes, SequenceFileError, SequenceFileReader, UnsupportedCodec,
+                                         writable_bytes)
+from hdfs_io.fs import client_log
+from hdfs_io.fs.filesystem import failure_cause, first_line
+from hdfs_io.reader.reader_config import ReaderConfig
+from hdfs_io.reader.work import Work
 
 
 class Record(NamedTuple):
@@ -55,7 +49,7 @@ class Shards:
     paths: tuple[str, ...]  # shard files, relative to the dataset root, by shard number
     sequencefile: bool
     cache_dir: str | None = None  # features-<digest>/ to read instead of the audio
-    backend: str | None = None  # the HDFS backend (hdfs_io.filesystem.hdfs_backend) the reader chose
+    backend: str | None = None  # the HDFS backend (hdfs_io.fs.filesystem.hdfs_backend) the reader chose
     format_version: int = F.FORMAT_VERSION  # SequenceFile shards: where their index rows are (read_index_part)
 
     def where(self, shard: int, row: int) -> str:
@@ -65,7 +59,7 @@ class Shards:
         """Returns what reading a SequenceFile shard's records needs, from its index rows (read_index_part).
 
         Raises:
-            hdfs_io.dataset_format.DatasetError: they do not parse.
+            hdfs_io.format.dataset_format.DatasetError: they do not parse.
             OSError: the filesystem did not serve them (FileNotFoundError: not there).
         """
         part = read_index_part(fs, root, self.uri, self.format_version, shard,

@@ -1,6 +1,6 @@
 """A DataLoader worker's work for one epoch: where rank and worker enter the reader.
 
-The rank's batches come from hdfs_io.plan. Worker w of k takes whole lanes of the
+The rank's batches come from hdfs_io.reader.planner. Worker w of k takes whole lanes of the
 rank's positions (every k-th position where the plan has no lanes or k does not
 divide them); the loader puts batches back in position order, so the output does not
 depend on k. A Work holds only those batches' utterances, each with the index fields that
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hdfs_io.plan import RankPlan
+from hdfs_io.reader.planner import RankPlan
 
 
 @dataclass
@@ -47,7 +47,7 @@ def worker_positions(batches: int, start: int, worker: int, workers: int, lanes:
                      num_lanes: int = 1) -> np.ndarray:
     """Returns the positions worker `worker` of `workers` reads from `start`, worker 0 reading `start`.
 
-    With the plan's lanes (hdfs_io.plan.with_lanes) and `workers` dividing `num_lanes`,
+    With the plan's lanes (hdfs_io.reader.planner.with_lanes) and `workers` dividing `num_lanes`,
     a worker reads whole lanes, so whole chunks: the positions whose lane is `worker`
     lanes (mod `workers`) after the lane of `start`. Otherwise every k-th from `start`.
     """

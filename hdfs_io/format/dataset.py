@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
-from hdfs_io import dataset_format as F
-from hdfs_io.filesystem import first_line, open_filesystem
-from hdfs_io.sequencefile import SequenceFileReader
+from hdfs_io.format import dataset_format as F
+from hdfs_io.format.sequencefile import SequenceFileReader
+from hdfs_io.fs.filesystem import first_line, open_filesystem
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Dataset:
         """Returns index.parquet (optionally only `columns`), checked against dataset.json.
 
         Raises:
-            hdfs_io.dataset_format.DatasetError: the index is missing, unreadable
+            hdfs_io.format.dataset_format.DatasetError: the index is missing, unreadable
                 (a Parquet page checksum included) or disagrees with the manifest.
         """
         with _named_if_missing(self.uri, F.INDEX):
@@ -42,7 +42,7 @@ class Dataset:
         """Returns the index rows of one shard, in row order: its own part from format version 2 on.
 
         Raises:
-            hdfs_io.dataset_format.DatasetError: the part is missing or unreadable.
+            hdfs_io.format.dataset_format.DatasetError: the part is missing or unreadable.
         """
         version = self.manifest["format_version"]
         with _named_if_missing(self.uri, F.index_part_path(shard) if version >= 2 else F.INDEX):
@@ -52,7 +52,7 @@ class Dataset:
         """Returns index.parquet opened for random access: its footer read, no column yet.
 
         Raises:
-            hdfs_io.dataset_format.DatasetError: the file is missing or its footer does not parse.
+            hdfs_io.format.dataset_format.DatasetError: the file is missing or its footer does not parse.
         """
         with _named_if_missing(self.uri, F.INDEX):
             return open_parquet(self.fs, self._file(F.INDEX), self.uri, F.INDEX)
@@ -61,7 +61,7 @@ class Dataset:
         """Returns quarantine.jsonl's records.
 
         Raises:
-            hdfs_io.dataset_format.DatasetError: the file is missing or a line is not a record.
+            hdfs_io.format.dataset_format.DatasetError: the file is missing or a line is not a record.
         """
         # asked first rather than a failed open, which libhdfs reports with a Java trace on stderr
         if self.fs.get_file_info(self._file(F.QUARANTINE)).type != pafs.FileType.File:
@@ -105,7 +105,7 @@ def open_parquet(fs: pafs.FileSystem, path: str, uri: str, name: str) -> pq.Parq
     process reads what it uses and not the file (index.parquet is 2.2 GB at 30M utterances).
 
     Raises:
-        hdfs_io.dataset_format.DatasetError: its footer does not parse; the message names it as `name`
+        hdfs_io.format.dataset_format.DatasetError: its footer does not parse; the message names it as `name`
             in the dataset at `uri`.
         FileNotFoundError: there is no such file (libhdfs says so too when no NameNode answers).
         OSError: the filesystem did not serve it.
@@ -118,7 +118,7 @@ def read_parquet(fs: pafs.FileSystem, path: str, uri: str, name: str, columns: l
     """Returns `columns` (all by default) of the Parquet file at `path`, reading only their column chunks.
 
     Raises:
-        hdfs_io.dataset_format.DatasetError: its bytes do not parse.
+        hdfs_io.format.dataset_format.DatasetError: its bytes do not parse.
         FileNotFoundError: there is no such file.
         OSError: the filesystem did not serve it.
     """
@@ -164,7 +164,7 @@ def read_index_part(fs: pafs.FileSystem, root: str, uri: str, format_version: in
     that shard's rows only: its row groups whose statistics cannot hold the shard are skipped.
 
     Raises:
-        hdfs_io.dataset_format.DatasetError: the part (or the index) is unreadable.
+        hdfs_io.format.dataset_format.DatasetError: the part (or the index) is unreadable.
         FileNotFoundError: it is missing.
         OSError: the filesystem did not serve it.
     """
@@ -198,8 +198,8 @@ def open_dataset(uri: str) -> Dataset:
     """Returns the dataset at `uri` after checking that dataset.json is there and valid.
 
     Raises:
-        hdfs_io.dataset_format.DatasetError: incomplete (no dataset.json) or malformed.
-        hdfs_io.filesystem.FilesystemUnavailable: the filesystem cannot be reached.
+        hdfs_io.format.dataset_format.DatasetError: incomplete (no dataset.json) or malformed.
+        hdfs_io.fs.filesystem.FilesystemUnavailable: the filesystem cannot be reached.
     """
     fs, path = open_filesystem(uri)
     manifest_path = posixpath.join(path, F.MANIFEST)
