@@ -51,17 +51,18 @@ from torch._utils import ExceptionWrapper
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from hdfs_io.format import dataset_format as F
+from hdfs_io.format.dataset import open_dataset
 from hdfs_io.fs import client_log
+from hdfs_io.fs.filesystem import FilesystemRef, hdfs_backend, worker_start_method
+from hdfs_io.reader.allocator import keep_freed_memory
 from hdfs_io.reader.batches import form_batches, prepare, verified_decode
-from hdfs_io.speech.augmentation import noise_dataset
 from hdfs_io.reader.chunks import (RECORD_COLUMNS, ChunkFetcher, CorruptRecord, Record, Shards, StorageUnavailable,
                                    parquet_rows)
-from hdfs_io.format.dataset import open_dataset
-from hdfs_io.fs.filesystem import FilesystemRef, hdfs_backend, worker_start_method
 from hdfs_io.reader.planner import PLANNER_VERSION, RankPlan, id_dtype, plan_rank_resumed, planned_durations
 from hdfs_io.reader.rank_index import read_rank_index
 from hdfs_io.reader.reader_config import ReaderConfig
 from hdfs_io.reader.work import Work, work_for, worker_positions
+from hdfs_io.speech.augmentation import noise_dataset
 from hdfs_io.speech.feature_stats import feature_stats, packed_config
 
 
@@ -434,6 +435,7 @@ def read_work(shards: Shards, config: ReaderConfig, stats, work: Work) -> Iterat
 
     Each batch also says how many chunks it waited for, how many of those were re-reads, and their stored bytes.
     """
+    keep_freed_memory()  # before the fetcher's thread starts: freed chunks stay in this process, not faulted in again
     fs, root = FilesystemRef(shards.uri, shards.backend).open()
     fetcher = ChunkFetcher(shards, config, fs, root, work)
     to_input = partial(prepare, feature=config.feature, output=config.output, stats=stats, cache_dir=shards.cache_dir,

@@ -114,6 +114,32 @@ def test_epoch_zero_is_sortagrad_and_matches_the_plan_cli(packed):
     assert plan["ranks"] == [[b["keys"] for b in r] for r in read_all(uris["local-parquet"], 2, 0, 0, cli_cfg)]
 
 
+# Reads a dataset in this process for four epochs; prints the most minor page faults an utterance of epochs 1-3
+FAULTS_PER_UTTERANCE = """
+import resource, sys
+from hdfs_io.reader.shard_reader import ShardDataset
+from tests.hdfs_io.test_shard_reader import CONFIG
+ds, faults = ShardDataset(sys.argv[1], 0, 1, CONFIG), []
+for epoch in range(4):
+    ds.set_epoch(epoch)
+    before, n = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, 0
+    for batch in ds:
+        n += len(batch["keys"])
+    faults.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / n)
+print(max(faults[1:]))
+"""
+
+
+def test_a_reader_keeps_what_it_frees_instead_of_faulting_it_in_again_every_chunk(packed):
+    # glibc's defaults gave a chunk's freed records, audio and features back to the kernel, so every chunk faulted
+    # its pages in again: 900 faults an utterance, a third of a worker's time (bench/README.md, peers)
+    _, uris = packed
+    run = subprocess.run([sys.executable, "-c", FAULTS_PER_UTTERANCE, uris["local-parquet"]], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert float(run.stdout) < 50
+
+
 def test_resume_mid_epoch_yields_exactly_the_remaining_batches(packed):
     _, uris = packed
     uri = uris["hdfs-seq"]
