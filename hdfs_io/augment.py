@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     from hdfs_io.format import dataset_format as F
-    from hdfs_io.fs.filesystem import FilesystemUnavailable
     from hdfs_io.format.dataset_format import CorruptRecord, StorageUnavailable
+    from hdfs_io.fs.filesystem import FilesystemUnavailable
     from trainer.config import ConfigError, load_config
 
     try:

@@ -30,9 +30,9 @@ from pyarrow import fs as pafs  # noqa: E402
 
 from hdfs_io.format import dataset_format as F  # noqa: E402
 from hdfs_io.format.dataset import open_dataset  # noqa: E402
-from hdfs_io.speech.features import FeatureConfig, features_from_bytes  # noqa: E402
 from hdfs_io.fs.filesystem import (FilesystemUnavailable, captured_stderr, hdfs_user, join_uri,  # noqa: E402
                                    probe_uri)
+from hdfs_io.speech.features import FeatureConfig, features_from_bytes  # noqa: E402
 
 
 def write_feature_shard(shard: int, *, dataset_uri: str, cache_rel: str, feature_config: dict) -> dict:

@@ -52,9 +52,9 @@ from hdfs_io.format import dataset_format as F
 from hdfs_io.format.dataset import open_dataset
 from hdfs_io.fs.filesystem import probe_uri, uri_base
 from hdfs_io.reader.planner import PlanConfig
-from hdfs_io.speech.augmentation import noise_dataset
 from hdfs_io.reader.shard_reader import (CorruptRecord, ReaderConfig, ShardDataset, ShardLoader, StorageUnavailable,
                                          error_message)
+from hdfs_io.speech.augmentation import noise_dataset
 from trainer import checkpoint
 from trainer.config import Config, ConfigError, TrainConfig, from_dict, load_config, to_dict
 from trainer.decode import error_totals, greedy_decode, rates
