@@ -116,19 +116,20 @@ def id_dtype(n: int):
     return np.int32 if n < 2**31 else np.int64
 
 
-def batch_ends(d: np.ndarray, first: int, stop: int, window: np.ndarray, window_start: np.ndarray,
-               window_end: np.ndarray, cfg: PlanConfig) -> np.ndarray:
+def batch_ends(d: np.ndarray, first: int, stop: int, window_start: np.ndarray, window_end: np.ndarray,
+               cfg: PlanConfig) -> np.ndarray:
     """Returns, for queries first..stop-1, where a batch starting there ends (exclusive).
 
-    `d` holds durations in cut order, non-decreasing inside each window; `window`,
-    `window_start` and `window_end` give each query's window (its number, first and
-    past-last position), and no batch crosses a window. A batch's padded cost is its
-    count times its last duration; it holds the most utterances that fit
-    `batch_seconds` (at least one). Vectorized: with c[j] the most utterances a batch
-    ending at j may hold, a batch starting at i may end at j iff j - c[j] + 1 <= i, and
-    j - c[j] increases inside a window.
+    `d` holds durations in cut order, non-decreasing inside each window; `window_start`
+    and `window_end` give each query's window (its first and past-last position), and
+    no batch crosses a window. A batch's padded cost is its count times its last
+    duration; it holds the most utterances that fit `batch_seconds` (at least one).
+    Vectorized: with c[j] the most utterances a batch ending at j may hold, never
+    reaching back past j's window, a batch starting at i may end at j iff
+    reach[j] = j - c[j] + 1 <= i. reach increases inside a window and lies inside it,
+    so it never decreases, and the batch starting at i ends after the last j with
+    reach[j] <= i: counted in linear time, not searched for.
     """
-    n = len(d)
     queries = np.arange(first, stop, dtype=np.int64)
     if cfg.batch_size > 0:
         return np.minimum(queries + cfg.batch_size, window_end)
@@ -136,10 +137,9 @@ def batch_ends(d: np.ndarray, first: int, stop: int, window: np.ndarray, window_
     c = np.floor(cfg.batch_seconds / dj)
     c += (c + 1) * dj <= cfg.batch_seconds  # exact: m * d <= budget, as the greedy cut checks it
     c -= c * dj > cfg.batch_seconds
-    c = np.minimum(c.astype(np.int64), queries - window_start + 1)  # never reaching back past the window
-    apart = window.astype(np.int64) * (n + 1)  # windows far apart: one sorted array for all of them
-    reach = queries - c + 1 + apart
-    last = first + np.searchsorted(reach, queries + apart, side="right") - 1
+    c = np.clip(c.astype(np.int64), 1, queries - window_start + 1)  # one past the budget alone; not past the window
+    reach = queries - c + 1
+    last = first + np.cumsum(np.bincount(reach - first, minlength=stop - first)) - 1  # the last j: reach[j] <= i
     return np.maximum(last + 1, queries + 1)
 
 
@@ -159,7 +159,7 @@ def cut_windows(d: np.ndarray, starts: np.ndarray, cfg: PlanConfig) -> np.ndarra
         b = min(b, len(bounds) - 1)
         first, stop = int(bounds[a]), int(bounds[b])
         window = np.repeat(np.arange(a, b), np.diff(bounds[a:b + 1]))
-        ends = batch_ends(d, first, stop, window, bounds[window], bounds[window + 1], cfg).astype(id_dtype(n + 1))
+        ends = batch_ends(d, first, stop, bounds[window], bounds[window + 1], cfg).astype(id_dtype(n + 1))
         opens = np.zeros(stop - first + 1, bool)
         opens[bounds[a:b + 1] - first] = True
         chain = bounds[a:b].astype(id_dtype(n + 1))  # every window starts a batch

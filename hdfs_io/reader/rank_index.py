@@ -72,11 +72,12 @@ def read_rank_index(ds: Dataset) -> RankIndex:
             raise F.DatasetError(f"index.parquet: column {chunk_column!r} holds values out of range")
         durations[a:b], shards[a:b] = plan_durations(d), s
         chunks[a:b] = F.chunk_ids(ds.manifest["format"], c, c)  # c is the row group or the offset
-        # in (shard, row) order, each shard's rows are the manifest's count of consecutive index rows
-        ids = np.arange(a, b)
-        in_order = in_order and np.array_equal(s, np.searchsorted(starts, ids, "right") - 1)
+        # in (shard, row) order, each shard's rows are the manifest's count of consecutive index rows: index row
+        # i of shard s is row i - starts[s], which lies in [0, rows of s) exactly when starts[s] <= i < starts[s + 1]
         if in_order:
-            rows[a:b] = ids - starts[s]
+            r = np.arange(a, b, dtype=np.int64) - starts[s]
+            in_order = bool(((r >= 0) & (r < shard_rows[s])).all())
+            rows[a:b] = r
         a = b
     if not in_order:
         rows[:] = _rows_from_column(ds, index, name, shard_rows, shards)

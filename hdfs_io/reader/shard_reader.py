@@ -89,6 +89,7 @@ class ShardDataset(IterableDataset):
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         backend = hdfs_backend() if uri.startswith("hdfs:") else None  # chosen here, for workers too
         self.ref, self.rank, self.world_size, self.config = FilesystemRef(uri, backend), rank, world_size, config
+        keep_freed_memory()  # the index's row groups and the plan's blocks: the same sizes, allocated again and again
         ds = open_dataset(uri)
         self.manifest = ds.manifest
         self.sequencefile = ds.manifest["format"] != "parquet"
