@@ -46,8 +46,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hdfs_io.speech.augmentation import AugmentConfig, speed_drawn, speed_factors
-
 
 @dataclass(frozen=True)
 class PlanConfig:
@@ -188,24 +186,6 @@ def plan_durations(durations: np.ndarray) -> np.ndarray:
         return durations
     rounded = durations.astype(np.float32)
     return np.where(rounded < durations, np.nextafter(rounded, np.float32(np.inf)), rounded)
-
-
-def planned_durations(cfg: AugmentConfig, seed: int, epoch: int, durations: np.ndarray,
-                      ids: np.ndarray | None = None) -> np.ndarray:
-    """Returns the durations epoch `epoch` is planned with: each utterance's at its augmented speed, rounded up.
-
-    `ids` are the utterances of `durations` (all of them, in order, when None). Speed f makes
-    an utterance of d seconds last d / f; the reader's resampling produces at most that many
-    samples (see hdfs_io.speech.augmentation.perturbed_audio).
-    """
-    if not speed_drawn(cfg, epoch):
-        return durations
-    out = np.empty(len(durations), np.float32)
-    for a in range(0, len(durations), BLOCK_UTTERANCES):  # bounds the hashes' temporaries at 30M utterances
-        b = min(len(durations), a + BLOCK_UTTERANCES)
-        block_ids = np.arange(a, b) if ids is None else ids[a:b]
-        out[a:b] = plan_durations(durations[a:b].astype(np.float64) / speed_factors(cfg, seed, epoch, block_ids))
-    return out
 
 
 def blocks_of_pairs(n: int) -> list[tuple[int, int]]:

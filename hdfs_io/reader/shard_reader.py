@@ -58,12 +58,31 @@ from hdfs_io.reader.allocator import keep_freed_memory
 from hdfs_io.reader.batches import form_batches, prepare, verified_decode
 from hdfs_io.reader.chunks import (RECORD_COLUMNS, ChunkFetcher, CorruptRecord, Record, Shards, StorageUnavailable,
                                    parquet_rows)
-from hdfs_io.reader.planner import PLANNER_VERSION, RankPlan, id_dtype, plan_rank_resumed, planned_durations
+from hdfs_io.reader.planner import (BLOCK_UTTERANCES, PLANNER_VERSION, RankPlan, id_dtype, plan_durations,
+                                    plan_rank_resumed)
 from hdfs_io.reader.rank_index import read_rank_index
 from hdfs_io.reader.reader_config import ReaderConfig
 from hdfs_io.reader.work import Work, work_for, worker_positions
-from hdfs_io.speech.augmentation import noise_dataset
+from hdfs_io.speech.augmentation import AugmentConfig, noise_dataset, speed_drawn, speed_factors
 from hdfs_io.speech.feature_stats import feature_stats, packed_config
+
+
+def planned_durations(cfg: AugmentConfig, seed: int, epoch: int, durations: np.ndarray,
+                      ids: np.ndarray | None = None) -> np.ndarray:
+    """Returns the durations epoch `epoch` is planned with: each utterance's at its augmented speed, rounded up.
+
+    `ids` are the utterances of `durations` (all of them, in order, when None). Speed f makes
+    an utterance of d seconds last d / f; the reader's resampling produces at most that many
+    samples (see hdfs_io.speech.augmentation.perturbed_audio).
+    """
+    if not speed_drawn(cfg, epoch):
+        return durations
+    out = np.empty(len(durations), np.float32)
+    for a in range(0, len(durations), BLOCK_UTTERANCES):  # bounds the hashes' temporaries at 30M utterances
+        b = min(len(durations), a + BLOCK_UTTERANCES)
+        block_ids = np.arange(a, b) if ids is None else ids[a:b]
+        out[a:b] = plan_durations(durations[a:b].astype(np.float64) / speed_factors(cfg, seed, epoch, block_ids))
+    return out
 
 
 def error_message(error: BaseException) -> str:

@@ -6,7 +6,7 @@ Every draw comes from a hash of (seed, epoch, utterance id, what is drawn), neve
 random state, so an utterance gets the same perturbation in the rank, in a forked or spawned
 worker, on any world size or number of workers, and after a resume or an elastic resume. Speed
 changes a duration, so the planner plans epoch e with the durations at their drawn speeds
-(hdfs_io.reader.planner.planned_durations): batches keep to `batch_seconds` with the lengths
+(hdfs_io.reader.shard_reader.planned_durations): batches keep to `batch_seconds` with the lengths
 the reader will produce. Speed is drawn from epoch 1 on: epoch
 0 is SortaGrad's shortest-first pass over the durations as packed, which a duration-layout index
 already holds in order (at 30M utterances a re-sort would cost a rank 600 MB and seconds at start).

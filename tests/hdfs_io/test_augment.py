@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from hdfs_io.reader.planner import PlanConfig, plan_epoch, planned_durations
+from hdfs_io.reader.planner import PlanConfig, plan_epoch
+from hdfs_io.reader.shard_reader import planned_durations
 from hdfs_io.speech.augmentation import (AugmentConfig, NoiseBank, add_noise, mask_features, noise_for, perturbed_audio,
                                          spec_masks, speed_factors, uniforms)
 
