@@ -6,7 +6,7 @@
 
 `make cluster-up SECURE=1` runs it after the dev cluster. Each `up` starts from nothing: a new realm
 (SPEECHPACK.TEST), new keytabs, a newly formatted HDFS, all under `.devcluster/secure/`, on ports of
-its own (KDC 9788, NameNode 9920 and 9970, ResourceManager 9830-9833 and 9188).
+its own (KDC 9788, NameNode 9920 and HTTPS 9970, ResourceManager 9830-9833 and 9188).
 
 - The KDC is MIT's `krb5kdc` (Debian's krb5-kdc), the KDC most Hadoop clusters use, with
   `kadmin.local` to make principals. Its `kinit`, `klist` and `kdestroy` (krb5-user) are what
@@ -14,11 +14,14 @@ its own (KDC 9788, NameNode 9920 and 9970, ResourceManager 9830-9833 and 9188).
   MiniKdc (Apache Kerby) would need those client tools too, and a JVM of its own.
 - Principals: `nn/localhost`, `dn/localhost`, `HTTP/localhost` (SPNEGO for WebHDFS), `rm/localhost`
   and `nm/localhost` in `keytabs/services.keytab`; users `alice` and `mallory`, each with a keytab.
-- HDFS runs with `hadoop.security.authentication=kerberos` and block access tokens. The DataNode
-  listens on an unprivileged port without SASL data-transfer protection, which Hadoop allows only
-  with `ignore.secure.ports.for.testing`: block tokens still guard every block, but data transfer
-  is not authenticated. A production cluster uses privileged ports (jsvc) or
-  `dfs.data.transfer.protection` with HTTPS.
+- HDFS runs as production clusters without root (jsvc) run it: `hadoop.security.authentication=kerberos`,
+  RPC encrypted (`hadoop.rpc.protection=privacy`), block access tokens, and the DataNode on an
+  unprivileged port with SASL data-transfer protection
+  (`dfs.data.transfer.protection=privacy`: every block read or written is authenticated with its
+  block token and encrypted). Hadoop allows that only with `dfs.http.policy=HTTPS_ONLY`, so the
+  NameNode and DataNode serve their web ports over TLS, from a keystore that `up` makes with the
+  JDK's `keytool` (a self-signed certificate for localhost and 127.0.0.1, trusted by
+  `tls/truststore.jks` and `tls/localhost.pem`).
 - YARN's daemons log in from their keytabs; containers run as the NodeManager's user
   (DefaultContainerExecutor) and reach HDFS with the application's delegation tokens.
 - The HDFS superuser is `nn` (the NameNode's principal); `/user/alice` and `/user/mallory` belong
@@ -52,7 +55,9 @@ KEYTAB_DIR = SECURE_DIR / "keytabs"
 KRB5_CONF = SECURE_DIR / "krb5.conf"
 KDC_PORT = 9788
 NAMENODE_PORT = 9920
-NAMENODE_HTTP_PORT = 9970
+NAMENODE_HTTPS_PORT = 9970
+TLS_DIR = SECURE_DIR / "tls"
+CERTIFICATE = TLS_DIR / "localhost.pem"  # the web ports' certificate, for clients outside the JVM
 USERS = ("alice", "mallory")
 SERVICES = ("nn/localhost", "dn/localhost", "HTTP/localhost", "rm/localhost", "nm/localhost")
 SERVICE_KEYTAB = KEYTAB_DIR / "services.keytab"
@@ -67,7 +72,7 @@ MAX_LIFE, MAX_RENEW = "10h", "7d"
 CORE_SECURITY = {
     "hadoop.security.authentication": "kerberos",
     "hadoop.security.authorization": "true",
-    "hadoop.rpc.protection": "authentication",
+    "hadoop.rpc.protection": "privacy",
     # A client re-reads a renewed ticket cache at most this often (Hadoop's default: 60 s). Tickets
     # in the tests live seconds, production ones hours.
     "hadoop.kerberos.min.seconds.before.relogin": "1",
@@ -83,7 +88,9 @@ HDFS_SECURITY = {
     "dfs.datanode.keytab.file": str(SERVICE_KEYTAB),
     "dfs.web.authentication.kerberos.principal": f"HTTP/localhost@{REALM}",
     "dfs.web.authentication.kerberos.keytab": str(SERVICE_KEYTAB),
-    "ignore.secure.ports.for.testing": "true",
+    # SASL on every data-transfer connection, with encryption, instead of privileged ports; it needs HTTPS.
+    "dfs.data.transfer.protection": "privacy",
+    "dfs.http.policy": "HTTPS_ONLY",
 }
 YARN_SECURITY = {
     "yarn.resourcemanager.principal": f"rm/localhost@{REALM}",
@@ -154,29 +161,58 @@ def make_principals(env: dict[str, str]) -> None:
         subprocess.run(["kadmin.local", "-r", REALM, "-q", command], env=env, check=True, capture_output=True)
 
 
-def write_hadoop_conf() -> None:
+def write_hadoop_conf(java_home: str) -> None:
     """Writes core-, hdfs- and yarn-site.xml: the dev cluster's settings on this cluster's ports, plus security."""
     from hdfs_io.fs.filesystem import hadoop_conf
 
     CONF_DIR.mkdir()
+    tls_server, tls_client = make_keystores(java_home)
     for name in ("log4j.properties", "hadoop-metrics2.properties"):
         shutil.copy(ROOT / "conf" / "hadoop" / name, CONF_DIR / name)
     shutil.copytree(ROOT / "conf" / "hadoop" / "webapps", CONF_DIR / "webapps")  # the daemons' web servers need it
     core = {**hadoop_conf(ROOT / "conf" / "hadoop", files=("core-site.xml",)), **CORE_SECURITY,
             "fs.defaultFS": f"hdfs://127.0.0.1:{NAMENODE_PORT}"}
     hdfs = {**hadoop_conf(ROOT / "conf" / "hadoop", files=("hdfs-site.xml",)), **HDFS_SECURITY,
-            "dfs.namenode.http-address": f"127.0.0.1:{NAMENODE_HTTP_PORT}", "dfs.replication": "1"}
+            "dfs.namenode.https-address": f"127.0.0.1:{NAMENODE_HTTPS_PORT}", "dfs.replication": "1"}
     yarn = {**hadoop_conf(ROOT / "conf" / "hadoop", files=("yarn-site.xml",)), **YARN_SECURITY,
             **{k: f"127.0.0.1:{port}" for k, port in RESOURCEMANAGER_ADDRESSES.items()}}
     shutil.copy(ROOT / "conf" / "hadoop" / "capacity-scheduler.xml", CONF_DIR / "capacity-scheduler.xml")
-    for name, props in (("core-site.xml", core), ("hdfs-site.xml", hdfs), ("yarn-site.xml", yarn)):
+    for name, props in (("core-site.xml", core), ("hdfs-site.xml", hdfs), ("yarn-site.xml", yarn),
+                        ("ssl-server.xml", tls_server), ("ssl-client.xml", tls_client)):
         body = "".join(f"  <property><name>{k}</name><value>{v}</value></property>\n" for k, v in props.items())
         (CONF_DIR / name).write_text(f'<?xml version="1.0"?>\n<!-- Written by scripts/secure_cluster.py -->\n'
                                      f"<configuration>\n{body}</configuration>\n")
 
 
+def make_keystores(java_home: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Makes the web ports' keystore and truststore with the JDK's keytool; returns ssl-server.xml's and ssl-client.xml's settings.
+
+    One self-signed certificate, for localhost and 127.0.0.1, valid for 30 days: each `up` makes a new one.
+    """
+    TLS_DIR.mkdir()
+    keytool = str(Path(java_home) / "bin" / "keytool")
+    password = secrets.token_hex(16)
+    keystore, truststore = TLS_DIR / "keystore.jks", TLS_DIR / "truststore.jks"
+    for args in (["-genkeypair", "-alias", "localhost", "-keyalg", "RSA", "-keysize", "2048", "-validity", "30",
+                  "-dname", "CN=localhost", "-ext", "SAN=dns:localhost,ip:127.0.0.1",
+                  "-keystore", str(keystore), "-storepass", password, "-keypass", password],
+                 ["-exportcert", "-rfc", "-alias", "localhost", "-keystore", str(keystore), "-storepass", password,
+                  "-file", str(CERTIFICATE)],
+                 ["-importcert", "-noprompt", "-alias", "localhost", "-file", str(CERTIFICATE),
+                  "-keystore", str(truststore), "-storepass", password]):
+        subprocess.run([keytool, *args, "-storetype", "JKS"], check=True, capture_output=True)
+    server = {"ssl.server.keystore.location": str(keystore), "ssl.server.keystore.password": password,
+              "ssl.server.keystore.keypassword": password, "ssl.server.keystore.type": "jks",
+              "ssl.server.truststore.location": str(truststore), "ssl.server.truststore.password": password,
+              "ssl.server.truststore.type": "jks"}
+    client = {"ssl.client.truststore.location": str(truststore), "ssl.client.truststore.password": password,
+              "ssl.client.truststore.type": "jks"}
+    return server, client
+
+
 def hdfs_ready() -> bool:
-    jmx = http_json(f"http://127.0.0.1:{NAMENODE_HTTP_PORT}/jmx?qry=Hadoop:service=NameNode,name=NameNodeInfo")
+    jmx = http_json(f"https://127.0.0.1:{NAMENODE_HTTPS_PORT}/jmx?qry=Hadoop:service=NameNode,name=NameNodeInfo",
+                    cafile=CERTIFICATE)
     if not jmx or not jmx.get("beans"):
         return False
     info = jmx["beans"][0]
@@ -203,7 +239,7 @@ def start_hdfs(env: dict[str, str], procs: list[dict]) -> None:
                    env=env, check=True, capture_output=True)
     keep(procs, launch("secure-namenode", [hadoop, "namenode", *name_opt], daemon_env, "hdfs"))
     opts = [f"dfs.datanode.data.dir=file://{SECURE_DIR / 'data'}", "dfs.datanode.address=127.0.0.1:0",
-            "dfs.datanode.http.address=127.0.0.1:0", "dfs.datanode.ipc.address=127.0.0.1:0",
+            "dfs.datanode.https.address=127.0.0.1:0", "dfs.datanode.ipc.address=127.0.0.1:0",
             "dfs.datanode.hostname=127.0.0.1"]
     keep(procs, launch("secure-datanode", [hadoop, "datanode", *[a for o in opts for a in ("-D", o)]], daemon_env,
                        "hdfs"))
@@ -273,7 +309,7 @@ def up() -> None:
     for tool in ("krb5kdc", "kadmin.local", "kinit"):
         if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
             raise ClusterError(f"{tool} is missing; run 'make setup' (Debian's krb5-kdc, krb5-admin-server, krb5-user)")
-    refuse_taken_ports(KDC_PORT, NAMENODE_PORT, NAMENODE_HTTP_PORT, *RESOURCEMANAGER_ADDRESSES.values())
+    refuse_taken_ports(KDC_PORT, NAMENODE_PORT, NAMENODE_HTTPS_PORT, *RESOURCEMANAGER_ADDRESSES.values())
     shutil.rmtree(SECURE_DIR, ignore_errors=True)
     SECURE_DIR.mkdir(parents=True)
     env = kerberos_env(hadoop_env(CONF_DIR))
@@ -282,7 +318,7 @@ def up() -> None:
     try:
         write_kerberos_conf()
         make_principals(env)
-        write_hadoop_conf()
+        write_hadoop_conf(env["JAVA_HOME"])
         start_kdc(env, started)
         start_hdfs(env, started)
         start_yarn(env, started)

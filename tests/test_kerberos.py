@@ -4,6 +4,7 @@ alice's ticket gets her in, through every client: upload (hdfs-native, libhdfs a
 (local, and on YARN with delegation tokens), read (hdfs-native and libhdfs), torchrun training with
 checkpoints on HDFS. No ticket, an expired ticket, or mallory on alice's private folder: one line naming
 the user and the cause, exit 2, nothing written. A ticket that expires mid-read ends the read with a clear error, or the read is whole.
+Every block moves over SASL with privacy (`dfs.data.transfer.protection`), which both clients speak.
 """
 
 from __future__ import annotations
@@ -205,6 +206,26 @@ def test_mallory_with_a_ticket_is_refused_alices_private_folder_in_one_line(secu
             (name, result.stderr[-3000:])
         assert "Traceback" not in result.stderr and "\tat " not in result.stderr, (name, result.stderr[-3000:])
     assert hdfs_listing(secure, alice, private) == before
+
+
+def test_the_datanode_refuses_a_client_that_does_not_protect_data_transfer(secure, alices):
+    """The secure cluster is protected as production runs it: its DataNode speaks SASL with privacy on every
+    block transfer (alice's reads and writes above went through it, on both clients). A client configured
+    without `dfs.data.transfer.protection`, with a valid ticket and block token, is refused the block."""
+    dataset_json = f"{alices.private}/pack/dataset.json"
+    assert json.loads(secure.hadoop(alices.env, "fs", "-cat", dataset_json).stdout)
+    log = LOG_DIR / "secure-datanode.log"
+    logged = log.stat().st_size
+
+    plain = subprocess.run([str(ROOT / "scripts" / "hadoop"), "fs", "-D", "dfs.data.transfer.protection=",
+                            "-D", "dfs.client.max.block.acquire.failures=0", "-cat", dataset_json],
+                           env=alices.env, capture_output=True, text=True, timeout=120)
+
+    assert plain.returncode != 0 and not plain.stdout, plain.stdout[-2000:]
+    with log.open(errors="replace") as f:
+        f.seek(logged)
+        refusals = [line for line in f if "Failed to read expected SASL data transfer protection handshake" in line]
+    assert refusals, "the DataNode logged no refused SASL handshake"
 
 
 # hdfs_io.read with a pause after its first batch
