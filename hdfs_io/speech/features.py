@@ -67,6 +67,16 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
     return np.maximum(0.0, np.minimum(rising, falling)).astype(np.float32)
 
 
+@lru_cache(maxsize=8)
+def padded_window(win: int, n_fft: int) -> np.ndarray:
+    """Returns the periodic Hann window of `win` samples zero-padded to `n_fft` in the middle, as torch.stft pads it."""
+    left = (n_fft - win) // 2
+    window = np.zeros(n_fft, np.float32)
+    window[left:left + win] = np.hanning(win + 1)[:-1]
+    window.flags.writeable = False  # shared between calls
+    return window
+
+
 def num_frames(samples: int, cfg: FeatureConfig) -> int:
     """Returns how many feature frames a signal of `samples` samples has (a short one is padded to one frame)."""
     return 1 + (max(samples, cfg.n_fft) - cfg.n_fft) // cfg.hop_samples
@@ -83,11 +93,9 @@ def log_features(signal: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     frames = num_frames(len(signal), cfg)
     if len(signal) < n_fft:
         signal = np.pad(signal, (0, n_fft - len(signal)))
-    left = (n_fft - win) // 2
-    window = np.zeros(n_fft, np.float32)
-    window[left:left + win] = np.hanning(win + 1)[:-1]
-    idx = np.arange(n_fft)[None, :] + hop * np.arange(frames)[:, None]
-    power = np.abs(np.fft.rfft(signal[idx] * window, n=n_fft)) ** 2
+    framed = np.lib.stride_tricks.sliding_window_view(signal, n_fft)[::hop][:frames]  # a view: no copy, no index
+    spectrum = np.fft.rfft(framed * padded_window(win, n_fft), n=n_fft)
+    power = spectrum.real ** 2 + spectrum.imag ** 2
     if cfg.kind == "log_mel":
         power = power @ mel_filterbank(cfg.sample_rate, cfg.n_fft, cfg.n_mels).T
     return np.log(power + LOG_FLOOR).astype(np.float32)
