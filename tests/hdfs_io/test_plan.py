@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from hdfs_io.reader.planner import PlanConfig, cut, deal, deal_cycles, plan_epoch, plan_rank, plan_rank_resumed
+from hdfs_io.reader.planner import (PlanConfig, cut, deal, deal_cycles, plan_durations, plan_epoch, plan_rank,
+                                    plan_rank_resumed)
 from hdfs_io.reader.work import worker_positions
 
 corpora = st.lists(st.floats(0.2, 20.0, allow_nan=False), min_size=1, max_size=400)
@@ -287,3 +288,20 @@ def test_every_worker_reads_at_most_15_percent_more_than_it_trains_on_in_sortagr
                 ids = np.concatenate([r.batches[p] for p in worker_positions(len(r.batches), 0, w, workers, r.lanes,
                                                                               r.num_lanes)])
                 assert chunk_seconds[np.unique(chunk_of[ids])].sum() <= 1.15 * d[ids].sum(), (epoch, w)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.floats(0, 3600), st.floats(0, 1e-30), st.sampled_from([0.0, 1.0, 0.1, 3.4e38, 5e-324])),
+                max_size=50))
+def test_planned_durations_are_the_least_float32_not_below_each_duration(values):
+    durations = np.array(values, np.float64)
+    planned = plan_durations(durations)
+    rounded = durations.astype(np.float32)
+    least = np.where(rounded < durations, np.nextafter(rounded, np.float32(np.inf)), rounded)
+    assert planned.dtype == np.float32 and planned.tolist() == least.tolist()
+    assert (planned.astype(np.float64) >= durations).all()
+
+
+def test_negative_durations_are_refused():
+    with pytest.raises(ValueError, match="negative"):
+        plan_durations(np.array([1.0, -0.5]))
