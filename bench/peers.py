@@ -33,8 +33,15 @@ Also shown, not part of a goal: ours reading the feature cache (no decode at all
 
 from __future__ import annotations
 
-import json
 import os
+
+# Every reader, ours and the peers', with numpy's BLAS on one thread from the start, as ours sets it where it reads
+# (hdfs_io.reader.blas_threads): the peers run our featurizer, and OpenBLAS's default of a thread per core in every
+# worker oversubscribes the cores (ours read 3.7x slower with 2 workers before it set one thread itself). Set
+# before numpy is imported, or it is too late.
+os.environ["OMP_NUM_THREADS"] = "1"
+
+import json  # noqa: E402
 import shutil
 import subprocess
 import time
@@ -243,7 +250,6 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([str(SPARK_SUBMIT), "--master", "local[2]", "--conf", "spark.ui.enabled=false",
                         str(ROOT / "spark_jobs" / "cache_features.py"), "--dataset", uri], check=True,
                        capture_output=True, env=local_spark_env())
-    os.environ["OMP_NUM_THREADS"] = "1"
     result = {"utterances": manifest["utterances"], "audio_hours": manifest["hours"], "batch_seconds": BATCH_SECONDS,
               "reading": reading(uri, root, manifest, args.repeats)}
     if args.convert:

@@ -8,7 +8,7 @@ applied in one place, `form_batches`.
 from __future__ import annotations
 
 import zlib
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -18,6 +18,12 @@ from hdfs_io.reader.work import Work
 from hdfs_io.speech.audio import BadAudio, decode, resample, to_mono
 from hdfs_io.speech.augmentation import AugmentConfig, mask_features, perturbed_audio, spec_masks
 from hdfs_io.speech.features import FeatureConfig, log_features, num_frames
+
+
+class Decoded(NamedTuple):
+    """A record's audio, verified against its CRC32 and decoded (hdfs_io.reader.decode_ahead)."""
+    samples: np.ndarray  # (frames, channels) float32
+    rate: int
 
 
 def verified_decode(data: bytes, crc: int, where: str, key: str) -> tuple[np.ndarray, int]:
@@ -61,10 +67,12 @@ def prepare(record: Record, where: str, uid: int | None, *, feature: FeatureConf
     """
     if uid is None and (augment.changes_audio or augment.masks):
         raise ValueError("augmentation draws by utterance id, and this Work has no ids")
-    if isinstance(record.data, tuple):  # from the feature cache (not used when augmentation changes audio)
+    cached = isinstance(record.data, tuple) and not isinstance(record.data, Decoded)
+    if cached:  # from the feature cache (not used when augmentation changes audio)
         feats = verified_features(record.data, feature.num_bins, f"{cache_dir}/ {where}", record.key)
-    else:
-        samples, rate = verified_decode(record.data, record.checksum, where, record.key)
+    else:  # audio bytes, or audio decoded ahead (hdfs_io.reader.decode_ahead)
+        samples, rate = (record.data if isinstance(record.data, Decoded)
+                         else verified_decode(record.data, record.checksum, where, record.key))
         if augment.changes_audio:
             signal = perturbed_audio(augment, seed, epoch, uid, to_mono(samples), rate, feature.sample_rate)
         else:

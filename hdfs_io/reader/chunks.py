@@ -38,7 +38,7 @@ class Record(NamedTuple):
     """One utterance as read from its chunk."""
     key: str
     transcript: str
-    data: bytes | tuple[bytes, int]  # audio bytes, or (float16 features, CRC32) from the feature cache
+    data: bytes | tuple  # audio bytes, (float16 features, CRC32) from the feature cache, or batches.Decoded audio
     checksum: int | None = None  # the CRC32 of the audio bytes as packed (None for the feature cache's)
 
 

@@ -21,6 +21,7 @@ class ReaderConfig:
     retry_seconds: float = 60.0  # how long a failing read is retried, with backoff, before StorageUnavailable
     stall_seconds: float = 120.0  # how long a read may hang (beyond retry_seconds) before StorageUnavailable
     use_feature_cache: bool = True  # read features-<digest>/ instead of decoding, when it matches `feature`
+    decode_ahead: bool = True  # decode the next records on a thread, where a core is spare (reader.decode_ahead)
 
     def __post_init__(self):
         if self.on_error not in ("fail", "skip"):

@@ -56,8 +56,10 @@ from hdfs_io.fs import client_log
 from hdfs_io.fs.filesystem import FilesystemRef, hdfs_backend, worker_start_method
 from hdfs_io.reader.allocator import keep_freed_memory
 from hdfs_io.reader.batches import form_batches, prepare, verified_decode
+from hdfs_io.reader.blas_threads import one_blas_thread
 from hdfs_io.reader.chunks import (RECORD_COLUMNS, ChunkFetcher, CorruptRecord, Record, Shards, StorageUnavailable,
                                    parquet_rows)
+from hdfs_io.reader.decode_ahead import DecodeAhead, a_core_to_spare
 from hdfs_io.reader.planner import (BLOCK_UTTERANCES, PLANNER_VERSION, RankPlan, id_dtype, plan_durations,
                                     plan_rank_resumed)
 from hdfs_io.reader.rank_index import read_rank_index
@@ -456,19 +458,24 @@ def read_work(shards: Shards, config: ReaderConfig, stats, work: Work) -> Iterat
     Each batch also says how many chunks it waited for, how many of those were re-reads, and their stored bytes.
     """
     keep_freed_memory()  # before the fetcher's thread starts: freed chunks stay in this process, not faulted in again
+    one_blas_thread()  # this process, and its decoding thread, are the parallelism: no BLAS threads beside them
     fs, root = FilesystemRef(shards.uri, shards.backend).open()
     fetcher = ChunkFetcher(shards, config, fs, root, work)
     to_input = partial(prepare, feature=config.feature, output=config.output, stats=stats, cache_dir=shards.cache_dir,
                        augment=config.augment, seed=config.plan.seed, epoch=work.epoch)
+    ahead = config.decode_ahead and a_core_to_spare()
+    get = DecodeAhead(fetcher.get, work, shards.where) if ahead else fetcher.get
     reads = rereads = read_bytes = 0
     try:
-        for batch in form_batches(work, fetcher.get, to_input, shards.where, config.on_error, config.output):
+        for batch in form_batches(work, get, to_input, shards.where, config.on_error, config.output):
             batch["chunk_reads"], reads = fetcher.reads - reads, fetcher.reads  # re-reads included
             batch["chunk_bytes"], read_bytes = fetcher.bytes_read - read_bytes, fetcher.bytes_read  # stored bytes
             batch["chunk_rereads"], rereads = fetcher.rereads - rereads, fetcher.rereads  # read again to bound memory
             batch["worker_pid"], batch["formed_at"] = os.getpid(), time.time()  # wall clock: comparable across processes
             yield batch
     finally:
+        if ahead:
+            get.close()
         fetcher.close()
 
 

@@ -12,6 +12,7 @@ import soundfile
 
 from hdfs_io.reader.batches import form_batches, prepare
 from hdfs_io.reader.chunks import CorruptRecord, Record
+from hdfs_io.reader.decode_ahead import DecodeAhead
 from hdfs_io.reader.planner import RankPlan
 from hdfs_io.reader.work import work_for, worker_positions
 from hdfs_io.speech.features import FeatureConfig
@@ -43,18 +44,21 @@ def test_a_worker_takes_every_kth_position_from_the_start_and_only_those_batches
     assert worker_positions(4, 0, 1, 2).tolist() == [1, 3]
 
 
+@pytest.mark.parametrize("ahead", [False, True], ids=["decoded-here", "decoded-ahead"])
 @pytest.mark.parametrize("on_error", ["fail", "skip"])
-def test_a_damaged_or_missing_record_fails_or_is_skipped_and_named(on_error):
+def test_a_damaged_or_missing_record_fails_or_is_skipped_and_named(on_error, ahead):
     audio = [flac(0.5), flac(0.7), flac(0.4)]
     plan = RankPlan([np.array([0, 1]), np.array([2])], [False, False])
     work = work_for(0, plan, worker_positions(2, 0, 0, 1), fields)
     records = {0: Record("a", "x", audio[0], zlib.crc32(audio[0])),
                1: Record("b", "y", audio[1][:-9] + b"\0" * 9, zlib.crc32(audio[1]))}  # 2 is missing
+    where = lambda s, r: f"shard {s} row {r}"  # noqa: E731
+    get = DecodeAhead(records.get, work, where) if ahead else records.get
 
     def to_input(record, where, uid):
         return prepare(record, where, uid, feature=FEATURE, output="waveform", stats=None)
 
-    batches = form_batches(work, records.get, to_input, lambda s, r: f"shard {s} row {r}", on_error, "waveform")
+    batches = form_batches(work, get, to_input, where, on_error, "waveform")
 
     if on_error == "fail":
         with pytest.raises(CorruptRecord, match="shard 0 row 1: checksum mismatch"):

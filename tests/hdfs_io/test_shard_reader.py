@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 import pytest
 import soundfile
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from hdfs_io.augment import main as augment_main
 from hdfs_io.format import dataset_format as F
@@ -138,6 +139,16 @@ def test_a_reader_keeps_what_it_frees_instead_of_faulting_it_in_again_every_chun
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert float(run.stdout) < 50
+
+
+def test_a_reading_process_runs_numpys_blas_on_one_thread(packed):
+    # OpenBLAS ran a thread per core in every worker: 2 workers on 2 cores read 3.8x slower (bench/README.md, peers)
+    _, uris = packed
+    threadpool_limits(limits=2, user_api="blas")  # as OpenBLAS starts on a machine of two cores or more
+
+    next(iter(ShardDataset(uris["local-parquet"], 0, 1)))
+
+    assert [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"] == [1]
 
 
 def test_resume_mid_epoch_yields_exactly_the_remaining_batches(packed):
