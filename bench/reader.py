@@ -4,7 +4,8 @@
 
 One process, one core, side by side on the same packed corpus (local disk, page-cached):
 - reader: ShardDataset iterated in-process (read row groups, verify CRC32, decode,
-  features, pad and collate batches), with its prefetch thread;
+  features, pad and collate batches), with its prefetch thread and without its decoding
+  thread (`decode_ahead`, which adds a second core where one is spare);
 - ceiling: a bare loop over audio bytes already in memory: decode + features only;
 - augmented: the reader with conf/ds2_base.yaml's augmentation (speed, volume, SpecAugment)
   and noise from a packed 60-utterance corpus, in every utterance (noise_probability 1).
@@ -29,7 +30,8 @@ from trainer.config import load_config
 
 
 def run_reader(uri: str, augment: AugmentConfig = AugmentConfig()) -> tuple[float, float]:
-    ds = ShardDataset(uri, 0, 1, ReaderConfig(augment=augment))
+    # per core: no decoding thread beside the reading one (hdfs_io.reader.decode_ahead uses a spare core)
+    ds = ShardDataset(uri, 0, 1, ReaderConfig(augment=augment, decode_ahead=False))
     ds.set_epoch(1)  # speed is drawn from epoch 1 on
     started = time.perf_counter()
     audio = sum(sum(b["durations"]) for b in ds)
