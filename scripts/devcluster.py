@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -197,14 +198,43 @@ def spark_daemon_env(env: dict[str, str]) -> dict[str, str]:
                 PYSPARK_PYTHON=sys.executable, SPARK_LOG_DIR=str(LOG_DIR))
 
 
+MASTER_URL = re.compile(rb"Starting Spark master at (spark://\S+)")
+MASTER_UI_PORT = re.compile(rb"Successfully started service 'MasterUI' on port (\d+)")
+
+
+def master_ports(log: bytes) -> tuple[str, int] | None:
+    """Returns (master URL, web UI port) as a Spark master's log says it bound them, or None until it has."""
+    url, ui = MASTER_URL.search(log), MASTER_UI_PORT.search(log)
+    return (url.group(1).decode(), int(ui.group(1))) if url and ui else None
+
+
+def start_spark_master(env: dict[str, str], name: str = "spark-master") -> tuple[dict, str, int]:
+    """Starts a Spark master; returns it, its URL and its web UI's port once it has bound them.
+
+    The ports asked for are free when chosen, but a daemon starting beside it (a DataNode's or a
+    worker's ephemeral port) may take one first; the master then binds the next port up, so the
+    ports are read from its log, not assumed.
+    """
+    log = LOG_DIR / f"{name}.log"
+    start = log.stat().st_size if log.exists() else 0
+    proc = launch(name, [str(spark_home() / "bin" / "spark-class"), "org.apache.spark.deploy.master.Master",
+                         "--host", "127.0.0.1", "--port", str(free_port()), "--webui-port", str(free_port())],
+                  spark_daemon_env(env), "spark")
+
+    def bound() -> tuple[str, int] | None:
+        with open(log, "rb") as f:
+            f.seek(start)
+            return master_ports(f.read())
+
+    wait_for(f"{name} to bind its ports", lambda: bound() is not None, [proc])
+    return proc, *bound()
+
+
 def start_spark(env: dict[str, str]) -> tuple[list[dict], str, int]:
     spark_class = str(spark_home() / "bin" / "spark-class")
-    port, ui_port = free_port(), free_port()
     spark_env = spark_daemon_env(env)
-    master = f"spark://127.0.0.1:{port}"
-    procs = [launch("spark-master", [spark_class, "org.apache.spark.deploy.master.Master",
-                                     "--host", "127.0.0.1", "--port", str(port),
-                                     "--webui-port", str(ui_port)], spark_env, "spark")]
+    master_proc, master, ui_port = start_spark_master(env)
+    procs = [master_proc]
     for i in range(SPARK_WORKERS):
         work_dir = STATE_DIR / "spark" / f"worker{i}"
         work_dir.mkdir(parents=True, exist_ok=True)
