@@ -391,12 +391,18 @@ class ChunkFetcher:
             StorageUnavailable: nothing arrived in that time; `chunk` names the read waited for.
         """
         patience = self.config.retry_seconds + self.config.stall_seconds
-        try:
-            got, result = arrivals.get(timeout=patience)
-        except queue.Empty:
-            raise StorageUnavailable(f"{self._where(chunk)}: no data from {self.shards.uri} for "
-                                     f"{patience:g} s; a read is hanging (is the NameNode or a DataNode "
-                                     "stopped?)") from None
+        deadline = time.monotonic() + patience
+        while True:  # in short waits, so that a closed fetcher does not keep a waiting thread (decode_ahead's)
+            try:
+                got, result = arrivals.get(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
+                break
+            except queue.Empty:
+                if self.stop.is_set():
+                    raise StorageUnavailable(f"{self._where(chunk)}: the reader was closed") from None
+                if time.monotonic() >= deadline:
+                    raise StorageUnavailable(f"{self._where(chunk)}: no data from {self.shards.uri} for "
+                                             f"{patience:g} s; a read is hanging (is the NameNode or a DataNode "
+                                             "stopped?)") from None
         self.ready[got] = result
         self.reads += 1
 

@@ -19,21 +19,27 @@ from typing import Callable
 import torch.utils.data
 
 from hdfs_io.reader.batches import Decoded, verified_decode
-from hdfs_io.reader.chunks import Record
+from hdfs_io.reader.chunks import CorruptRecord, Record
 from hdfs_io.reader.work import Work
 
 AHEAD = 2  # records decoded and waiting: enough to cover one record's jitter, each at most a few MB
 
 
 def a_core_to_spare() -> bool:
-    """Returns whether this node has a core for each reading process's decoding thread, beside the process itself.
+    """Returns whether this node has a core for each reading process's decoding thread, beside the processes.
 
-    The reading processes of a node: this loader's DataLoader workers (or this process, reading
-    in-process), times the ranks on the node (torchrun's LOCAL_WORLD_SIZE).
+    The processes of a node: each rank's trainer (torchrun's LOCAL_WORLD_SIZE), which reads
+    in-process or has DataLoader workers that read (this loader's count is taken for every rank).
+    An unreadable LOCAL_WORLD_SIZE counts as one rank.
     """
     worker = torch.utils.data.get_worker_info()
-    readers = (worker.num_workers if worker is not None else 1) * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return 2 * readers <= len(os.sched_getaffinity(0))
+    try:
+        ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        ranks = 1
+    if worker is None:
+        return 2 * ranks <= len(os.sched_getaffinity(0))  # each trainer reads, and its thread decodes
+    return ranks + 2 * ranks * worker.num_workers <= len(os.sched_getaffinity(0))
 
 
 class DecodeAhead:
@@ -55,6 +61,8 @@ class DecodeAhead:
     def _run(self) -> None:
         for i in range(len(self.work)):
             for item in self.work.items(i):
+                if self.stop.is_set():
+                    return
                 try:
                     done = (item, self._decoded(item), None)
                 except BaseException as e:  # raised where the item is asked for, in the reading thread
@@ -67,6 +75,8 @@ class DecodeAhead:
                         break
                     except queue.Full:
                         continue
+                if done[2] is not None and not isinstance(done[2], CorruptRecord):
+                    return  # an outage or a bug ends the Work where it is raised: nothing after it is read
 
     def _decoded(self, item: int) -> Record | None:
         record = self.get(item)
@@ -81,7 +91,13 @@ class DecodeAhead:
         Raises:
             CorruptRecord, StorageUnavailable, ...: what reading or decoding this item raised.
         """
-        done, record, error = self.results.get()
+        while True:
+            try:
+                done, record, error = self.results.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self.thread.is_alive():  # it stopped early: closed, or past an error already raised
+                    raise RuntimeError(f"item {item} asked for after decoding ahead had ended") from None
         if done != item:
             raise RuntimeError(f"item {item} asked for, item {done} decoded: items are read in order")
         if error is not None:
@@ -89,5 +105,8 @@ class DecodeAhead:
         return record
 
     def close(self) -> None:
-        """Stops decoding ahead; a decode under way finishes on the daemon thread and is dropped."""
+        """Stops decoding ahead; a decode under way finishes on the daemon thread and is dropped.
+
+        A read the thread waits for ends when the fetcher is closed (ChunkFetcher._take).
+        """
         self.stop.set()

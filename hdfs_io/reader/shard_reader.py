@@ -455,15 +455,17 @@ def worker_context() -> multiprocessing.context.BaseContext:
 def read_work(shards: Shards, config: ReaderConfig, stats, work: Work) -> Iterator[dict]:
     """Yields a Work's batches: its chunks read (hdfs_io.reader.chunks), then formed (hdfs_io.reader.batches).
 
-    Each batch also says how many chunks it waited for, how many of those were re-reads, and their stored bytes.
+    Each batch also says how many chunks were read while it was formed, how many of those were re-reads, and
+    their stored bytes. Decoding ahead reads up to 3 records early, so a chunk may count for the batch before the
+    one that needs it; the totals of a Work are exact.
     """
     keep_freed_memory()  # before the fetcher's thread starts: freed chunks stay in this process, not faulted in again
     one_blas_thread()  # this process, and its decoding thread, are the parallelism: no BLAS threads beside them
+    ahead = config.decode_ahead and a_core_to_spare()
     fs, root = FilesystemRef(shards.uri, shards.backend).open()
     fetcher = ChunkFetcher(shards, config, fs, root, work)
     to_input = partial(prepare, feature=config.feature, output=config.output, stats=stats, cache_dir=shards.cache_dir,
                        augment=config.augment, seed=config.plan.seed, epoch=work.epoch)
-    ahead = config.decode_ahead and a_core_to_spare()
     get = DecodeAhead(fetcher.get, work, shards.where) if ahead else fetcher.get
     reads = rereads = read_bytes = 0
     try:

@@ -186,6 +186,29 @@ def test_a_chunk_read_that_stalls_fails_within_retry_and_stall_seconds_instead_o
         assert fetcher.rereads == 1
 
 
+def test_a_thread_waiting_for_a_stalled_chunk_is_let_go_when_the_fetcher_closes(tmp_path):
+    # decode_ahead's thread waits in get(); closing the Work early used to leave it waiting, the chunks it held with
+    # it, for all of retry_seconds + stall_seconds (180 s by default)
+    storage = FaultyLocal()
+    storage.stall(30.0)
+    fetcher = ChunkFetcher(parquet_dataset(tmp_path), ReaderConfig(), pafs.PyFileSystem(storage), str(tmp_path),
+                           work_of([0, 1]))
+    outcome = []
+    waiting = threading.Thread(target=lambda: outcome.append(pytest.raises(StorageUnavailable, fetcher.get, 0)))
+    waiting.start()
+    time.sleep(0.5)
+
+    started = time.monotonic()
+    fetcher.stop.set()  # as close() begins; close() itself waits for the stalled read's thread
+    waiting.join(timeout=5)
+    let_go = time.monotonic() - started
+    storage.resume()
+    fetcher.close()
+
+    assert not waiting.is_alive() and let_go < 2.0
+    assert "the reader was closed" in str(outcome[0].value)
+
+
 def test_chunks_read_again_to_bound_memory_serve_the_same_records(tmp_path):
     shards = parquet_dataset(tmp_path)
     config = ReaderConfig(prefetch_chunks=1, max_held_chunks=1)

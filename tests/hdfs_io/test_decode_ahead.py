@@ -6,9 +6,11 @@ import os
 import threading
 import time
 import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch.utils.data
 
 from hdfs_io.format.dataset_format import StorageUnavailable
 from hdfs_io.reader.batches import Decoded
@@ -85,9 +87,44 @@ def test_items_asked_for_out_of_order_are_a_bug_said_as_such():
     ahead.close()
 
 
-@pytest.mark.parametrize("cores, ranks, spare", [(2, 1, True), (2, 2, False), (96, 8, True), (8, 8, False)])
-def test_a_thread_decodes_ahead_only_where_each_reading_process_has_a_core_to_spare(monkeypatch, cores, ranks, spare):
+@pytest.mark.parametrize("cores, ranks, workers, spare", [
+    (2, 1, None, True), (2, 2, None, False), (96, 8, None, True),  # each rank reads in-process: one reader a rank
+    (2, 1, 1, False), (16, 1, 4, True), (8, 1, 4, False), (64, 8, 4, False), (96, 8, 4, True)])
+def test_a_thread_decodes_ahead_only_where_each_reading_process_has_a_core_to_spare(monkeypatch, cores, ranks,
+                                                                                     workers, spare):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))  # each rank reads in-process here: one reader a rank
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+    info = None if workers is None else SimpleNamespace(num_workers=workers)
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: info)
 
     assert a_core_to_spare() is spare
+
+
+def test_closing_ends_the_thread_while_it_waits_for_a_chunk_and_after_an_outage_it_reads_nothing_more():
+    asked, release = [], threading.Event()
+
+    def get(item):
+        asked.append(item)
+        if item == 1:
+            raise StorageUnavailable("shard 0: connection refused")
+        return None
+
+    ahead = DecodeAhead(get, a_work(9), where)
+    assert ahead(0) is None
+    with pytest.raises(StorageUnavailable):
+        ahead(1)
+    ahead.thread.join(timeout=5)
+
+    assert not ahead.thread.is_alive() and asked == [0, 1]
+    with pytest.raises(RuntimeError, match="after decoding ahead had ended"):
+        ahead(2)
+
+    def waits(item):
+        release.wait(30)  # a chunk that does not come
+        return None
+
+    stuck = DecodeAhead(waits, a_work(3), where)
+    stuck.close()
+    release.set()
+    stuck.thread.join(timeout=5)
+    assert not stuck.thread.is_alive()
