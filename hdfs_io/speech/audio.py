@@ -80,7 +80,9 @@ def decode(data: bytes, max_seconds: float | None = None) -> tuple[np.ndarray, i
 
 def to_mono(samples: np.ndarray) -> np.ndarray:
     """Returns the channel mean of (frames, channels) samples as a 1-D array."""
-    return samples.mean(axis=1) if samples.ndim == 2 else samples
+    if samples.ndim == 1:
+        return samples
+    return samples[:, 0] if samples.shape[1] == 1 else samples.mean(axis=1)  # one channel: a view, no pass
 
 
 def resample(signal: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
