@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from hdfs_io import prog
-from hdfs_io.speech.audio import to_mono
-from hdfs_io.speech.augmentation import mask_features, perturbed_audio, spec_masks, speed_factors
+from hdfs_io.speech.audio import resample, to_mono
+from hdfs_io.speech.augmentation import mask_features, perturbed_audio, spec_masks
+from hdfs_io.speech.speed import features_at, perturbed_length
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +63,6 @@ def write_perturbed(uri: str, key: str, epoch: int, cfg, out) -> str:
     from hdfs_io.reader.planner import PlanConfig
     from hdfs_io.reader.reader_config import ReaderConfig
     from hdfs_io.reader.shard_reader import ShardDataset
-    from hdfs_io.speech.features import log_features
 
     probe_uri(uri)
     aug, rate, seed = cfg.augment, cfg.features.sample_rate, cfg.train.seed
@@ -71,15 +71,16 @@ def write_perturbed(uri: str, key: str, epoch: int, cfg, out) -> str:
         got = reader.get(key)
     except KeyError:
         raise F.DatasetError(f"{uri} has no utterance {key!r}") from None
-    signal = perturbed_audio(aug, seed, epoch, got["id"], to_mono(got["samples"]), got["sample_rate"], rate)
+    signal, speed = perturbed_audio(aug, seed, epoch, got["id"], to_mono(got["samples"]), got["sample_rate"], rate)
     mean, std, _ = reader.normalization()
-    feats = (log_features(signal, cfg.features) - mean) / std
+    feats = (features_at(signal, cfg.features, speed) - mean) / std
     masks = spec_masks(aug, seed, epoch, got["id"], len(feats), feats.shape[1])
     feats = mask_features(torch.from_numpy(feats[None]), torch.from_numpy(masks[None]))[0].numpy()
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{key.replace('/', '_')}.e{epoch}"
+    # training plays the speed in its features (hdfs_io.speech.speed); to listen, soxr plays it
+    signal = resample(signal, rate * speed, rate)[:perturbed_length(len(signal), speed)]
     soundfile.write(f"{stem}.wav", np.clip(signal, -1, 1), rate, subtype="PCM_16")
-    speed = float(speed_factors(aug, seed, epoch, [got["id"]])[0])
     write_image(f"{stem}.png", feats, f"{key}, epoch {epoch}: speed {speed:g}, {len(masks)} mask(s)")
     return (f"{key} in epoch {epoch} (augmentation: {aug.describe()}): speed {speed:g}, {len(signal) / rate:.2f} s, "
             f"{len(masks)} mask(s); wrote {stem}.wav and {stem}.png")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from hdfs_io.speech.augmentation import mask_features
-from hdfs_io.speech.features import FeatureConfig, mel_filterbank
+from hdfs_io.speech.features import LOG_FLOOR, FeatureConfig, mel_filterbank
+from hdfs_io.speech.speed import frame_starts, hann, speed_projection, stretch
 
 
 @dataclass(frozen=True)
@@ -37,12 +39,19 @@ class LogMel(nn.Module):
         self.register_buffer("std", torch.tensor([1.0] * bins if std is None else list(std),
                                                  dtype=torch.float32).clamp_min(1e-5))
 
-    def frames(self, samples: torch.Tensor) -> torch.Tensor:
-        """Returns the frame count for signal lengths, as hdfs_io.speech.features.log_features counts them."""
+    def frames(self, samples: torch.Tensor, speeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Returns the frame count for signal lengths played at `speeds`, as hdfs_io.speech.speed counts them."""
         n_fft, hop = self.cfg.n_fft, self.cfg.hop_samples
+        if speeds is not None:  # perturbed_length: int(samples / speed), in float64 as in Python
+            samples = torch.floor(samples.to(torch.float64) / speeds.to(samples.device, torch.float64)).long()
         return 1 + (samples.clamp_min(n_fft) - n_fft) // hop
 
-    def forward(self, wave: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, wave: torch.Tensor, lengths: torch.Tensor,
+                speeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns normalized features (B, T, F) and frame counts (B,) of waveforms played at `speeds` (B,)
+        (none: all at 1)."""
+        if speeds is not None:
+            return self.played(wave, lengths, speeds)
         cfg = self.cfg
         if wave.shape[1] < cfg.n_fft:
             wave = nn.functional.pad(wave, (0, cfg.n_fft - wave.shape[1]))
@@ -51,8 +60,40 @@ class LogMel(nn.Module):
         power = spec.abs().pow(2).transpose(1, 2)  # (B, T, n_fft/2+1)
         if cfg.kind == "log_mel":
             power = power @ self.mel.T
-        feats = (torch.log(power + 1e-6) - self.mean) / self.std
+        feats = (torch.log(power + LOG_FLOOR) - self.mean) / self.std
         return feats, self.frames(lengths)
+
+    def played(self, wave: torch.Tensor, lengths: torch.Tensor,
+               speeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The features of each waveform played at its speed, from stretched frames (hdfs_io.speech.speed):
+        the waveforms of one speed at a time."""
+        frames = self.frames(lengths, speeds)
+        longest = int(frames.max()) if len(frames) else 0
+        silence = (math.log(LOG_FLOOR) - self.mean) / self.std  # what padding becomes in `forward`
+        feats = silence.expand(len(wave), longest, len(silence)).clone()
+        for speed in torch.unique(speeds).tolist():
+            rows = torch.nonzero(speeds.to(wave.device) == speed).squeeze(1)
+            power = stretched_power(wave[rows], self.cfg, speed, longest)
+            feats[rows] = (torch.log(power + LOG_FLOOR) - self.mean) / self.std
+        return feats, frames
+
+
+def stretched_power(wave: torch.Tensor, cfg: FeatureConfig, speed: float, frames: int) -> torch.Tensor:
+    """Returns (B, frames, bins): the power features of waveforms (B, S) played `speed` times as fast, as
+    hdfs_io.speech.speed.features_at computes them before its log."""
+    st = stretch(cfg, speed)
+    starts = frame_starts(st, frames)
+    end = int(starts[-1]) + st.window
+    if wave.shape[1] < end:
+        wave = nn.functional.pad(wave, (0, end - wave.shape[1]))
+    if float(st.step).is_integer():
+        framed = wave[:, int(starts[0]):].unfold(1, st.window, int(st.step))[:, :frames]
+    else:
+        framed = wave[:, torch.from_numpy(starts[:, None] + np.arange(st.window)).to(wave.device)]
+    window = torch.tensor(hann(st.window), device=wave.device)
+    spectrum = torch.fft.rfft(framed * window, n=st.n_dft)
+    projection = torch.tensor(speed_projection(cfg, speed), device=wave.device)
+    return (spectrum.real ** 2 + spectrum.imag ** 2) @ projection.T
 
 
 class ConvFrontEnd(nn.Module):
@@ -115,14 +156,15 @@ class DeepSpeech2(nn.Module):
         self.rnns = nn.ModuleList(BatchNormRNN(i, cfg.rnn_hidden, cfg.rnn_type) for i in sizes[:-1])
         self.head = nn.Sequential(nn.BatchNorm1d(cfg.rnn_hidden), nn.Linear(cfg.rnn_hidden, len(vocabulary) + 1))
 
-    def forward(self, wave: torch.Tensor, lengths: torch.Tensor,
-                spec_masks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, wave: torch.Tensor, lengths: torch.Tensor, spec_masks: torch.Tensor | None = None,
+                speeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns log-probabilities (T, B, symbols) for CTC and the output lengths (B,).
 
         `spec_masks` (B, M, 3), from the reader's batch, are SpecAugment's masks of each
         utterance (hdfs_io.speech.augmentation.spec_masks), applied to the features in training mode only.
+        `speeds` (B,), from the reader's batch too, are the speeds each waveform is played at (none: 1).
         """
-        feats, frames = self.features(wave, lengths)
+        feats, frames = self.features(wave, lengths, speeds)
         if spec_masks is not None and self.training:
             feats = mask_features(feats, spec_masks)
         x, out_lengths = self.conv(feats, frames)

@@ -460,7 +460,8 @@ def run(argv: list[str] | None) -> int:
             else:
                 wave, lengths = batch["waveform"].to(device), batch["lengths"].to(device)
             with autocast:
-                log_probs, out_lengths = ddp(wave, lengths, None if empty else batch.get("spec_masks"))
+                log_probs, out_lengths = ddp(wave, lengths, None if empty else batch.get("spec_masks"),
+                                             None if empty else batch.get("speeds"))
             if empty:
                 model.train()
                 loss = log_probs.float().sum() * 0.0

@@ -16,8 +16,9 @@ import torch
 from hdfs_io.reader.chunks import CorruptRecord, Record
 from hdfs_io.reader.work import Work
 from hdfs_io.speech.audio import BadAudio, decode, resample, to_mono
-from hdfs_io.speech.augmentation import AugmentConfig, mask_features, perturbed_audio, spec_masks
-from hdfs_io.speech.features import FeatureConfig, log_features, num_frames
+from hdfs_io.speech.augmentation import AugmentConfig, perturbed_audio, spec_masks, zero_masks
+from hdfs_io.speech.features import FeatureConfig, num_frames
+from hdfs_io.speech.speed import features_at, perturbed_length
 
 
 class Decoded(NamedTuple):
@@ -54,12 +55,16 @@ def verified_features(data: tuple[bytes, int], bins: int, where: str, key: str) 
 
 def prepare(record: Record, where: str, uid: int | None, *, feature: FeatureConfig, output: str,
             stats: tuple[np.ndarray, np.ndarray] | None, cache_dir: str | None = None,
-            augment: AugmentConfig = AugmentConfig(), seed: int = 0, epoch: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Returns one record's model input and its SpecAugment masks (speech.augmentation.spec_masks; none when off).
+            augment: AugmentConfig = AugmentConfig(), seed: int = 0, epoch: int = 0
+            ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Returns one record's model input, its SpecAugment masks (speech.augmentation.spec_masks; none when off)
+    and the speed the input is still to be played at.
 
-    The input is normalized features (frames, bins), or the waveform at the model's rate, as
-    augmentation perturbs utterance `uid` in `epoch`. `stats` is the per-bin (mean, std) features
-    are normalized with (None for waveforms).
+    The input is normalized features (frames, bins), at their drawn speed and with their masks set to 0
+    (speech.augmentation.zero_masks), or the waveform at the model's
+    rate, which the trainer's features play at the speed returned (hdfs_io.speech.speed), as augmentation
+    perturbs utterance `uid` in `epoch`. `stats` is the per-bin (mean, std) features are normalized with
+    (None for waveforms).
 
     Raises:
         CorruptRecord: the record fails its checksum or does not decode.
@@ -74,42 +79,45 @@ def prepare(record: Record, where: str, uid: int | None, *, feature: FeatureConf
         samples, rate = (record.data if isinstance(record.data, Decoded)
                          else verified_decode(record.data, record.checksum, where, record.key))
         if augment.changes_audio:
-            signal = perturbed_audio(augment, seed, epoch, uid, to_mono(samples), rate, feature.sample_rate)
+            signal, speed = perturbed_audio(augment, seed, epoch, uid, to_mono(samples), rate, feature.sample_rate)
         else:
-            signal = resample(to_mono(samples), rate, feature.sample_rate)
+            signal, speed = resample(to_mono(samples), rate, feature.sample_rate), 1.0
         if output == "waveform":
-            return signal, spec_masks(augment, seed, epoch, uid, num_frames(len(signal), feature), feature.num_bins)
-        feats = log_features(signal, feature)
+            frames = num_frames(perturbed_length(len(signal), speed), feature)
+            return signal, spec_masks(augment, seed, epoch, uid, frames, feature.num_bins), speed
+        feats = features_at(signal, feature, speed)
     mean, std = stats
-    return (feats - mean) / std, spec_masks(augment, seed, epoch, uid, len(feats), feature.num_bins)
+    masks = spec_masks(augment, seed, epoch, uid, len(feats), feature.num_bins)
+    return zero_masks((feats - mean) / std, masks), masks, 1.0
 
 
-def collate(position: int, epoch: int, items: list[tuple[str, str, float, np.ndarray, np.ndarray]], repeated: bool,
-            skipped: list[str], output: str) -> dict:
+def collate(position: int, epoch: int, items: list[tuple[str, str, float, np.ndarray, np.ndarray, float]],
+            repeated: bool, skipped: list[str], output: str) -> dict:
     """Returns a padded batch: features (B, T, F) or waveforms (B, S), with lengths and transcripts.
 
-    Items are (key, transcript, duration, input, SpecAugment masks). Features leave with their
-    masks applied; waveforms take theirs along ("spec_masks", (B, M, 3)), for the features the
-    trainer computes on its device.
+    Items are (key, transcript, duration, input, SpecAugment masks, speed). Features come with their
+    masks applied (`prepare`); waveforms take theirs along ("spec_masks", (B, M, 3)), for the features the
+    trainer computes on its device, and their speeds ("speeds", (B,) float64) where one is not 1.
     """
-    lengths = [len(x) for _, _, _, x, _ in items]
+    lengths = [len(x) for _, _, _, x, _, _ in items]
     longest = max(lengths, default=0)
     if output == "features":
         bins = items[0][3].shape[1] if items else 0
         padded = np.zeros((len(items), longest, bins), np.float32)
     else:
         padded = np.zeros((len(items), longest), np.float32)
-    for i, (_, _, _, x, _) in enumerate(items):
+    for i, (_, _, _, x, _, _) in enumerate(items):
         padded[i, :len(x)] = x
-    masks = torch.from_numpy(np.stack([m for *_, m in items]) if items else np.zeros((0, 0, 3), np.int64))
+    masks = torch.from_numpy(np.stack([item[4] for item in items]) if items else np.zeros((0, 0, 3), np.int64))
     batch = {"position": position, "epoch": epoch, "keys": [k for k, *_ in items],
-             "transcripts": [t for _, t, *_ in items], "durations": [d for _, _, d, _, _ in items],
+             "transcripts": [t for _, t, *_ in items], "durations": [item[2] for item in items],
              output: torch.from_numpy(padded), "lengths": torch.tensor(lengths, dtype=torch.int64),
              "repeated": repeated, "skipped": skipped}
-    if output == "features":
-        batch[output] = mask_features(batch[output], masks)
-    elif masks.shape[1]:
+    if output == "waveform" and masks.shape[1]:
         batch["spec_masks"] = masks
+    speeds = [item[5] for item in items]
+    if any(s != 1.0 for s in speeds):
+        batch["speeds"] = torch.tensor(speeds, dtype=torch.float64)
     return batch
 
 
@@ -118,7 +126,7 @@ def form_batches(work: Work, get: Callable[[int], Record | None], to_input: Call
     """Yields the Work's batches in order, applying the error policy to each record.
 
     `get(item)` returns the item's record (None if its chunk lacks it); `to_input(record, where, uid)`
-    returns its model input and masks (see `prepare`); `where(shard, row)` names it in errors.
+    returns its model input, masks and speed (see `prepare`); `where(shard, row)` names it in errors.
     """
     for i in range(len(work)):
         items, skipped = [], []

@@ -53,17 +53,21 @@ class FeatureConfig:
 @lru_cache(maxsize=8)
 def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
     """Returns triangular HTK-mel filters, shaped (n_mels, n_fft // 2 + 1)."""
+    return mel_weights(np.linspace(0, sample_rate / 2, n_fft // 2 + 1), sample_rate, n_mels)
+
+
+def mel_weights(hz: np.ndarray, sample_rate: int, n_mels: int) -> np.ndarray:
+    """Returns triangular HTK-mel filters up to sample_rate / 2, weighing frequencies `hz`: (n_mels, len(hz))."""
     def hz_to_mel(hz):
         return 2595.0 * np.log10(1.0 + np.asarray(hz) / 700.0)
 
     def mel_to_hz(mel):
         return 700.0 * (10.0 ** (np.asarray(mel) / 2595.0) - 1.0)
 
-    fft_hz = np.linspace(0, sample_rate / 2, n_fft // 2 + 1)
     edges = mel_to_hz(np.linspace(hz_to_mel(0.0), hz_to_mel(sample_rate / 2), n_mels + 2))
     lower, centre, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]
-    rising = (fft_hz[None, :] - lower) / (centre - lower)
-    falling = (upper - fft_hz[None, :]) / (upper - centre)
+    rising = (hz[None, :] - lower) / (centre - lower)
+    falling = (upper - hz[None, :]) / (upper - centre)
     return np.maximum(0.0, np.minimum(rising, falling)).astype(np.float32)
 
 

@@ -11,8 +11,10 @@ import torch
 
 from hdfs_io.reader.planner import PlanConfig, plan_epoch
 from hdfs_io.reader.shard_reader import planned_durations
+from hdfs_io.speech.features import FeatureConfig, num_frames
+from hdfs_io.speech.speed import features_at, perturbed_length
 from hdfs_io.speech.augmentation import (AugmentConfig, NoiseBank, add_noise, mask_features, noise_for, perturbed_audio,
-                                         spec_masks, speed_factors, uniforms)
+                                         spec_masks, speed_factors, uniforms, zero_masks)
 
 AUG = AugmentConfig(speeds=(0.9, 1.0, 1.1), gain_db=6.0, frequency_masks=2, frequency_mask_bins=10, time_masks=2,
                     time_mask_fraction=0.1)
@@ -25,8 +27,8 @@ def tone(hz: float, seconds: float, rate: int) -> np.ndarray:
 def perturbation(args) -> tuple[bytes, bytes]:
     """What a process computes for (seed, epoch, id): top level, so that a spawned process can run it."""
     seed, epoch, uid = args
-    audio = perturbed_audio(AUG, seed, epoch, uid, tone(300, 0.7, 22050), 22050, 16000)
-    return audio.tobytes(), spec_masks(AUG, seed, epoch, uid, 70, 80).tobytes()
+    audio, speed = perturbed_audio(AUG, seed, epoch, uid, tone(300, 0.7, 22050), 22050, 16000)
+    return audio.tobytes() + np.float64(speed).tobytes(), spec_masks(AUG, seed, epoch, uid, 70, 80).tobytes()
 
 
 def test_the_same_seed_epoch_and_id_perturb_the_same_in_a_spawned_process():
@@ -52,6 +54,16 @@ def test_each_epoch_draws_again_and_every_factor_is_drawn_about_equally():
     assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
 
 
+def test_one_utterances_draws_are_those_drawn_for_many():
+    ids = np.array([0, 1, 7, 2**40, 2**63 - 1], np.uint64)
+    for seed, epoch in [(0, 0), (3, 1), (2**31, 17)]:
+        many = uniforms(seed, epoch, ids[:, None], np.arange(9))
+
+        for i, uid in enumerate(ids.tolist()):
+            assert np.array_equal(uniforms(seed, epoch, uid, np.arange(9)), many[i])
+            assert np.array_equal(uniforms(seed, epoch, uid, 4), many[i, 4:5])
+
+
 def Counter_of(values: np.ndarray) -> dict:
     found, counts = np.unique(values, return_counts=True)
     return dict(zip(found.round(3).tolist(), counts.tolist()))
@@ -59,13 +71,15 @@ def Counter_of(values: np.ndarray) -> dict:
 
 @pytest.mark.parametrize("speed", [0.9, 1.1])
 def test_speed_perturbation_scales_length_and_pitch_like_sox_speed(speed):
-    aug = AugmentConfig(speeds=(speed,))
+    aug, cfg = AugmentConfig(speeds=(speed,)), FeatureConfig(kind="log_spectrogram")
 
-    out = perturbed_audio(aug, 0, 1, 0, tone(440, 1.0, 16000), 16000, 16000)
+    out, played = perturbed_audio(aug, 0, 1, 0, tone(440, 1.0, 16000), 16000, 16000)
+    feats = features_at(out, cfg, played)  # as the reader and the trainer's device compute them
 
-    assert abs(len(out) - 16000 / speed) <= 1
-    peak_hz = np.argmax(np.abs(np.fft.rfft(out))) * 16000 / len(out)
-    assert abs(peak_hz - 440 * speed) < 2
+    assert played == speed and len(out) == 16000
+    assert len(feats) == num_frames(int(16000 / speed), cfg)
+    peak_hz = np.argmax(feats[len(feats) // 2]) * 16000 / cfg.n_fft
+    assert abs(peak_hz - 440 * speed) <= 16000 / cfg.n_fft / 2
 
 
 def test_the_planner_counts_every_perturbed_length_within_its_budget():
@@ -78,7 +92,7 @@ def test_the_planner_counts_every_perturbed_length_within_its_budget():
 
     planned = planned_durations(AUG, 0, 1, durations)
     plan = plan_epoch(planned, np.zeros(n, np.int32), np.arange(n, dtype=np.int32), 2, 1, cfg)
-    produced = np.array([len(perturbed_audio(AUG, 0, 1, u, np.zeros(m, np.float32), r, 16000)) / 16000
+    produced = np.array([played_seconds(*perturbed_audio(AUG, 0, 1, u, np.zeros(m, np.float32), r, 16000))
                          for u, (m, r) in enumerate(zip(lengths, rate_of))])
 
     assert (produced <= planned).all(), "the reader made an utterance longer than planned"
@@ -87,13 +101,18 @@ def test_the_planner_counts_every_perturbed_length_within_its_budget():
             assert len(batch) * produced[batch].max() <= cfg.batch_seconds
 
 
-def test_noise_is_added_at_the_drawn_snr():
+def played_seconds(signal: np.ndarray, speed: float) -> float:
+    return perturbed_length(len(signal), speed) / 16000
+
+
+@pytest.mark.parametrize("gain", [1.0, 0.5])
+def test_noise_is_added_at_the_drawn_snr(gain):
     signal, noise = tone(300, 1.0, 16000), np.random.default_rng(1).standard_normal(16000).astype(np.float32)
 
-    mixed = add_noise(signal, noise, 12.0)
+    mixed = add_noise(signal, noise, 12.0, gain)
 
-    added = mixed - signal
-    assert 10 * np.log10(np.mean(signal.astype(np.float64) ** 2) / np.mean(added.astype(np.float64) ** 2)) \
+    added = mixed - gain * signal
+    assert 10 * np.log10(np.mean((gain * signal).astype(np.float64) ** 2) / np.mean(added.astype(np.float64) ** 2)) \
         == pytest.approx(12.0, abs=0.01)
 
 
@@ -111,6 +130,7 @@ def test_spec_masks_lie_inside_the_features_and_zero_exactly_their_bands():
     feats = torch.ones(50, 120, 80)  # 20 padding frames past the utterances
 
     masked = mask_features(feats, torch.from_numpy(masks))
+    one_by_one = [zero_masks(np.ones((100, 80), np.float32), m) for m in masks]  # as the reader masks its features
 
     assert masks.shape == (50, 4, 3)
     freq, time = masks[:, :2], masks[:, 2:]
@@ -123,7 +143,7 @@ def test_spec_masks_lie_inside_the_features_and_zero_exactly_their_bands():
                 expect[:, first:first + width] = 0
             else:
                 expect[first:first + width] = 0
-        assert torch.equal(masked[b], expect)
+        assert torch.equal(masked[b], expect) and np.array_equal(one_by_one[b], expect[:100].numpy())
 
 
 def test_a_bad_augment_config_is_refused_and_a_good_one_described():

@@ -75,9 +75,9 @@ def test_features_are_normalized_with_the_given_statistics():
     record = Record("a", "x", audio, zlib.crc32(audio))
     mean, std = np.full(FEATURE.num_bins, 2.0, np.float32), np.full(FEATURE.num_bins, 4.0, np.float32)
 
-    raw, _ = prepare(record, "here", 0, feature=FEATURE, output="features",
-                     stats=(np.zeros_like(mean), np.ones_like(std)))
-    normalized, masks = prepare(record, "here", 0, feature=FEATURE, output="features", stats=(mean, std))
+    raw, _, _ = prepare(record, "here", 0, feature=FEATURE, output="features",
+                        stats=(np.zeros_like(mean), np.ones_like(std)))
+    normalized, masks, speed = prepare(record, "here", 0, feature=FEATURE, output="features", stats=(mean, std))
 
     assert raw.shape[1] == FEATURE.num_bins and np.allclose(normalized, (raw - 2.0) / 4.0)
-    assert masks.shape == (0, 3)  # augmentation is off unless configured
+    assert masks.shape == (0, 3) and speed == 1.0  # augmentation is off unless configured

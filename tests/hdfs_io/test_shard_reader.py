@@ -31,6 +31,7 @@ from hdfs_io.reader.shard_reader import CorruptRecord, ReaderConfig, ShardDatase
 from hdfs_io.speech import augmentation
 from hdfs_io.speech.augmentation import AugmentConfig
 from hdfs_io.speech.features import FeatureConfig
+from hdfs_io.speech.speed import perturbed_length
 from scripts.synth_corpus import linked_corpus, tones
 from tests.corpora import good_librispeech
 
@@ -630,16 +631,18 @@ def test_by_default_neither_a_reader_nor_its_workers_start_a_jvm(packed):
     assert len(processes) == 3 and set(processes.values()) == {"False"}, run.stdout
 
 
-def augmented_batches(batches: list[dict]) -> dict[str, tuple[bytes, bytes, float]]:
-    """Returns, per key, the waveform as read (unpadded), its SpecAugment masks and its planned duration."""
+def augmented_batches(batches: list[dict]) -> dict[str, tuple[bytes, bytes, float, float]]:
+    """Returns, per key, the waveform as read (unpadded), its SpecAugment masks, its planned duration and the speed
+    it is to be played at."""
     out = {}
     for batch in batches:
         if batch["repeated"]:
             continue
         for i, key in enumerate(batch["keys"]):
             wave = batch["waveform"][i, :batch["lengths"][i]].numpy()
+            speed = float(batch["speeds"][i]) if "speeds" in batch else 1.0
             assert key not in out, f"{key} read twice"
-            out[key] = (wave.tobytes(), batch["spec_masks"][i].numpy().tobytes(), batch["durations"][i])
+            out[key] = (wave.tobytes(), batch["spec_masks"][i].numpy().tobytes(), batch["durations"][i], speed)
     return out
 
 
@@ -670,11 +673,14 @@ def test_augmentation_perturbs_each_utterance_the_same_on_any_world_size_and_aft
     changed = [k for k in reference if reference[k][0] != plain[k][0]]
     assert len(changed) == len(reference), "an utterance was read unperturbed"
     assert sum(reference[k][0] != epoch2[k][0] for k in reference) == len(reference), "epoch 2 drew the same"
-    speeds = {round(plain[k][2] / reference[k][2], 2) for k in reference}
-    assert speeds == {0.9, 1.0, 1.1}
+    assert {round(plain[k][2] / reference[k][2], 2) for k in reference} == {0.9, 1.0, 1.1}
+    assert all(round(plain[k][2] / reference[k][2], 2) == reference[k][3] for k in reference), \
+        "planned at one speed, read at another"
     for batch in whole:
         assert len(batch["keys"]) == 1 or len(batch["keys"]) * max(batch["durations"]) <= CONFIG.plan.batch_seconds
-        assert batch["waveform"].shape[1] <= max(batch["durations"]) * 16000, "longer than planned"
+        speeds = batch["speeds"].tolist() if "speeds" in batch else [1.0] * len(batch["keys"])
+        for samples, speed, planned in zip(batch["lengths"].tolist(), speeds, batch["durations"]):
+            assert perturbed_length(samples, speed) <= planned * 16000, "longer than planned once played"
 
 
 def test_a_reader_position_saved_with_other_speed_factors_is_refused(packed):

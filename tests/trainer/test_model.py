@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hdfs_io.speech.features import FeatureConfig, log_features
+from hdfs_io.speech.speed import features_at
 from trainer.config import ConfigError, load_config
 from trainer.model import DeepSpeech2, LogMel, ModelConfig
 
@@ -73,3 +74,23 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 
     assert values[:10] == sorted(values[:10]) and values[10] == pytest.approx(1.0)
     assert values[10:] == sorted(values[10:], reverse=True) and values[-1] == pytest.approx(0.0)
+
+
+def test_torch_features_of_waveforms_at_their_speeds_match_the_readers():
+    rng = np.random.default_rng(1)
+    waves = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in (16000, 12000, 9000, 300)]
+    speeds = [1.1, 1.0, 0.9, 0.9]
+    for cfg in (FeatureConfig(), FeatureConfig(kind="log_spectrogram", window_ms=20.0, hop_ms=10.0, n_fft=320),
+                FeatureConfig(hop_ms=9.3)):  # the last frames at a step of 148.8 x 0.9 samples: gathered
+        padded = torch.zeros(len(waves), max(map(len, waves)))
+        for i, w in enumerate(waves):
+            padded[i, :len(w)] = torch.from_numpy(w)
+
+        lengths = torch.tensor([len(w) for w in waves])
+        ours, frames = LogMel(cfg)(padded, lengths, torch.tensor(speeds, dtype=torch.float64))
+
+        for i, (w, speed) in enumerate(zip(waves, speeds)):
+            reference = features_at(w, cfg, speed)
+            assert frames[i].item() == len(reference)
+            np.testing.assert_allclose(ours[i, :len(reference)].numpy(), reference, atol=2e-3, rtol=1e-3)
+        assert torch.isfinite(ours).all() and ours.shape[1] == frames.max()
