@@ -144,9 +144,9 @@ def work_of(rows: list[int], batch_size: int = 2, **fields) -> Work:
                 rows=rows_array, durations=np.ones(len(rows), np.float32), **fields)
 
 
-def audio_length(record: Record, where: str, uid: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """A model input that needs nothing but the record: its audio's bytes as samples, with no masks."""
-    return np.frombuffer(record.data, np.uint8).astype(np.float32), np.zeros((0, 3), np.int64)
+def audio_length(record: Record, where: str, uid: int | None) -> tuple[np.ndarray, np.ndarray, float]:
+    """A model input that needs nothing but the record: its audio's bytes as samples, no masks, speed 1."""
+    return np.frombuffer(record.data, np.uint8).astype(np.float32), np.zeros((0, 3), np.int64), 1.0
 
 
 def read_batches(fetcher: ChunkFetcher, on_error: str) -> list[dict]:
