@@ -49,9 +49,14 @@ class LogMel(nn.Module):
     def forward(self, wave: torch.Tensor, lengths: torch.Tensor,
                 speeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns normalized features (B, T, F) and frame counts (B,) of waveforms played at `speeds` (B,)
-        (none: all at 1)."""
-        if speeds is not None:
-            return self.played(wave, lengths, speeds)
+        (none: all at 1). In float32 under any autocast: a frame's power overflows float16."""
+        with torch.autocast(wave.device.type, enabled=False):
+            if speeds is not None:
+                return self.played(wave.float(), lengths, speeds)
+            return self.recorded(wave.float(), lengths)
+
+    def recorded(self, wave: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The features of waveforms played as recorded, through torch.stft."""
         cfg = self.cfg
         if wave.shape[1] < cfg.n_fft:
             wave = nn.functional.pad(wave, (0, cfg.n_fft - wave.shape[1]))
@@ -69,8 +74,7 @@ class LogMel(nn.Module):
         the waveforms of one speed at a time."""
         frames = self.frames(lengths, speeds)
         longest = int(frames.max()) if len(frames) else 0
-        silence = (math.log(LOG_FLOOR) - self.mean) / self.std  # what padding becomes in `forward`
-        feats = silence.expand(len(wave), longest, len(silence)).clone()
+        feats = wave.new_zeros(len(wave), longest, self.cfg.num_bins)  # every row is filled below
         for speed in torch.unique(speeds).tolist():
             rows = torch.nonzero(speeds.to(wave.device) == speed).squeeze(1)
             power = stretched_power(wave[rows], self.cfg, speed, longest)

@@ -74,8 +74,8 @@ def planned_durations(cfg: AugmentConfig, seed: int, epoch: int, durations: np.n
     """Returns the durations epoch `epoch` is planned with: each utterance's at its augmented speed, rounded up.
 
     `ids` are the utterances of `durations` (all of them, in order, when None). Speed f makes
-    an utterance of d seconds last d / f; the reader's resampling produces at most that many
-    samples (see hdfs_io.speech.augmentation.perturbed_audio).
+    an utterance of d seconds last d / f. Its waveform travels at its recorded length with its speed;
+    played, it lasts at most that long (hdfs_io.speech.speed.perturbed_length).
     """
     if not speed_drawn(cfg, epoch):
         return durations

@@ -114,10 +114,10 @@ def uniforms(seed: int, epoch: int, ids, draw) -> np.ndarray:
 
 
 @lru_cache(maxsize=64)
-def draw_keys(seed: int, epoch: int, draws: tuple[int, ...]) -> list[int]:
+def draw_keys(seed: int, epoch: int, draws: tuple[int, ...]) -> tuple[int, ...]:
     """Returns the hash keys of draws `draws` in (seed, epoch), as `uniforms` makes them."""
     base = _mix((_mix((seed * GOLDEN + 1) & MASK64) + epoch) & MASK64)
-    return [_mix((base + d * GOLDEN) & MASK64) for d in draws]
+    return tuple(_mix((base + d * GOLDEN) & MASK64) for d in draws)
 
 
 def speed_drawn(cfg: AugmentConfig, epoch: int) -> bool:
@@ -213,9 +213,12 @@ def add_noise(signal: np.ndarray, noise: np.ndarray, snr_db: float, gain: float 
 
 
 def noise_for(bank: NoiseBank, length: int, clip_u: float, offset_u: float) -> np.ndarray:
-    """Returns `length` samples of one clip of the bank, from a drawn offset, repeated if the clip is shorter."""
+    """Returns `length` samples of one clip of the bank, from a drawn offset, repeated if the clip is shorter;
+    silence for a clip that resampling left empty."""
     i = min(int(clip_u * bank.clips), bank.clips - 1)
     clip = bank.samples[bank.starts[i]:bank.starts[i + 1]]
+    if len(clip) == 0:
+        return np.zeros(length, np.float32)
     if len(clip) >= length:
         at = int(offset_u * (len(clip) - length + 1))
         return clip[at:at + length]
@@ -225,8 +228,8 @@ def noise_for(bank: NoiseBank, length: int, clip_u: float, offset_u: float) -> n
 
 def perturbed_audio(cfg: AugmentConfig, seed: int, epoch: int, uid: int, signal: np.ndarray, rate: int,
                     target_rate: int) -> tuple[np.ndarray, float]:
-    """Returns a mono signal at `rate` as the reader trains on it in `epoch`, and the speed it is played at:
-    resampled to `target_rate`, at its drawn volume, with its drawn noise; a pure function of (seed, epoch, uid).
+    """Returns a mono signal at `target_rate` as the reader trains on it in `epoch`, and the speed it is played
+    at: resampled from `rate`, at its drawn volume, with its drawn noise; a pure function of (seed, epoch, uid).
 
     The speed is applied where the features are computed (hdfs_io.speech.speed), so noise mixed here is
     played at the same speed as the speech.

@@ -54,7 +54,7 @@ class Stretch:
 def stretch(cfg: FeatureConfig, speed: float) -> Stretch:
     """Returns the frames' geometry for `speed`; at 1.0 exactly the features' own."""
     window, points = int(round(cfg.window_samples * speed)), cfg.n_fft * speed
-    if points.is_integer() and smooth(int(points), EXACT_FACTORS):
+    if speed == 1.0 or (points.is_integer() and smooth(int(points), EXACT_FACTORS)):
         n_dft = int(points)  # the bins fall exactly on the perturbed signal's
     else:  # the next size the FFT is fastest at, twice as many for a spectrogram, whose bins are read between them
         n_dft = next_smooth(points * (2 if cfg.kind == "log_spectrogram" else 1))

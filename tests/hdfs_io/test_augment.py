@@ -62,6 +62,7 @@ def test_one_utterances_draws_are_those_drawn_for_many():
         for i, uid in enumerate(ids.tolist()):
             assert np.array_equal(uniforms(seed, epoch, uid, np.arange(9)), many[i])
             assert np.array_equal(uniforms(seed, epoch, uid, 4), many[i, 4:5])
+            assert np.array_equal(uniforms(seed, epoch, ids[i], np.arange(9)), many[i])  # a numpy scalar id
 
 
 def Counter_of(values: np.ndarray) -> dict:
@@ -123,6 +124,12 @@ def test_a_noise_clip_shorter_than_the_utterance_is_repeated_and_a_longer_one_cu
     long = noise_for(bank, 3, 0.9, 0.99)  # clip 1: 4..9, the last 3
 
     assert short.tolist() == [2, 3, 0, 1, 2, 3, 0, 1, 2] and long.tolist() == [7, 8, 9]
+
+
+def test_a_noise_clip_that_resampling_left_empty_adds_silence():
+    bank = NoiseBank(np.arange(4, dtype=np.float32), np.array([0, 0, 4]))  # clip 0 is empty
+
+    assert noise_for(bank, 5, 0.1, 0.5).tolist() == [0.0] * 5
 
 
 def test_spec_masks_lie_inside_the_features_and_zero_exactly_their_bands():

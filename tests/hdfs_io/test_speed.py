@@ -8,7 +8,7 @@ import pytest
 
 from hdfs_io.speech.audio import resample
 from hdfs_io.speech.features import FeatureConfig, log_features, num_frames
-from hdfs_io.speech.speed import features_at, perturbed_length, stretch
+from hdfs_io.speech.speed import Stretch, features_at, perturbed_length, stretch
 
 RATE = 16000
 
@@ -74,7 +74,9 @@ def test_speed_one_is_the_features_themselves_and_short_signals_give_one_frame()
 
     assert np.array_equal(features_at(signal, cfg, 1.0), log_features(signal, cfg))
     assert features_at(signal[:300], cfg, 0.9).shape == (1, cfg.num_bins)
-    assert stretch(cfg, 1.0) == stretch(cfg, 1.0) and stretch(cfg, 1.0).n_dft == cfg.n_fft
+    for cfg in (FeatureConfig(), FeatureConfig(n_fft=416), FeatureConfig(kind="log_spectrogram", n_fft=416)):
+        assert stretch(cfg, 1.0) == Stretch(offset=(cfg.n_fft - cfg.window_samples) // 2, step=cfg.hop_samples,
+                                            window=cfg.window_samples, n_dft=cfg.n_fft)  # 416 = 2^5 x 13
 
 
 def test_transforms_are_exact_where_the_sizes_allow_and_fast_elsewhere():

@@ -81,7 +81,7 @@ def test_torch_features_of_waveforms_at_their_speeds_match_the_readers():
     waves = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in (16000, 12000, 9000, 300)]
     speeds = [1.1, 1.0, 0.9, 0.9]
     for cfg in (FeatureConfig(), FeatureConfig(kind="log_spectrogram", window_ms=20.0, hop_ms=10.0, n_fft=320),
-                FeatureConfig(hop_ms=9.3)):  # the last frames at a step of 148.8 x 0.9 samples: gathered
+                FeatureConfig(hop_ms=9.3)):  # the last: a hop of 149 samples, a step of 134.1 at 0.9: gathered
         padded = torch.zeros(len(waves), max(map(len, waves)))
         for i, w in enumerate(waves):
             padded[i, :len(w)] = torch.from_numpy(w)
@@ -94,3 +94,20 @@ def test_torch_features_of_waveforms_at_their_speeds_match_the_readers():
             assert frames[i].item() == len(reference)
             np.testing.assert_allclose(ours[i, :len(reference)].numpy(), reference, atol=2e-3, rtol=1e-3)
         assert torch.isfinite(ours).all() and ours.shape[1] == frames.max()
+
+
+@pytest.mark.parametrize("cfg", [FeatureConfig(), FeatureConfig(n_fft=416), FeatureConfig(kind="log_spectrogram", n_fft=416)])
+def test_rows_at_speed_one_in_a_perturbed_batch_are_the_recorded_features_in_float32_under_autocast(cfg):
+    rng = np.random.default_rng(2)
+    wave = torch.from_numpy((0.5 * rng.standard_normal((3, 12000))).astype(np.float32))
+    lengths, speeds = torch.tensor([12000, 12000, 8000]), torch.tensor([1.0, 1.1, 1.0], dtype=torch.float64)
+    logmel = LogMel(cfg)
+
+    recorded, _ = logmel(wave, lengths)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, frames = logmel(wave, lengths, speeds)
+
+    assert mixed.dtype == torch.float32
+    for i in (0, 2):
+        n = int(frames[i])
+        np.testing.assert_allclose(mixed[i, :n].numpy(), recorded[i, :n].numpy(), atol=2e-3, rtol=1e-3)
