@@ -3,6 +3,7 @@
     .venv/bin/pip install -e '.[bench]'            # webdataset, lhotse, litdata
     .venv/bin/pip install --no-deps 'mosaicml-streaming==0.13.0' -r bench/mosaic-requirements.txt
     python -m bench.peers [--utterances 5000] [--repeats 3]      # + HDFS rows after . .devcluster/env.sh
+    python -m bench.peers --read 0                               # conversion alone -> peers-conversion.json
 
 Two directions, every figure a median of interleaved runs in this one invocation.
 
@@ -231,17 +232,9 @@ def reading(uri: str, root: Path, manifest: dict, repeats: int) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = bench_args(__doc__, argv, convert=1)
-    try:
-        import lhotse  # noqa: F401
-        import litdata  # noqa: F401
-        import streaming  # noqa: F401
-        import webdataset  # noqa: F401
-    except ImportError as e:
-        raise SystemExit(f"bench.peers: {e.name} is missing; see the install lines at the top of bench/peers.py")
-    root = corpus(args.utterances)
-    uri = str(WORK / f"packed-{args.utterances}")
+def read_all(root: Path, utterances: int, repeats: int) -> dict:
+    """Packs the corpus for reading (once, kept) and returns `reading`'s result with the dataset's size."""
+    uri = str(WORK / f"packed-{utterances}")
     if not os.path.exists(f"{uri}/dataset.json"):
         spark_pack("local[2]", str(root), uri)
     manifest = open_dataset(uri).manifest
@@ -250,15 +243,31 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([str(SPARK_SUBMIT), "--master", "local[2]", "--conf", "spark.ui.enabled=false",
                         str(ROOT / "spark_jobs" / "cache_features.py"), "--dataset", uri], check=True,
                        capture_output=True, env=local_spark_env())
-    result = {"utterances": manifest["utterances"], "audio_hours": manifest["hours"], "batch_seconds": BATCH_SECONDS,
-              "reading": reading(uri, root, manifest, args.repeats)}
+    return dict(reading(uri, root, manifest, repeats), utterances=manifest["utterances"],
+                audio_hours=manifest["hours"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = bench_args(__doc__, argv, convert=1, read=1)
+    try:
+        import lhotse  # noqa: F401
+        import litdata  # noqa: F401
+        import streaming  # noqa: F401
+        import webdataset  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"bench.peers: {e.name} is missing; see the install lines at the top of bench/peers.py")
+    root = corpus(args.utterances)
+    result = {"utterances": args.utterances, "batch_seconds": BATCH_SECONDS}
+    if args.read:
+        result["reading"] = read_all(root, args.utterances, args.repeats)
     if args.convert:
         result["conversion"] = conversion(root, args.repeats, CONVERT_SHARD_BYTES)
-    path = write_result("peers", result)
-    for name, r in result["reading"]["rows"].items():
+    # --read 0 measures conversion alone, beside the last full run's file instead of over it
+    path = write_result("peers" if args.read else "peers-conversion", result)
+    for name, r in result.get("reading", {}).get("rows", {}).items():
         print(f"read    {name:28s} {r['median_s']:7.2f} s  {r['utterances_per_s']:7.0f} utt/s")
-    for where, v in (("local", result["reading"]["local_disk"]), ("hdfs", result["reading"].get("hdfs", {}))):
-        for k, c in v.items():
+    for where in ("local_disk", "hdfs") if args.read else ():
+        for k, c in result["reading"].get(where, {}).items():
             print(f"{where} {k}: ours / {c['fastest_peer']} = {c['ratio']:.2f}x")
     if args.convert:
         for name, r in result["conversion"]["rows"].items():

@@ -249,7 +249,8 @@ def pack(spark, args: argparse.Namespace, command: list[str]) -> dict:
                                 int(args.shard_size_mb * 2**20), args.seed)
         progress.stage = "write"
         log(f"writing {layout.shards} shards")
-        totals = packing.merge_summaries(stages.write(layout, tmp_uri, args.format, int(args.row_group_mb * 2**20)))
+        totals = packing.merge_summaries(stages.write(layout, tmp_uri, args.format, int(args.row_group_mb * 2**20),
+                                                       sc.defaultParallelism))
         quarantined += totals["failed"]
         progress.stage = "index"
         index_rows, quarantine_lines = stages.consolidate(spark, tmp_uri, layout.shards)

@@ -37,6 +37,7 @@ LIST_TASKS = 64  # a tree is split into about this many folders, each listed who
 # A Python task costs Spark about 0.1 s whatever it does (measured here on local[2]): a task probes
 # enough files that this stays small, and passes over few rows run in `parallelism` tasks.
 PROBE_FILES_PER_TASK = 2000
+WRITE_ROWS_PER_TASK = 2000  # the same for the write tasks, which take several small shards each
 LAYOUT_ROWS_PER_PARTITION = 200_000
 ITEM = "item"
 
@@ -251,6 +252,7 @@ def rejects_task(rows: Iterable[dict], partition: int, *, dataset_uri: str, stag
 class Layout:
     placed: DataFrame  # PLACED rows
     shards: int
+    rows: int
 
 
 def lay_out(valid: DataFrame, layout: str, count: int, shard_bytes: int, seed: int) -> Layout:
@@ -273,7 +275,7 @@ def lay_out(valid: DataFrame, layout: str, count: int, shard_bytes: int, seed: i
     byte_starts, row_starts, unused, shards = packing.layout_offsets(totals, shard_bytes)
     place = partial(place_task, byte_starts=byte_starts, row_starts=row_starts, unused=unused,
                     shard_bytes=shard_bytes)
-    return Layout(map_rows(ordered, place, PLACED), shards)
+    return Layout(map_rows(ordered, place, PLACED), shards, count)
 
 
 def totals_task(rows: Iterable[dict], partition: int, *, shard_bytes: int) -> Iterator[dict]:
@@ -298,13 +300,30 @@ def place_task(rows: Iterable[dict], partition: int, *, byte_starts: list[int], 
 
 # ---- write
 
-def write(layout: Layout, dataset_uri: str, fmt: str, row_group_bytes: int) -> list[dict]:
-    """Writes every shard with its index part (one task per shard); returns the shards' summaries."""
+def write(layout: Layout, dataset_uri: str, fmt: str, row_group_bytes: int, parallelism: int) -> list[dict]:
+    """Writes every shard with its index part (write_tasks tasks of whole shards); returns the shards' summaries."""
     if not layout.shards:
         return []
-    by_shard = layout.placed.repartition(layout.shards, F.SHARD).sortWithinPartitions(F.SHARD, packing.POS)
+    tasks = write_tasks(layout.shards, layout.rows, parallelism)
     task = partial(write_task, dataset_uri=dataset_uri, fmt=fmt, row_group_bytes=row_group_bytes)
-    return [r.asDict() for r in map_rows(by_shard, task, SUMMARY).collect()]
+    return [r.asDict() for r in map_rows(by_write_task(layout.placed, tasks), task, SUMMARY).collect()]
+
+
+def write_tasks(shards: int, rows: int, parallelism: int) -> int:
+    """Returns how many tasks write `shards` shards of `rows` rows in all: about WRITE_ROWS_PER_TASK rows
+    each, at least two per core, never more than one per shard."""
+    return max(1, min(shards, max(2 * parallelism, math.ceil(rows / WRITE_ROWS_PER_TASK))))
+
+
+def by_write_task(placed: DataFrame, tasks: int) -> DataFrame:
+    """Returns the PLACED rows in `tasks` partitions, each a run of whole shards, sorted by shard and position.
+
+    Ranges of shard numbers, not a hash of them: hashing a few shard numbers into as
+    many partitions left some tasks empty, at Spark's cost of a task each, and gave
+    others several shards. The range bounds come from a sample of the rows, so the
+    tasks are about equal in rows.
+    """
+    return placed.repartitionByRange(tasks, F.SHARD).sortWithinPartitions(F.SHARD, packing.POS)
 
 
 def write_task(rows: Iterable[dict], partition: int, *, dataset_uri: str, fmt: str,

@@ -309,6 +309,41 @@ def test_twenty_thousand_files_pack_under_a_driver_result_limit_of_one_megabyte(
     assert sum(len(ds.index_part(s, [F.KEY])) for s in range(len(ds.manifest["shards"]))) == 20_000
 
 
+WRITE_TASKS_JOB = """
+import json, sys
+from pyspark.sql import SparkSession
+from spark_jobs import pack_stages
+spark = SparkSession.builder.getOrCreate()
+sizes = json.loads(sys.argv[1])
+rows = [(shard, pos) for shard, size in enumerate(sizes) for pos in range(size)]
+placed = spark.createDataFrame(rows[::-1], "shard int, pos long").repartition(3)
+tasks = pack_stages.write_tasks(len(sizes), len(rows), spark.sparkContext.defaultParallelism)
+parts = pack_stages.by_write_task(placed, tasks).rdd.glom().map(lambda rs: [tuple(r) for r in rs]).collect()
+print("PARTS " + json.dumps({"tasks": tasks, "parts": parts}))
+"""
+
+
+def test_write_tasks_take_runs_of_whole_shards_and_none_is_empty(cluster, tmp_path):
+    # 18 small shards on local[2]: a task costs Spark about 0.15 s even when it has nothing to do, so the
+    # shards go to 4 tasks, and hashing 18 shard numbers into partitions left some tasks empty and others 5 shards
+    sizes = [5 + 7 * (i % 5) for i in range(18)]
+    job = tmp_path / "write_tasks.py"
+    job.write_text(WRITE_TASKS_JOB)
+
+    out = cluster.spark_submit(str(job), json.dumps(sizes), master="local[2]").stdout
+    got = json.loads(next(line for line in out.splitlines() if line.startswith("PARTS "))[len("PARTS "):])
+
+    parts = [[tuple(r) for r in part] for part in got["parts"]]
+    assert got["tasks"] == 4 and len(parts) == 4
+    assert all(parts), f"an empty write task: {[len(p) for p in parts]}"
+    assert max(map(len, parts)) <= 1.5 * sum(sizes) / 4, [len(p) for p in parts]  # balanced by rows
+    assert all(p == sorted(p) for p in parts)  # each task's rows by shard, then position
+    shards = [sorted({shard for shard, _ in p}) for p in parts]
+    assert all(s == list(range(s[0], s[-1] + 1)) for s in shards), shards  # a run of consecutive shards
+    assert sorted(r for p in parts for r in p) == [(i, pos) for i, n in enumerate(sizes) for pos in range(n)]
+    assert sorted(x for s in shards for x in s) == list(range(len(sizes)))  # no shard split between tasks
+
+
 def test_executors_get_the_ticket_cache_only_where_they_run_beside_it():
     environ = {"KRB5CCNAME": "FILE:/tmp/krb5cc_1000", "HADOOP_CONF_DIR": "/etc/hadoop/conf", "HOME": "/home/alice"}
 
