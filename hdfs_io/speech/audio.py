@@ -11,7 +11,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-TAIL_FRAMES = 4096  # frames at the end of a file decoded first, so a truncated file is named as such
+TAIL_FRAMES = 4096  # frames at the end of a file that failed, decoded to tell truncated from corrupt
 PROBE_BLOCK_FRAMES = 1 << 18  # frames the probe decodes at a time (16 s at 16 kHz)
 
 
@@ -34,29 +34,35 @@ class AudioInfo:
 def probe(data: bytes) -> AudioInfo:
     """Returns codec, rate, channels and length, after checking that every frame decodes.
 
+    One pass: the header and then every frame, a block at a time (an hour-long
+    recording whole would be 230 MB of float32 per channel). Only a file that fails
+    is opened again, to name it truncated (its last frames do not decode) or corrupt.
+
     Raises:
         BadAudio: zero bytes, not audio, no frames, truncated, or corrupt inside.
     """
     if not data:
         raise BadAudio("zero-byte audio")
     try:
-        info = sf.info(io.BytesIO(data))
+        f = sf.SoundFile(io.BytesIO(data))
     except (RuntimeError, sf.LibsndfileError) as e:
         raise BadAudio(f"not audio: {_soundfile_reason(e)}") from None
-    if info.frames <= 0 or info.samplerate <= 0:
-        raise BadAudio(f"no audio frames in {info.format} file")
-    if info.format == "WAV":
-        _check_wav_data_chunk(data)
-    _check_tail_decodes(data, info.frames)
-    # the tail can decode while a frame inside is damaged; the reader decodes every frame, so the probe does
-    # too, a block at a time: an hour-long recording whole would be 230 MB of float32 per channel
-    try:
-        with sf.SoundFile(io.BytesIO(data)) as f:
-            for _ in f.blocks(PROBE_BLOCK_FRAMES, dtype="float32"):
-                pass
-    except (RuntimeError, sf.LibsndfileError) as e:
-        raise BadAudio(f"corrupt audio: cannot decode: {_soundfile_reason(e)}") from None
-    return AudioInfo(info.format, int(info.samplerate), int(info.channels), int(info.frames))
+    with f:
+        info = AudioInfo(f.format, int(f.samplerate), int(f.channels), int(f.frames))
+        if info.num_samples <= 0 or info.sample_rate <= 0:
+            raise BadAudio(f"no audio frames in {info.codec} file")
+        if info.codec == "WAV":
+            _check_wav_data_chunk(data)
+        decoded = 0
+        try:
+            for block in f.blocks(PROBE_BLOCK_FRAMES, dtype="float32"):
+                decoded += len(block)
+        except (RuntimeError, sf.LibsndfileError) as e:
+            _check_tail_decodes(data, info.num_samples)
+            raise BadAudio(f"corrupt audio: cannot decode: {_soundfile_reason(e)}") from None
+    if decoded < info.num_samples:
+        raise BadAudio(f"truncated audio: header promises {info.num_samples} frames, only {decoded} decode")
+    return info
 
 
 def decode(data: bytes, max_seconds: float | None = None) -> tuple[np.ndarray, int]:

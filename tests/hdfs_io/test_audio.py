@@ -27,11 +27,17 @@ def test_probe_reports_true_rate_channels_and_length(fmt, rate, channels):
     assert info.duration_s == pytest.approx(1.5, abs=0.01)
 
 
+def damaged_inside(data: bytes) -> bytes:
+    middle = len(data) // 2
+    return data[:middle] + bytes(2000) + data[middle + 2000:]
+
+
 @pytest.mark.parametrize("data, reason", [
     (b"", "zero-byte audio"),
     (b"just some text\n" * 40, "not audio"),
     (encoded("FLAC")[:3000], "truncated audio"),
     (encoded("WAV")[:20000], "truncated audio"),
+    (damaged_inside(encoded("FLAC")), "corrupt audio"),  # the tail decodes; a frame in the middle does not
 ])
 def test_probe_rejects_broken_audio_with_a_reason(data, reason):
     with pytest.raises(BadAudio, match=reason):
