@@ -558,15 +558,15 @@ def with_lanes(plan: RankPlan, epoch: int, cfg: PlanConfig, shards: np.ndarray, 
     return RankPlan(plan.batches, plan.repeated, run_lanes(first, last, lanes), lanes)
 
 
-def run_lanes(first: np.ndarray, last: np.ndarray, lanes: int) -> np.ndarray:
+def run_lanes(first: np.ndarray, last: np.ndarray, lanes: int, most: int = MAX_RUN_BATCHES) -> np.ndarray:
     """Returns the lane of each position, given the chunk (shard << 32 | chunk) of each batch's first and last utterance.
 
     A run is positions whose batches share chunks one after another, of at most
-    MAX_RUN_BATCHES; each run goes to the lane with the fewest positions so far.
+    `most`; each run goes to the lane with the fewest positions so far.
     """
     opens = np.r_[True, first[1:] != last[:-1]]
     run_first = np.flatnonzero(opens)[np.cumsum(opens) - 1]
-    opens |= (np.arange(len(opens)) - run_first) % MAX_RUN_BATCHES == 0  # short enough to keep workers busy together
+    opens |= (np.arange(len(opens)) - run_first) % most == 0  # short enough to keep workers busy together
     starts = np.r_[np.flatnonzero(opens), len(opens)]
     of_position = np.empty(len(first), np.int8)
     counts = [0] * lanes
