@@ -1,6 +1,7 @@
 """bench/epoch0_opens: what bounds epoch 0's shard opens: the batches a rank's loader holds to keep SortaGrad's order.
 
     python -m bench.epoch0_opens [--sizes 3000000:64] [--workers 4] [--runs 64,128,256]
+    python -m bench.epoch0_opens --check DATASET_URI [--workers 4]   # the simulation against a real ShardLoader
 
 Epoch 0 reads batches in duration order, and a duration-layout shard holds one stretch of
 durations, so a rank's consecutive batches come from the same shard. Its DataLoader workers
@@ -17,6 +18,8 @@ For each grouping, on bench.locality's synthetic 256 MB shards of 16 MB chunks:
 - the most batches rank 0's loader holds, simulated as a DataLoader hands them over
   (round-robin over the workers that still have batches), and what that is in float32
   16 kHz audio at the plan's batch_seconds.
+`--check` reads epoch 0 of a packed dataset through a real ShardLoader (ranks 0 of 1 and
+of 2) and prints the most batches it held beside what the simulation says for its plan.
 """
 
 from __future__ import annotations
@@ -86,12 +89,52 @@ def row(columns, world: int, workers: int, cfg: PlanConfig, grouping: str) -> di
             "rank0_loader_held_max": held, "held_mb": held * cfg.batch_seconds * SAMPLE_BYTES / 2**20}
 
 
+def check(uri: str, workers: int) -> int:
+    """Prints, for rank 0 of 1 and of 2, the most batches a real ShardLoader held in epoch 0 and the simulation's."""
+    from hdfs_io.reader.shard_reader import ShardDataset, ShardLoader
+
+    for world in (1, 2):
+        dataset = ShardDataset(uri, 0, world)
+        plan = dataset.plan(0)
+        simulated = most_held([worker_positions(len(plan.batches), 0, w, workers, plan.lanes, plan.num_lanes).tolist()
+                               for w in range(workers)])
+        loader, arrived = ShardLoader(dataset, num_workers=workers), []
+        start = loader._start
+
+        def spied():  # the positions in the order the DataLoader hands them to the loader
+            items = start()  # at once: it makes the workers' inboxes
+
+            def handed():
+                for item in items:
+                    if "position" in item:
+                        arrived.append(item["position"])
+                    yield item
+            return handed()
+
+        loader._start = spied
+        for _ in loader:
+            pass
+        held, expected, most = set(), 0, 0
+        for position in arrived:
+            held.add(position)
+            while expected in held:
+                held.remove(expected)
+                expected += 1
+            most = max(most, len(held))
+        print(f"rank 0 of {world}, {workers} workers, {len(plan.batches)} batches: held at most {most} "
+              f"(simulated {simulated})", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="3000000:64", help="UTTERANCES:WORLD,...")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--runs", default="64,128,256", help="longest run of a shard's batches given to one worker")
+    p.add_argument("--check", metavar="URI", help="compare the simulation with a real ShardLoader on this dataset")
     args = p.parse_args(argv)
+    if args.check:
+        return check(args.check, args.workers)
     cfg = PlanConfig()
     out = []
     planner_lanes = locality.run_lanes
