@@ -36,22 +36,31 @@ from hdfs_io.reader.work import worker_positions
 SAMPLE_BYTES = 4 * 16000  # a second of float32 audio at 16 kHz
 
 
-def most_held(workers: list[list[int]]) -> int:
-    """Returns the most positions held at once by a loader that takes one from each worker in turn (skipping the
-    ones with none left) and hands them over in position order."""
+def handed_over(workers: list[list[int]]) -> list[int]:
+    """Returns the order a DataLoader hands positions over: one from each worker in turn, skipping the ones with
+    none left."""
     queues = [list(reversed(w)) for w in workers if w]
-    expected = min(q[-1] for q in queues) if queues else 0
-    held: set[int] = set()
-    most = 0
+    order = []
     while queues:
         for q in list(queues):
-            held.add(q.pop())
+            order.append(q.pop())
             if not q:
                 queues.remove(q)
-            while expected in held:
-                held.remove(expected)
-                expected += 1
-            most = max(most, len(held))
+    return order
+
+
+def most_held(order: list[int]) -> int:
+    """Returns the most positions a loader holds at once that receives them in `order` and hands them on in
+    position order."""
+    expected = min(order, default=0)
+    held: set[int] = set()
+    most = 0
+    for position in order:
+        held.add(position)
+        while expected in held:
+            held.remove(expected)
+            expected += 1
+        most = max(most, len(held))
     return most
 
 
@@ -80,8 +89,8 @@ def row(columns, world: int, workers: int, cfg: PlanConfig, grouping: str) -> di
     positions = np.asarray(positions_of(firsts, lengths, 0, of_lane))
     code = shards.astype(np.int64) << 32 | chunks
     lanes = locality.rank_lanes(sequence, positions, code, 0, cfg.lanes)
-    held = most_held([worker_positions(len(positions), 0, w, workers, lanes, cfg.lanes).tolist()
-                      for w in range(workers)])
+    held = most_held(handed_over([worker_positions(len(positions), 0, w, workers, lanes, cfg.lanes).tolist()
+                                  for w in range(workers)]))
     return {"grouping": grouping, "utterances": len(durations), "world_size": world, "workers": workers,
             "opens_per_shard": result["opens_per_shard"], "small_files_over_opens": result["small_files_over_opens"],
             "amplification_worker_max": result["amplification_worker_max"],
@@ -96,8 +105,9 @@ def check(uri: str, workers: int) -> int:
     for world in (1, 2):
         dataset = ShardDataset(uri, 0, world)
         plan = dataset.plan(0)
-        simulated = most_held([worker_positions(len(plan.batches), 0, w, workers, plan.lanes, plan.num_lanes).tolist()
-                               for w in range(workers)])
+        positions = [worker_positions(len(plan.batches), 0, w, workers, plan.lanes, plan.num_lanes).tolist()
+                     for w in range(workers)]
+        simulated = most_held(handed_over(positions))
         loader, arrived = ShardLoader(dataset, num_workers=workers), []
         start = loader._start
 
@@ -114,14 +124,7 @@ def check(uri: str, workers: int) -> int:
         loader._start = spied
         for _ in loader:
             pass
-        held, expected, most = set(), 0, 0
-        for position in arrived:
-            held.add(position)
-            while expected in held:
-                held.remove(expected)
-                expected += 1
-            most = max(most, len(held))
-        print(f"rank 0 of {world}, {workers} workers, {len(plan.batches)} batches: held at most {most} "
+        print(f"rank 0 of {world}, {workers} workers, {len(plan.batches)} batches: held at most {most_held(arrived)} "
               f"(simulated {simulated})", flush=True)
     return 0
 

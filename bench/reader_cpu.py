@@ -71,10 +71,11 @@ def main(argv: list[str] | None = None) -> int:
               "shared_share_of_litdata": ms["shared"] / ms["litdata"],
               "own_ms_per_utterance": {"ours": ms["ours"] - ms["shared"], "litdata": ms["litdata"] - ms["shared"]}}
     path = write_result("reader_cpu", result)
+    own = result["own_ms_per_utterance"]
     print(f"CPU per utterance, medians of {args.repeats}: ours {ms['ours']:.3f} ms, LitData {ms['litdata']:.3f} ms "
           f"({result['ours_over_litdata']:.3f}x), the shared work alone {ms['shared']:.3f} ms "
           f"({100 * result['shared_share_of_litdata']:.1f}% of LitData's); own cost: ours "
-          f"{result['own_ms_per_utterance']['ours']:.3f} ms, LitData {result['own_ms_per_utterance']['litdata']:.3f} ms")
+          f"{own['ours']:.3f} ms, LitData {own['litdata']:.3f} ms")
     print(f"-> {path}")
     return 0
 
